@@ -1,0 +1,3 @@
+"""livediff: realtime video-to-video with diffusion models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from livediff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,81 @@
+"""Settings: the one place where tunables live.
+
+Every field can be set from the environment as ``LIVEDIFF_<FIELD>`` (lists as JSON, e.g.
+``LIVEDIFF_CORS_ORIGINS='["https://example.com"]'``) and most from ``livediff serve`` options.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+H264Preset = Literal[
+    "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"
+]
+VideoCodecName = Literal["vp8", "h264"]
+
+
+class Settings(BaseSettings):
+    """Service configuration, read from ``LIVEDIFF_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="LIVEDIFF_", extra="ignore")
+
+    # -- serving ---------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    pipeline: str = Field(
+        "passthrough",
+        description="Transform name (passthrough, diffusion, ...) or 'package.module:Class'.",
+    )
+    width: int = Field(512, ge=64, le=2048, multiple_of=8, description="Default output width.")
+    height: int = Field(512, ge=64, le=2048, multiple_of=8, description="Default output height.")
+    max_sessions: int = Field(4, ge=1, description="Sessions served at once; more get 503.")
+    token: SecretStr | None = Field(
+        None, description="When set, session endpoints require 'Authorization: Bearer <token>'."
+    )
+    cors_origins: list[str] = Field(default_factory=list)
+    ice_servers: list[str] = Field(
+        default_factory=list, description="STUN/TURN URLs, e.g. stun:stun.example.org:3478."
+    )
+    ice_username: str | None = None
+    ice_credential: SecretStr | None = None
+    web_dir: str | None = Field(None, description="Folder of the demo page; default: bundled.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # -- engine ----------------------------------------------------------------------------
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    max_batch: int = Field(4, ge=1, le=64, description="Frames of several sessions per batch.")
+    transform_error_limit: int = Field(
+        30, ge=1, description="Consecutive failed frames after which a session is ended."
+    )
+    stats_window_s: float = Field(5.0, gt=0, description="Window for fps and latency figures.")
+
+    # -- peers -----------------------------------------------------------------------------
+    connect_timeout_s: float = Field(
+        30.0, gt=0, description="A peer not connected within this time is closed."
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503 when full.")
+
+    # -- video encoder (replaces aiortc's module constants) --------------------------------
+    video_codecs: list[VideoCodecName] = Field(
+        default_factory=lambda: list[VideoCodecName](["vp8", "h264"]),
+        description="Preference order for the answer.",
+    )
+    video_bitrate_min: int = Field(300_000, ge=50_000)
+    video_bitrate_start: int = Field(1_500_000, ge=50_000)
+    video_bitrate_max: int = Field(4_000_000, ge=50_000)
+    keyframe_interval_s: float = Field(2.0, gt=0, le=60)
+    h264_preset: H264Preset = "veryfast"
+    encoder_threads: int = Field(0, ge=0, description="0 = choose from the frame size.")
+
+    @model_validator(mode="after")
+    def _check_bitrates(self) -> Settings:
+        if not self.video_bitrate_min <= self.video_bitrate_start <= self.video_bitrate_max:
+            raise ValueError(
+                "video bitrates must satisfy video_bitrate_min <= video_bitrate_start"
+                " <= video_bitrate_max"
+            )
+        return self

@@ -1,0 +1,178 @@
+"""One stream's state in the engine: its params, its slots and its statistics.
+
+A session knows nothing of how frames reach it (WebRTC, ai-runner) or leave it: the media
+layer pushes decoded frames with :meth:`Session.submit`, and reads results from the slots it
+got from :meth:`Session.subscribe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from livediff.engine.slot import AsyncSlot, Slot
+from livediff.engine.stats import SessionStats
+from livediff.frames import Frame, Image, now, resize
+from livediff.transforms.base import Job, TransformParams
+
+logger = logging.getLogger(__name__)
+
+Adapter = Callable[[Image], Image]
+
+
+def _unchanged(image: Image) -> Image:
+    return image
+
+
+class FailureBurst:
+    """Counts consecutive transform failures; logs the first of each burst and its end."""
+
+    def __init__(self, session_id: str, limit: int) -> None:
+        self._session_id = session_id
+        self.limit = limit
+        self.consecutive = 0
+
+    def failed(self, exc: BaseException) -> bool:
+        """Record a failure; True once ``limit`` failures came in a row."""
+        self.consecutive += 1
+        if self.consecutive == 1:
+            logger.error(
+                "session %s: transform failed, showing the last good frame: %r",
+                self._session_id,
+                exc,
+                exc_info=exc,
+            )
+        return self.consecutive >= self.limit
+
+    def succeeded(self) -> None:
+        if self.consecutive:
+            logger.info(
+                "session %s: transform recovered after %d failed frames",
+                self._session_id,
+                self.consecutive,
+            )
+        self.consecutive = 0
+
+
+class Session:
+    """A stream in the engine: input slot -> worker -> output slots (one per consumer)."""
+
+    def __init__(
+        self,
+        session_id: str,
+        params: TransformParams,
+        stats: SessionStats,
+        *,
+        error_limit: int,
+        on_input: Callable[[], None] | None = None,
+        adapt_output: Adapter = _unchanged,
+    ) -> None:
+        self.id = session_id
+        self.stats = stats
+        self._params = params
+        self.input: Slot[Frame] = Slot(
+            on_put=on_input, on_drop=lambda _frame: stats.on_dropped("input")
+        )
+        self.adapt_output = adapt_output
+        self.transform_state: Any = None
+        self.failures = FailureBurst(session_id, error_limit)
+        self.on_end: Callable[[str], None] | None = None
+        self.end_reason: str | None = None
+        self._last_output: Image | None = None
+        self._outputs: list[AsyncSlot[Frame]] = []
+        self._outputs_lock = threading.Lock()
+
+    # -- params ------------------------------------------------------------------------------
+    @property
+    def params(self) -> TransformParams:
+        return self._params
+
+    def merged_params(self, patch: Mapping[str, Any]) -> TransformParams:
+        """The current params updated by ``patch``, validated (raises pydantic.ValidationError)."""
+        merged = {**self._params.model_dump(), **patch}
+        return type(self._params).model_validate(merged)
+
+    def set_params(self, params: TransformParams) -> None:
+        """Swap in new params; the worker picks them up with the next frame."""
+        self._params = params
+
+    # -- frames in ---------------------------------------------------------------------------
+    def submit(self, frame: Frame) -> None:
+        """Offer a decoded frame; an older one still waiting is dropped (and counted)."""
+        moment = now()
+        if frame.times.received == 0.0:
+            frame.times.received = moment
+        frame.times.queued = moment
+        self.stats.on_received(moment)
+        self.input.put(frame)
+
+    def next_job(self) -> Job | None:
+        """The waiting frame as a job (worker thread)."""
+        frame = self.input.take()
+        if frame is None:
+            return None
+        return Job(self.id, frame, self._params, self.transform_state)
+
+    # -- frames out --------------------------------------------------------------------------
+    def subscribe(self, loop: asyncio.AbstractEventLoop) -> AsyncSlot[Frame]:
+        """A new consumer's slot of processed frames, awaited on ``loop``."""
+        slot: AsyncSlot[Frame] = AsyncSlot(
+            loop, on_drop=lambda _frame: self.stats.on_dropped("output")
+        )
+        with self._outputs_lock:
+            self._outputs.append(slot)
+        return slot
+
+    def unsubscribe(self, slot: AsyncSlot[Frame]) -> None:
+        with self._outputs_lock:
+            if slot in self._outputs:
+                self._outputs.remove(slot)
+        slot.close()
+
+    def complete(self, job: Job, image: Image | None, finished: float) -> None:
+        """The transform's result for ``job`` (worker thread); None = nothing to show yet."""
+        self.failures.succeeded()
+        if image is not None:
+            self._emit(job.frame, image, finished)
+
+    def fail(self, job: Job, exc: BaseException, finished: float) -> None:
+        """The transform raised on ``job``: show the last good frame (or the input) instead."""
+        self.stats.on_error()
+        if self.failures.failed(exc):
+            count = self.failures.consecutive
+            self.end(f"the transform failed on {count} frames in a row: {exc!r}")
+            return
+        fallback = self._last_output
+        if fallback is None:
+            fallback = resize(job.frame.image, job.params.width, job.params.height)
+        self._emit(job.frame, fallback, finished)
+
+    def _emit(self, frame: Frame, image: Image, finished: float) -> None:
+        adapted = self.adapt_output(image)
+        self._last_output = adapted
+        out = frame.with_image(adapted)
+        out.times.finished = finished
+        self.stats.on_processed(out)
+        with self._outputs_lock:
+            outputs = list(self._outputs)
+        for slot in outputs:
+            slot.put(out)
+
+    # -- end ---------------------------------------------------------------------------------
+    def end(self, reason: str) -> None:
+        """Stop taking frames and tell the owner why (any thread)."""
+        if self.end_reason is not None:
+            return
+        self.end_reason = reason
+        self.input.close()
+        if self.on_end is not None:
+            self.on_end(reason)
+
+    def close_outputs(self) -> None:
+        with self._outputs_lock:
+            outputs, self._outputs = self._outputs, []
+        for slot in outputs:
+            slot.close()

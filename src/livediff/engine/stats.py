@@ -1,0 +1,183 @@
+"""Per-session statistics and the service's Prometheus metrics."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from livediff.frames import Frame, now
+
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.0,
+    5.0,
+)
+
+
+class Metrics:
+    """The service's metrics, in a registry of their own (so several apps can share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self.sessions_active = Gauge(
+            "livediff_sessions_active", "Sessions currently open.", registry=reg
+        )
+        self.sessions_total = Counter("livediff_sessions_total", "Sessions opened.", registry=reg)
+        self.frames_received = Counter(
+            "livediff_frames_received_total", "Decoded frames taken from peers.", registry=reg
+        )
+        self.frames_processed = Counter(
+            "livediff_frames_processed_total", "Frames the transform produced.", registry=reg
+        )
+        self.frames_dropped = Counter(
+            "livediff_frames_dropped_total",
+            "Frames replaced in a newest-wins slot before anyone took them.",
+            ["stage"],
+            registry=reg,
+        )
+        self.transform_errors = Counter(
+            "livediff_transform_errors_total", "Frames on which the transform raised.", registry=reg
+        )
+        self.frame_latency = Histogram(
+            "livediff_frame_latency_seconds",
+            "Time from ingest (decoded frame received) to send (handed to the encoder).",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.stage_seconds = Histogram(
+            "livediff_stage_seconds",
+            "Time spent per stage: queue (ingest to worker), process (transform), deliver.",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.batch_size = Histogram(
+            "livediff_batch_size",
+            "Frames per transform call.",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+            registry=reg,
+        )
+
+
+class _Window:
+    """(time, value) samples of the last ``span`` seconds."""
+
+    def __init__(self, span: float) -> None:
+        self.span = span
+        self._samples: deque[tuple[float, float]] = deque()
+
+    def add(self, at: float, value: float = 0.0) -> None:
+        self._samples.append((at, value))
+        self._trim(at)
+
+    def _trim(self, at: float) -> None:
+        while self._samples and at - self._samples[0][0] > self.span:
+            self._samples.popleft()
+
+    def rate(self, at: float) -> float:
+        self._trim(at)
+        if len(self._samples) < 2:
+            return 0.0
+        elapsed = max(at - self._samples[0][0], self._samples[-1][0] - self._samples[0][0])
+        return (len(self._samples) - 1) / elapsed if elapsed > 0 else 0.0
+
+    def values(self, at: float) -> list[float]:
+        self._trim(at)
+        return [value for _, value in self._samples]
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of an ascending list (0.0 for an empty one)."""
+    if not sorted_values:
+        return 0.0
+    rank = min(len(sorted_values) - 1, max(0, round(fraction * (len(sorted_values) - 1))))
+    return sorted_values[rank]
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    p50: float
+    p95: float
+    p99: float
+
+
+class SessionStats:
+    """Counters and sliding windows for one session; safe to update from any thread."""
+
+    def __init__(self, metrics: Metrics, window_s: float) -> None:
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self.frames_in = 0
+        self.frames_processed = 0
+        self.frames_out = 0
+        self.frames_dropped = 0
+        self.errors = 0
+        self._received = _Window(window_s)
+        self._sent = _Window(window_s)
+        self._latency = _Window(window_s)
+
+    def on_received(self, at: float) -> None:
+        with self._lock:
+            self.frames_in += 1
+            self._received.add(at)
+        self._metrics.frames_received.inc()
+
+    def on_dropped(self, stage: str) -> None:
+        with self._lock:
+            self.frames_dropped += 1
+        self._metrics.frames_dropped.labels(stage).inc()
+
+    def on_processed(self, frame: Frame) -> None:
+        times = frame.times
+        with self._lock:
+            self.frames_processed += 1
+        self._metrics.frames_processed.inc()
+        self._metrics.stage_seconds.labels("queue").observe(times.started - times.received)
+        self._metrics.stage_seconds.labels("process").observe(times.finished - times.started)
+
+    def on_error(self) -> None:
+        with self._lock:
+            self.errors += 1
+        self._metrics.transform_errors.inc()
+
+    def on_sent(self, frame: Frame, at: float) -> None:
+        """Count a frame handed to an encoder; its latency is recorded on its first send."""
+        first_send = frame.times.sent == 0.0
+        with self._lock:
+            self.frames_out += 1
+            self._sent.add(at)
+            if first_send:
+                frame.times.sent = at
+                self._latency.add(at, at - frame.times.received)
+        if first_send:
+            self._metrics.frame_latency.observe(at - frame.times.received)
+            self._metrics.stage_seconds.labels("deliver").observe(at - frame.times.finished)
+
+    def latency(self, at: float | None = None) -> LatencySummary:
+        with self._lock:
+            values = sorted(self._latency.values(now() if at is None else at))
+        return LatencySummary(
+            p50=percentile(values, 0.50), p95=percentile(values, 0.95), p99=percentile(values, 0.99)
+        )
+
+    def fps(self, at: float | None = None) -> tuple[float, float]:
+        """(fps in, fps out) over the window."""
+        moment = now() if at is None else at
+        with self._lock:
+            return self._received.rate(moment), self._sent.rate(moment)

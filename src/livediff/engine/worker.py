@@ -1,0 +1,243 @@
+"""The worker: one thread per device that runs the transform on batches across sessions.
+
+The thread owns the device (and, on CUDA, its own stream): the transform is loaded, warmed,
+called and closed there, and nowhere else. The event loop only hands it frames through the
+sessions' slots and small calls through :meth:`Worker.call`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from livediff.engine.session import Session
+from livediff.engine.stats import Metrics
+from livediff.frames import Image, now
+from livediff.transforms.base import Job, Transform
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+
+class WorkerState(StrEnum):
+    NEW = "new"
+    LOADING = "loading"
+    READY = "ready"
+    ERROR = "error"
+    STOPPED = "stopped"
+
+
+@dataclass(slots=True)
+class _Outcome:
+    image: Image | None = None
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class _Call:
+    fn: Callable[[], Any]
+    future: concurrent.futures.Future[Any]
+
+
+@contextmanager
+def device_scope(device: str) -> Iterator[None]:
+    """Make ``device`` current on this thread, with a CUDA stream of its own when on a GPU."""
+    if not device.startswith("cuda"):
+        yield
+        return
+    import torch
+
+    target = torch.device(device)
+    if target.index is not None:
+        torch.cuda.set_device(target)
+    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    with torch.cuda.stream(stream):
+        yield
+
+
+class Worker:
+    """Runs ``transform`` for every attached session on one thread."""
+
+    def __init__(self, transform: Transform, metrics: Metrics, *, max_batch: int) -> None:
+        self.transform = transform
+        self.max_batch = max_batch
+        self._metrics = metrics
+        self._cond = threading.Condition()
+        self._sessions: list[Session] = []
+        self._calls: list[_Call] = []
+        self._rotation = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.state = WorkerState.NEW
+        self.load_error: BaseException | None = None
+        self._loaded: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> concurrent.futures.Future[None]:
+        """Start the thread; the future completes when the transform is loaded (or failed)."""
+        if self._thread is None:
+            self.state = WorkerState.LOADING
+            self._thread = threading.Thread(target=self._main, name="livediff-worker", daemon=True)
+            self._thread.start()
+        return self._loaded
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the current batch, close the transform and end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.state = WorkerState.STOPPED
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- sessions and calls (any thread) ------------------------------------------------------
+    def notify(self) -> None:
+        """Wake the thread: a session has a frame waiting."""
+        with self._cond:
+            self._cond.notify()
+
+    def call(self, fn: Callable[[], R]) -> concurrent.futures.Future[R]:
+        """Run ``fn`` on the worker thread between batches."""
+        future: concurrent.futures.Future[R] = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping or not self.alive:
+                future.set_exception(RuntimeError("the worker is not running"))
+                return future
+            self._calls.append(_Call(fn, future))
+            self._cond.notify()
+        return future
+
+    def attach(self, session: Session) -> concurrent.futures.Future[None]:
+        """Open the transform's state for ``session`` and start serving its frames."""
+
+        def _attach() -> None:
+            session.transform_state = self.transform.open_session(session.params)
+            self._sessions.append(session)
+
+        return self.call(_attach)
+
+    def detach(self, session: Session) -> concurrent.futures.Future[None]:
+        """Stop serving ``session`` and release its transform state."""
+
+        def _detach() -> None:
+            if session in self._sessions:
+                self._sessions.remove(session)
+                self.transform.close_session(session.transform_state)
+            session.transform_state = None
+
+        return self.call(_detach)
+
+    # -- the thread ----------------------------------------------------------------------------
+    def _main(self) -> None:
+        with device_scope(self.transform.device):
+            if not self._load():
+                return
+            try:
+                self._serve()
+            finally:
+                self._shutdown()
+
+    def _load(self) -> bool:
+        try:
+            self.transform.load()
+        except Exception as exc:
+            logger.exception("loading the %s transform failed", self.transform.name)
+            self.load_error = exc
+            self.state = WorkerState.ERROR
+            self._loaded.set_exception(exc)
+            return False
+        self.state = WorkerState.READY
+        self._loaded.set_result(None)
+        return True
+
+    def _serve(self) -> None:
+        while True:
+            calls, batch = self._wait_for_work()
+            for pending in calls:
+                self._run_call(pending)
+            if batch:
+                self._run_batch(batch)
+            elif self._stopping and not calls:
+                return
+
+    def _wait_for_work(self) -> tuple[list[_Call], list[tuple[Session, Job]]]:
+        with self._cond:
+            while not (self._stopping or self._calls or self._any_ready()):
+                self._cond.wait()
+            calls, self._calls = self._calls, []
+            batch = [] if self._stopping else self._take_batch()
+        return calls, batch
+
+    def _any_ready(self) -> bool:
+        return any(session.input.ready() for session in self._sessions)
+
+    def _take_batch(self) -> list[tuple[Session, Job]]:
+        """Up to ``max_batch`` sessions' newest frames, starting where the last batch stopped."""
+        count = len(self._sessions)
+        batch: list[tuple[Session, Job]] = []
+        for offset in range(count):
+            session = self._sessions[(self._rotation + offset) % count]
+            job = session.next_job()
+            if job is not None:
+                batch.append((session, job))
+                if len(batch) == self.max_batch:
+                    self._rotation = (self._rotation + offset + 1) % count
+                    break
+        return batch
+
+    @staticmethod
+    def _run_call(pending: _Call) -> None:
+        if not pending.future.set_running_or_notify_cancel():
+            return
+        try:
+            pending.future.set_result(pending.fn())
+        except Exception as exc:
+            pending.future.set_exception(exc)
+
+    def _run_batch(self, batch: list[tuple[Session, Job]]) -> None:
+        started = now()
+        for _, job in batch:
+            job.frame.times.started = started
+        outcomes = self._process([job for _, job in batch])
+        finished = now()
+        self._metrics.batch_size.observe(len(batch))
+        for (session, job), outcome in zip(batch, outcomes, strict=True):
+            if outcome.error is None:
+                session.complete(job, outcome.image, finished)
+            else:
+                session.fail(job, outcome.error, finished)
+
+    def _process(self, jobs: list[Job]) -> list[_Outcome]:
+        """Run the batch; when it raises, run its jobs one by one to find whose frame failed."""
+        try:
+            images = self.transform.process(jobs)
+            if len(images) != len(jobs):
+                raise RuntimeError(f"transform returned {len(images)} images for {len(jobs)} jobs")
+            return [_Outcome(image=image) for image in images]
+        except Exception as exc:
+            if len(jobs) == 1:
+                return [_Outcome(error=exc)]
+            return [self._process([job])[0] for job in jobs]
+
+    def _shutdown(self) -> None:
+        for session in self._sessions:
+            try:
+                self.transform.close_session(session.transform_state)
+            except Exception:
+                logger.exception("closing session %s in the transform failed", session.id)
+        self._sessions.clear()
+        try:
+            self.transform.close()
+        except Exception:
+            logger.exception("closing the %s transform failed", self.transform.name)

@@ -1,0 +1,127 @@
+"""The one frame type: pixels + pts + time_base + the stage timestamps.
+
+Pixels travel in whichever form their source produced, so that nothing is converted twice:
+- ``av.VideoFrame`` (any pixel format; WebRTC ingest gives yuv420p),
+- ``numpy.ndarray`` of shape (H, W, 3), dtype uint8, RGB,
+- ``torch.Tensor`` of shape (H, W, 3) or (1, H, W, 3), float in [0, 1], RGB, on any device
+  (the ai-runner contract).
+
+A transform reads the form it likes with the helpers below and may return any of them; the
+consumer of a session (WebRTC egress, ai-runner adapter) converts once, on the worker thread.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
+
+import av
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    import torch
+
+RgbArray: TypeAlias = npt.NDArray[np.uint8]
+Image: TypeAlias = "av.VideoFrame | RgbArray | torch.Tensor"
+
+#: RTP video clock: what aiortc's decoders stamp on frames.
+VIDEO_TIME_BASE = Fraction(1, 90_000)
+
+
+def now() -> float:
+    """The clock every stage timestamp uses (monotonic seconds)."""
+    return time.perf_counter()
+
+
+@dataclass(slots=True)
+class StageTimes:
+    """When the frame passed each stage, in :func:`now` seconds; 0.0 = not yet."""
+
+    received: float = 0.0
+    queued: float = 0.0
+    started: float = 0.0
+    finished: float = 0.0
+    sent: float = 0.0
+
+
+@dataclass(slots=True)
+class Frame:
+    """One video frame on its way through the engine."""
+
+    image: Image
+    pts: int
+    time_base: Fraction = VIDEO_TIME_BASE
+    times: StageTimes = field(default_factory=StageTimes)
+
+    @property
+    def seconds(self) -> float:
+        """Presentation time in seconds."""
+        return float(self.pts * self.time_base)
+
+    def with_image(self, image: Image) -> Frame:
+        """The same frame (pts, time_base, a copy of the stage times) carrying other pixels."""
+        return Frame(image=image, pts=self.pts, time_base=self.time_base, times=replace(self.times))
+
+
+def is_tensor(image: object) -> bool:
+    """True for a ``torch.Tensor``, without importing torch."""
+    return type(image).__module__.startswith("torch")
+
+
+def image_size(image: Image) -> tuple[int, int]:
+    """(width, height) of any supported image."""
+    if isinstance(image, av.VideoFrame):
+        return image.width, image.height
+    shape = tuple(image.shape)
+    if len(shape) == 4:
+        shape = shape[1:]
+    return int(shape[1]), int(shape[0])
+
+
+def to_rgb_array(image: Image) -> RgbArray:
+    """RGB uint8 (H, W, 3) on the host. Runs a colour conversion or a device copy: worker only."""
+    if isinstance(image, av.VideoFrame):
+        return cast(RgbArray, image.to_ndarray(format="rgb24"))
+    if isinstance(image, np.ndarray):
+        return image
+    return _tensor_to_rgb(image)
+
+
+def _tensor_to_rgb(tensor: Any) -> RgbArray:
+    if tensor.dim() == 4:
+        tensor = tensor[0]
+    scaled = (tensor.clamp(0, 1) * 255).round().to("cpu")
+    return np.ascontiguousarray(scaled.numpy().astype(np.uint8))
+
+
+def to_video_frame(image: Image) -> av.VideoFrame:
+    """An ``av.VideoFrame`` of the image; an existing one is returned as it is."""
+    if isinstance(image, av.VideoFrame):
+        return image
+    return av.VideoFrame.from_ndarray(to_rgb_array(image), format="rgb24")
+
+
+def resize(image: Image, width: int, height: int) -> Image:
+    """The image at width x height, in its own form; unchanged when the size already fits."""
+    if image_size(image) == (width, height):
+        return image
+    if isinstance(image, av.VideoFrame):
+        return image.reformat(width=width, height=height)
+    if isinstance(image, np.ndarray):
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        resized = frame.reformat(width=width, height=height, format="rgb24")
+        return cast(RgbArray, resized.to_ndarray())
+    return cast("torch.Tensor", _resize_tensor(image, width, height))
+
+
+def _resize_tensor(tensor: Any, width: int, height: int) -> Any:
+    import torch.nn.functional as F
+
+    batched = tensor if tensor.dim() == 4 else tensor[None]
+    chw = batched.permute(0, 3, 1, 2)
+    out = F.interpolate(chw, size=(height, width), mode="bilinear", align_corners=False)
+    out = out.permute(0, 2, 3, 1)
+    return out if tensor.dim() == 4 else out[0]

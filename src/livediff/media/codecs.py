@@ -1,0 +1,224 @@
+"""Video encoders configured from Settings, and codec preferences for negotiation.
+
+aiortc hard-codes its encoders' bitrates and keyframe policy as module constants; livediff
+builds its own VP8 and H.264 encoders from :class:`~livediff.config.Settings` and gives them to
+each sender it creates. Packetisation is aiortc's own (RFC 7741 for VP8, RFC 6184 for H.264).
+"""
+
+from __future__ import annotations
+
+import fractions
+import multiprocessing
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import av
+from aiortc import RTCRtpSender, RTCRtpTransceiver
+from aiortc.codecs.base import Encoder
+from aiortc.codecs.h264 import H264Encoder
+from aiortc.codecs.vpx import Vp8Encoder
+from aiortc.mediastreams import VIDEO_TIME_BASE, convert_timebase
+from aiortc.rtcrtpparameters import RTCRtpCodecCapability, RTCRtpCodecParameters
+
+from livediff.config import Settings
+
+# aiortc keeps a sender's encoder in a private attribute and creates it on the first frame
+# unless one is there already; this is its mangled name.
+_ENCODER_ATTRIBUTE = "_RTCRtpSender__encoder"
+#: The frame rate encoders plan their rate control and keyframe interval for.
+NOMINAL_FPS = 30
+
+
+@dataclass(frozen=True, slots=True)
+class EncoderSettings:
+    bitrate_min: int
+    bitrate_start: int
+    bitrate_max: int
+    keyframe_interval_s: float
+    h264_preset: str
+    threads: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EncoderSettings:
+        return cls(
+            bitrate_min=settings.video_bitrate_min,
+            bitrate_start=settings.video_bitrate_start,
+            bitrate_max=settings.video_bitrate_max,
+            keyframe_interval_s=settings.keyframe_interval_s,
+            h264_preset=settings.h264_preset,
+            threads=settings.encoder_threads,
+        )
+
+    @property
+    def gop_frames(self) -> int:
+        return max(1, round(self.keyframe_interval_s * NOMINAL_FPS))
+
+    def threads_for(self, width: int, height: int) -> int:
+        if self.threads:
+            return self.threads
+        cpus = multiprocessing.cpu_count()
+        pixels = width * height
+        if pixels >= 1920 * 1080:
+            return min(8, max(1, cpus // 2))
+        if pixels > 640 * 480:
+            return min(2, cpus)
+        return 1
+
+
+class ConfiguredEncoder(Encoder):
+    """Opens a PyAV encoder from settings; reopens it when the size or bitrate moves."""
+
+    def __init__(self, settings: EncoderSettings) -> None:
+        self.settings = settings
+        self.codec: Any = None
+        self._target_bitrate = settings.bitrate_start
+
+    @property
+    def target_bitrate(self) -> int:
+        return self._target_bitrate
+
+    @target_bitrate.setter
+    def target_bitrate(self, bitrate: int) -> None:
+        """aiortc sets this from REMB feedback; it is kept within the configured range."""
+        low, high = self.settings.bitrate_min, self.settings.bitrate_max
+        self._target_bitrate = max(low, min(bitrate, high))
+
+    def encode(self, frame: Any, force_keyframe: bool = False) -> tuple[list[bytes], int]:
+        timestamp = convert_timebase(frame.pts, frame.time_base, VIDEO_TIME_BASE)
+        if frame.format.name != "yuv420p":
+            frame = frame.reformat(format="yuv420p")
+        if self.codec is not None and self._must_reopen(frame):
+            self.codec = None
+        if self.codec is None:
+            self.codec = self._open(frame.width, frame.height)
+        frame.pict_type = (
+            av.video.frame.PictureType.I if force_keyframe else av.video.frame.PictureType.NONE
+        )
+        data = b"".join(bytes(packet) for packet in self.codec.encode(frame))
+        return self._packetize(data), timestamp
+
+    def pack(self, packet: Any) -> tuple[list[bytes], int]:
+        timestamp = convert_timebase(packet.pts, packet.time_base, VIDEO_TIME_BASE)
+        return self._packetize(bytes(packet)), timestamp
+
+    def _must_reopen(self, frame: Any) -> bool:
+        size_changed = (frame.width, frame.height) != (self.codec.width, self.codec.height)
+        drift = abs(self._target_bitrate - self.codec.bit_rate) / self.codec.bit_rate
+        return size_changed or drift > 0.1
+
+    @abstractmethod
+    def _open(self, width: int, height: int) -> Any:
+        """A PyAV encoder context for this size at the current target bitrate."""
+
+    @abstractmethod
+    def _packetize(self, data: bytes) -> list[bytes]:
+        """RTP payloads for one encoded frame."""
+
+
+class ConfiguredVp8Encoder(ConfiguredEncoder):
+    def __init__(self, settings: EncoderSettings) -> None:
+        super().__init__(settings)
+        self._vp8 = Vp8Encoder()  # for its RFC 7741 packetiser and picture ids
+
+    def _open(self, width: int, height: int) -> Any:
+        bitrate = self._target_bitrate
+        codec = av.CodecContext.create("libvpx", "w")
+        codec.width, codec.height = width, height
+        codec.bit_rate = bitrate
+        codec.pix_fmt = "yuv420p"
+        codec.gop_size = self.settings.gop_frames
+        codec.qmin, codec.qmax = 2, 56
+        codec.thread_count = self.settings.threads_for(width, height)
+        codec.options = {
+            "bufsize": str(bitrate),  # one second of buffer: rc_buf_sz = 1000 ms
+            "cpu-used": "-6",
+            "deadline": "realtime",
+            "lag-in-frames": "0",
+            "minrate": str(bitrate),
+            "maxrate": str(bitrate),
+            "noise-sensitivity": "0",
+            "overshoot-pct": "15",
+            "undershoot-pct": "100",
+            "partitions": "0",
+            "static-thresh": "1",
+            "error-resilient": "1",
+        }
+        return codec
+
+    def _packetize(self, data: bytes) -> list[bytes]:
+        payloads = Vp8Encoder._packetize(data, self._vp8.picture_id)
+        self._vp8.picture_id = (self._vp8.picture_id + 1) % (1 << 15)
+        return payloads
+
+
+class ConfiguredH264Encoder(ConfiguredEncoder):
+    def _open(self, width: int, height: int) -> Any:
+        codec = av.CodecContext.create("libx264", "w")
+        codec.width, codec.height = width, height
+        codec.bit_rate = self._target_bitrate
+        codec.pix_fmt = "yuv420p"
+        codec.framerate = fractions.Fraction(NOMINAL_FPS, 1)
+        codec.time_base = fractions.Fraction(1, NOMINAL_FPS)
+        codec.gop_size = self.settings.gop_frames
+        codec.max_b_frames = 0
+        codec.thread_count = self.settings.threads_for(width, height)
+        codec.options = {
+            "preset": self.settings.h264_preset,
+            "tune": "zerolatency",
+            "level": _h264_level(width, height),
+        }
+        codec.profile = "Baseline"
+        return codec
+
+    def _packetize(self, data: bytes) -> list[bytes]:
+        if not data:
+            return []
+        return H264Encoder._packetize(H264Encoder._split_bitstream(data))
+
+
+def _h264_level(width: int, height: int) -> str:
+    """The smallest H.264 level whose frame-size limit holds this picture (at 30 fps)."""
+    macroblocks = ((width + 15) // 16) * ((height + 15) // 16)
+    for limit, level in ((1620, "30"), (3600, "31"), (5120, "32"), (8192, "40"), (22080, "50")):
+        if macroblocks <= limit:
+            return level
+    return "51"
+
+
+def make_encoder(codec: RTCRtpCodecParameters, settings: EncoderSettings) -> Encoder | None:
+    """A configured encoder for a negotiated video codec, or None for codecs left to aiortc."""
+    mime = codec.mimeType.lower()
+    if mime == "video/vp8":
+        return ConfiguredVp8Encoder(settings)
+    if mime == "video/h264":
+        return ConfiguredH264Encoder(settings)
+    return None
+
+
+def install_encoder(transceiver: RTCRtpTransceiver, settings: EncoderSettings) -> None:
+    """Give a negotiated video sender its configured encoder (after setLocalDescription)."""
+    sender: RTCRtpSender = transceiver.sender
+    if not hasattr(sender, _ENCODER_ATTRIBUTE):
+        raise RuntimeError(
+            "this aiortc version keeps no encoder where livediff expects it; "
+            "install an aiortc release supported by livediff (see pyproject.toml)"
+        )
+    negotiated = [c for c in transceiver._codecs if c.mimeType.lower() != "video/rtx"]
+    if negotiated:
+        encoder = make_encoder(negotiated[0], settings)
+        if encoder is not None:
+            setattr(sender, _ENCODER_ATTRIBUTE, encoder)
+
+
+def codec_preferences(order: list[str]) -> list[RTCRtpCodecCapability]:
+    """aiortc's video codecs in the configured order (each with its RTX), others left out."""
+    capabilities = RTCRtpSender.getCapabilities("video")
+    if capabilities is None:
+        return []
+    chosen: list[RTCRtpCodecCapability] = []
+    for name in order:
+        wanted = f"video/{name}".lower()
+        chosen.extend(c for c in capabilities.codecs if c.mimeType.lower() == wanted)
+    chosen.extend(c for c in capabilities.codecs if c.mimeType.lower() == "video/rtx")
+    return chosen

@@ -1,0 +1,264 @@
+"""Peer connections: a publisher (camera in, processed video back) and WHEP viewers.
+
+A peer is set up from an offer in one call (:meth:`Peer.accept`), which answers with all local
+candidates. Everything that needs aiortc lives here and in the modules it imports; the server
+only sees SDP strings, callbacks and :class:`~livediff.engine.session.Session` objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpTransceiver,
+    RTCSessionDescription,
+)
+from aiortc.contrib.media import MediaRelay
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcdatachannel import RTCDataChannel
+from aiortc.sdp import candidate_from_sdp
+
+from livediff.config import Settings
+from livediff.engine.session import Session
+from livediff.media.codecs import EncoderSettings, codec_preferences, install_encoder
+from livediff.media.egress import ProcessedVideoTrack
+from livediff.media.ingest import pump_video
+from livediff.media.jitter import use_marker_jitter_buffer
+from livediff.media.sdp import Offer, OfferError
+
+logger = logging.getLogger(__name__)
+
+#: Handles a params message from a data channel; returns the reply to send back.
+ParamsHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+PARAMS_CHANNEL = "params"
+
+
+def ice_configuration(settings: Settings) -> RTCConfiguration:
+    """ICE servers from settings; none by default (aiortc would otherwise ask Google's STUN)."""
+    servers = []
+    if settings.ice_servers:
+        credential = settings.ice_credential.get_secret_value() if settings.ice_credential else None
+        servers.append(
+            RTCIceServer(
+                urls=list(settings.ice_servers),
+                username=settings.ice_username,
+                credential=credential,
+            )
+        )
+    return RTCConfiguration(iceServers=servers)
+
+
+class Peer:
+    """One RTCPeerConnection bound to a session; reports its end once through ``on_closed``."""
+
+    def __init__(self, session: Session, settings: Settings) -> None:
+        self.session = session
+        self.settings = settings
+        self.pc = RTCPeerConnection(ice_configuration(settings))
+        self.on_closed: Callable[[str], None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.pc.on("connectionstatechange", self._on_connection_state)
+
+    @property
+    def connection_state(self) -> str:
+        return str(self.pc.connectionState)
+
+    async def accept(self, offer: Offer) -> str:
+        """Answer ``offer``; returns the answer SDP (with candidates)."""
+        transceivers = self._prepare(offer)
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise OfferError(f"the offer was refused: {exc}") from exc
+        except Exception as exc:
+            if type(exc).__module__.startswith("aiortc"):
+                raise OfferError(f"the offer was refused: {exc}") from exc
+            raise
+        self._after_remote_description()
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        encoder_settings = EncoderSettings.from_settings(self.settings)
+        for transceiver in transceivers:
+            if transceiver.kind == "video" and transceiver.sender.track is not None:
+                install_encoder(transceiver, encoder_settings)
+        self._spawn(self._close_unless_connected())
+        return str(self.pc.localDescription.sdp)
+
+    def _prepare(self, offer: Offer) -> list[RTCRtpTransceiver]:
+        """Transceivers that the offer's m-lines will bind to (in m-line order per kind)."""
+        raise NotImplementedError
+
+    def _after_remote_description(self) -> None:
+        """Tracks of the remote side exist now; connect them."""
+
+    def _video_transceiver(
+        self, track: MediaStreamTrack | None, direction: str
+    ) -> RTCRtpTransceiver:
+        transceiver = self.pc.addTransceiver(track or "video", direction=direction)
+        transceiver.setCodecPreferences(codec_preferences(list(self.settings.video_codecs)))
+        return transceiver
+
+    async def add_candidates(self, fragment: str) -> None:
+        """Add remote candidates from a trickle-ICE SDP fragment (RFC 8840)."""
+        mid: str | None = None
+        for raw in fragment.splitlines():
+            line = raw.strip()
+            if line.startswith("a=mid:"):
+                mid = line[len("a=mid:") :]
+            elif line.startswith("a=candidate:"):
+                candidate = candidate_from_sdp(line[len("a=candidate:") :])
+                candidate.sdpMid = mid or self._first_mid()
+                await self.pc.addIceCandidate(candidate)
+            elif line == "a=end-of-candidates":
+                await self.pc.addIceCandidate(None)
+
+    def _first_mid(self) -> str | None:
+        for transceiver in self.pc.getTransceivers():
+            if transceiver.mid is not None:
+                return str(transceiver.mid)
+        return None
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _close_unless_connected(self) -> None:
+        await asyncio.sleep(self.settings.connect_timeout_s)
+        if self.pc.connectionState != "connected":
+            self._report_closed(f"not connected within {self.settings.connect_timeout_s:g} s")
+
+    async def _on_connection_state(self) -> None:
+        state = self.pc.connectionState
+        logger.info("session %s: peer %s", self.session.id, state)
+        if state in ("failed", "closed"):
+            self._report_closed(f"peer connection {state}")
+
+    def _report_closed(self, reason: str) -> None:
+        if self.on_closed is not None and not self._closed:
+            self.on_closed(reason)
+
+    async def close(self) -> None:
+        """Close the connection and stop every task it started."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        for transceiver in self.pc.getTransceivers():
+            if isinstance(transceiver.sender.track, ProcessedVideoTrack):
+                transceiver.sender.track.stop()
+        await self.pc.close()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class PublisherPeer(Peer):
+    """The peer that sends the camera: its video feeds the session; the result goes back to it
+    when its video is sendrecv, and its audio (if any) is relayed back unchanged."""
+
+    def __init__(
+        self, session: Session, settings: Settings, on_params: ParamsHandler | None = None
+    ) -> None:
+        super().__init__(session, settings)
+        self.relay = MediaRelay()
+        self.audio_source: MediaStreamTrack | None = None
+        self._on_params = on_params
+        self._audio_transceiver: RTCRtpTransceiver | None = None
+        self._audio_returns = False
+        self.pc.on("track", self._on_track)
+        self.pc.on("datachannel", self._on_datachannel)
+
+    def _prepare(self, offer: Offer) -> list[RTCRtpTransceiver]:
+        if not offer.sends_video:
+            raise OfferError(
+                f"the offer's video is {offer.video.direction}; it must send video "
+                "(sendrecv, or sendonly and watch the result over WHEP)"
+            )
+        loop = asyncio.get_running_loop()
+        output = ProcessedVideoTrack(self.session, loop) if offer.receives_video else None
+        video = self._video_transceiver(output, "sendrecv" if output else "recvonly")
+        use_marker_jitter_buffer(video.receiver)
+        transceivers = [video]
+        if offer.audio is not None and offer.audio.direction in ("sendrecv", "sendonly"):
+            self._audio_returns = offer.audio.direction == "sendrecv"
+            direction = "sendrecv" if self._audio_returns else "recvonly"
+            self._audio_transceiver = self.pc.addTransceiver("audio", direction=direction)
+            transceivers.append(self._audio_transceiver)
+        return transceivers
+
+    def _after_remote_description(self) -> None:
+        if self.audio_source is None:
+            return
+        # Something must read the audio, or aiortc's queue for it grows without end.
+        self._spawn(_drain(self.relay.subscribe(self.audio_source, buffered=False)))
+        if self._audio_returns and self._audio_transceiver is not None:
+            self._audio_transceiver.sender.replaceTrack(
+                self.relay.subscribe(self.audio_source, buffered=False)
+            )
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "video":
+            self._spawn(pump_video(track, self.session))
+        elif track.kind == "audio":
+            self.audio_source = track
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if channel.label != PARAMS_CHANNEL or self._on_params is None:
+            return
+        handler = self._on_params
+
+        @channel.on("message")
+        async def _on_message(message: str | bytes) -> None:
+            reply = await _params_reply(handler, message)
+            if channel.readyState == "open":
+                channel.send(json.dumps(reply))
+
+
+class ViewerPeer(Peer):
+    """A WHEP viewer: receives the session's processed video (and the publisher's audio)."""
+
+    def __init__(
+        self, session: Session, settings: Settings, publisher: PublisherPeer | None
+    ) -> None:
+        super().__init__(session, settings)
+        self._publisher = publisher
+
+    def _prepare(self, offer: Offer) -> list[RTCRtpTransceiver]:
+        if not offer.receives_video:
+            raise OfferError(
+                f"a WHEP offer must receive video; this one is {offer.video.direction}"
+            )
+        loop = asyncio.get_running_loop()
+        video = self._video_transceiver(ProcessedVideoTrack(self.session, loop), "sendonly")
+        transceivers = [video]
+        publisher = self._publisher
+        if offer.audio is not None and publisher is not None and publisher.audio_source is not None:
+            audio = publisher.relay.subscribe(publisher.audio_source, buffered=False)
+            transceivers.append(self.pc.addTransceiver(audio, direction="sendonly"))
+        return transceivers
+
+
+async def _drain(track: MediaStreamTrack) -> None:
+    while True:
+        try:
+            await track.recv()
+        except MediaStreamError:
+            return
+
+
+async def _params_reply(handler: ParamsHandler, message: str | bytes) -> dict[str, Any]:
+    try:
+        patch = json.loads(message)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return {"type": "error", "status": 400, "detail": f"params message is not JSON: {exc}"}
+    if not isinstance(patch, dict):
+        return {"type": "error", "status": 400, "detail": "params message must be a JSON object"}
+    return await handler(patch)

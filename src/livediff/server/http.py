@@ -1,0 +1,153 @@
+"""HTTP plumbing shared by the routers: body limits, content types, auth and error bodies."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from fastapi import HTTPException, Request
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from livediff.config import Settings
+
+
+class BodyLimitMiddleware:
+    """Answers 413 to a request whose body is larger than ``limit`` bytes.
+
+    It checks Content-Length first and counts streamed bytes as they arrive, so an oversized
+    body is never read into memory. Only paths under ``prefixes`` are guarded, so the middleware
+    can sit in someone else's app without touching its routes.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, prefixes: Iterable[str]) -> None:
+        self.app = app
+        self.limit = limit
+        self.prefixes = tuple(prefixes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not str(scope["path"]).startswith(self.prefixes):
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.limit:
+            await self._reject(send)
+            return
+        received = 0
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLargeError
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLargeError:
+            if not response_started:
+                await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        body = json.dumps(
+            {"detail": f"request body exceeds the limit of {self.limit} bytes"}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLargeError(Exception):
+    pass
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def require_media_type(request: Request, expected: str) -> None:
+    """415 unless the request's Content-Type is ``expected``."""
+    found = media_type(request)
+    if found != expected:
+        raise HTTPException(
+            status_code=415,
+            detail=f"Content-Type must be {expected}, not {found or 'missing'}",
+            headers={"Accept": expected},
+        )
+
+
+async def read_json_object(request: Request) -> dict[str, Any]:
+    """The body as a JSON object (415 for another content type, 400 for broken JSON)."""
+    require_media_type(request, "application/json")
+    try:
+        value = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HTTPException(status_code=400, detail=f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise HTTPException(status_code=400, detail="the body must be a JSON object")
+    return value
+
+
+async def read_text(request: Request, expected: str) -> str:
+    """The body as UTF-8 text of type ``expected`` (415 otherwise)."""
+    require_media_type(request, expected)
+    try:
+        return (await request.body()).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HTTPException(status_code=400, detail=f"the body is not UTF-8: {exc}") from exc
+
+
+def validation_error(exc: ValidationError, prefix: tuple[str, ...] = ()) -> HTTPException:
+    """422 with pydantic's errors, each naming its field (``loc``) under ``prefix``."""
+    errors = [
+        {**error, "loc": [*prefix, *error["loc"]]}
+        for error in exc.errors(include_url=False, include_context=False)
+    ]
+    return HTTPException(status_code=422, detail=errors)
+
+
+def bearer_auth(settings: Settings) -> Callable[[Request], Awaitable[None]]:
+    """A dependency that demands ``Authorization: Bearer <token>`` when a token is set."""
+    token = settings.token.get_secret_value().encode() if settings.token else None
+
+    async def check(request: Request) -> None:
+        if token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+            raise HTTPException(
+                status_code=401,
+                detail="missing or wrong bearer token (send 'Authorization: Bearer <token>')",
+                headers={"WWW-Authenticate": 'Bearer realm="livediff"'},
+            )
+
+    return check

@@ -1,0 +1,1 @@
+"""Helpers for measuring livediff from the outside: numbered frames and client peers."""

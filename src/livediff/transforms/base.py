@@ -1,0 +1,87 @@
+"""The plug-in contract between the engine and a model.
+
+A transform knows pixels and params; it never learns about WebRTC, HTTP or ai-runner.
+All of its methods but the class attributes run on the worker thread that owns the device, so a
+transform needs no locks of its own.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from livediff.config import Settings
+from livediff.frames import Frame, Image
+
+
+class TransformParams(BaseModel):
+    """Params every transform takes: the output size. Subclasses add their own fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    width: int = Field(512, ge=64, le=2048, multiple_of=8, description="Output width in pixels.")
+    height: int = Field(512, ge=64, le=2048, multiple_of=8, description="Output height in pixels.")
+
+
+@dataclass(slots=True)
+class Job:
+    """One frame of one session, handed to :meth:`Transform.process`."""
+
+    session_id: str
+    frame: Frame
+    params: TransformParams
+    state: Any
+
+
+class Transform(ABC):
+    """Turns frames into frames. Subclass it and register it by name or 'module:Class'."""
+
+    #: The name `--pipeline` selects it by.
+    name: ClassVar[str]
+    #: Its params; a torch-free pydantic model (extra='forbid', frozen).
+    params_model: ClassVar[type[TransformParams]] = TransformParams
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @property
+    def device(self) -> str:
+        """The device this transform computes on ('cpu', 'cuda', 'cuda:1', ...)."""
+        return "cpu"
+
+    def load(self) -> None:  # noqa: B027 - optional hook
+        """Load models and warm up. Runs once, on the worker thread, before any frame."""
+
+    def open_session(self, params: TransformParams) -> Any:
+        """Per-session state (caches, filter memory); passed back in every :class:`Job`."""
+        return None
+
+    def close_session(self, state: Any) -> None:  # noqa: B027 - optional hook
+        """Release what :meth:`open_session` made."""
+
+    def requires_reload(self, old: TransformParams, new: TransformParams) -> bool:
+        """True when moving from ``old`` to ``new`` params means reloading weights."""
+        return False
+
+    def reload(self, params: TransformParams) -> None:  # noqa: B027 - optional hook
+        """Reload weights for ``params`` (only called when :meth:`requires_reload` said so)."""
+
+    @abstractmethod
+    def process(self, jobs: Sequence[Job]) -> list[Image | None]:
+        """Transform a batch (at most one frame per session); one output per job, in order.
+
+        An output is an image at the job's ``params.width`` x ``params.height``, or None when
+        the transform has nothing to show for this frame yet (e.g. a pipeline still filling).
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free models and device memory."""
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """What clients may ask of this transform: its name and params JSON schema."""
+        return {"name": cls.name, "params_schema": cls.params_model.model_json_schema()}

@@ -1,0 +1,32 @@
+"""The passthrough transform: input pixels, resized to the session's size when they differ.
+
+It exists to measure transport latency without a model. ``delay_ms`` makes it behave like a
+slow model (it sleeps on the worker thread), to show how the engine sheds load.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from pydantic import Field
+
+from livediff.frames import Image, resize
+from livediff.transforms.base import Job, Transform, TransformParams
+
+
+class PassthroughParams(TransformParams):
+    delay_ms: float = Field(
+        0.0, ge=0, le=2000, description="Extra time per batch, to imitate a slow model."
+    )
+
+
+class PassthroughTransform(Transform):
+    name = "passthrough"
+    params_model = PassthroughParams
+
+    def process(self, jobs: Sequence[Job]) -> list[Image | None]:
+        delay_ms = max(float(getattr(job.params, "delay_ms", 0.0)) for job in jobs)
+        if delay_ms > 0:
+            time.sleep(delay_ms / 1000)
+        return [resize(job.frame.image, job.params.width, job.params.height) for job in jobs]

@@ -1,0 +1,78 @@
+"""Shared fixtures: a real livediff server (uvicorn on 127.0.0.1, its own thread and loop)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from livediff.config import Settings
+from livediff.server.app import create_app
+from livediff.server.service import LivediffService
+
+
+@dataclass
+class LiveServer:
+    """A running server: its base URL, the app and the service inside it."""
+
+    url: str
+    app: FastAPI
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    @property
+    def service(self) -> LivediffService:
+        service: LivediffService = self.app.state.livediff
+        return service
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+
+def start_server(settings: Settings, ready_timeout: float = 60.0) -> LiveServer:
+    """Run ``create_app(settings)`` under uvicorn on 127.0.0.1 (an ephemeral port) until ready."""
+    app = create_app(settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + ready_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    live = LiveServer(f"http://127.0.0.1:{port}", app, server, thread)
+    while live.service.health() == "LOADING":
+        if time.monotonic() > deadline:
+            raise RuntimeError("the test server's transform did not load")
+        time.sleep(0.02)
+    return live
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., LiveServer]]:
+    """Factory: ``serve(pipeline="passthrough", max_sessions=2, ...)`` -> a running LiveServer."""
+    started: list[LiveServer] = []
+
+    def _serve(**overrides: Any) -> LiveServer:
+        live = start_server(Settings(**overrides))
+        started.append(live)
+        return live
+
+    yield _serve
+    for live in started:
+        live.stop()
+
+
+@pytest.fixture
+def server(serve: Callable[..., LiveServer]) -> LiveServer:
+    """A passthrough server with default settings."""
+    return serve()
