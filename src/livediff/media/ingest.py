@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 
 import av
-
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from livediff.engine.session import Session

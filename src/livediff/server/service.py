@@ -120,8 +120,8 @@ class LivediffService:
 
     # -- params -------------------------------------------------------------------------------
     def initial_params(self, patch: Mapping[str, Any]) -> TransformParams:
-        """The pipeline's defaults (output size from settings) updated by ``patch`` (validated)."""
-        defaults = {"width": self.settings.width, "height": self.settings.height}
+        """The transform's defaults (output size from settings) updated by ``patch`` (validated)."""
+        defaults = self.transform.default_params()
         return self.transform.params_model.model_validate({**defaults, **patch})
 
     async def update_params(self, session_id: str, patch: Mapping[str, Any]) -> TransformParams:

@@ -80,8 +80,9 @@ class FrameRecorder:
                 continue
             at = now()
             self.frames.append(
-                ReceivedFrame(read_frame_number(frame), int(frame.pts or 0), at, frame.width,
-                              frame.height)
+                ReceivedFrame(
+                    read_frame_number(frame), int(frame.pts or 0), at, frame.width, frame.height
+                )
             )
             self.arrived.set()
 

@@ -53,6 +53,10 @@ class Transform(ABC):
         """The device this transform computes on ('cpu', 'cuda', 'cuda:1', ...)."""
         return "cpu"
 
+    def default_params(self) -> dict[str, Any]:
+        """Values that a new session's params start from (before the client's own)."""
+        return {"width": self.settings.width, "height": self.settings.height}
+
     def load(self) -> None:  # noqa: B027 - optional hook
         """Load models and warm up. Runs once, on the worker thread, before any frame."""
 
