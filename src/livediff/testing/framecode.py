@@ -34,7 +34,8 @@ class Scene:
 
     def luma(self, number: int) -> npt.NDArray[np.uint8]:
         shift = (number * 5) % self.PERIOD
-        return self._pattern[:, shift : shift + self.width].copy()
+        window: npt.NDArray[np.uint8] = self._pattern[:, shift : shift + self.width].copy()
+        return window
 
 
 def draw_code(luma: npt.NDArray[np.uint8], number: int) -> None:
@@ -79,8 +80,8 @@ def frame_luma(frame: av.VideoFrame) -> npt.NDArray[np.uint8]:
     if frame.format.name not in ("yuv420p", "yuvj420p"):
         frame = frame.reformat(format="yuv420p")
     plane = frame.planes[0]
-    rows = np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size)
-    return rows[:, : plane.width]
+    rows = np.frombuffer(memoryview(plane), dtype=np.uint8)
+    return rows.reshape(plane.height, plane.line_size)[:, : plane.width]
 
 
 def read_frame_number(frame: av.VideoFrame) -> int | None:
