@@ -163,13 +163,17 @@ class ConfiguredH264Encoder(ConfiguredEncoder):
         codec.gop_size = self.settings.gop_frames
         codec.max_b_frames = 0
         codec.thread_count = self.settings.threads_for(width, height)
-        codec.options = {
+        codec.options = self.codec_options(width, height)
+        codec.profile = "Baseline"
+        return codec
+
+    def codec_options(self, width: int, height: int) -> dict[str, str]:
+        """libx264 private options for this picture size."""
+        return {
             "preset": self.settings.h264_preset,
             "tune": "zerolatency",
             "level": _h264_level(width, height),
         }
-        codec.profile = "Baseline"
-        return codec
 
     def _packetize(self, data: bytes) -> list[bytes]:
         if not data:
