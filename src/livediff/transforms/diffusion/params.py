@@ -1,0 +1,158 @@
+"""Params of the diffusion transform. Torch-free: the ai-runner loader imports this under a guard.
+
+Every field can change on a live session. Only ``model`` and ``vae`` reload weights; a new
+prompt costs one text-encoder pass (then cached), a new seed one noise draw, new steps a new
+table of scheduler coefficients.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+
+from livediff.transforms.base import TransformParams
+
+#: The timestep grid ``t_index_list`` indexes: this many steps, 'trailing' spacing over the
+#: model's training timesteps (index 0 = the noisiest step, t = 999 for 1000 train steps).
+TIMESTEP_GRID = 50
+#: Most denoising steps one frame may take (each one is a row of the UNet batch).
+MAX_STEPS = 4
+#: Most entries in a weighted prompt or seed list.
+MAX_BLEND = 8
+
+CfgType = Literal["none", "self", "initialize", "full"]
+PromptText = Annotated[str, Field(max_length=1000)]
+Weight = Annotated[float, Field(ge=0, le=100)]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+DEFAULT_MODEL = "stabilityai/sd-turbo"
+DEFAULT_VAE = "madebyollin/taesd"
+#: ``vae`` value meaning "the model's own (full) VAE" instead of a Tiny AutoEncoder.
+FULL_VAE = "full"
+
+
+def _check_weights(weights: list[float], field: str) -> None:
+    if sum(weights) <= 0:
+        raise ValueError(f"the {field} weights must add up to more than 0")
+
+
+class DiffusionParams(TransformParams):
+    """What a session asks of the diffusion transform (img2img on every frame)."""
+
+    width: int = Field(
+        512, ge=64, le=2048, multiple_of=64, description="Output width in pixels (multiple of 64)."
+    )
+    height: int = Field(
+        512, ge=64, le=2048, multiple_of=64, description="Output height in pixels (multiple of 64)."
+    )
+    prompt: PromptText | list[tuple[PromptText, Weight]] = Field(
+        "an oil painting, vivid colours, thick brush strokes",
+        description="Text, or [[text, weight], ...] pairs whose embeddings blend by weight.",
+    )
+    negative_prompt: PromptText = Field(
+        "", description="What to steer away from (used by cfg_type 'initialize' and 'full')."
+    )
+    seed: Seed | list[tuple[Seed, Weight]] = Field(
+        2, description="Noise seed, or [[seed, weight], ...] pairs whose noises blend by weight."
+    )
+    strength: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="How far one denoising step starts from the input (1 = from pure noise)."
+        " Ignored when t_index_list is given.",
+    )
+    t_index_list: list[Annotated[int, Field(ge=0, lt=TIMESTEP_GRID)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_STEPS,
+        description=f"Denoising steps as increasing indices into a {TIMESTEP_GRID}-step grid"
+        " (0 = noisiest); several steps run as one stream batch. Wins over strength.",
+    )
+    guidance_scale: float = Field(
+        1.0, ge=0, le=20, description="Classifier-free guidance; 1 or less turns it off."
+    )
+    delta: float = Field(
+        1.0, ge=0, le=5, description="Weight of the residual noise in residual CFG (self, init)."
+    )
+    cfg_type: CfgType = Field(
+        "self",
+        description="Guidance: none, self (residual, no extra UNet rows), initialize (one"
+        " negative row per frame), full (a negative row per step).",
+    )
+    similarity_threshold: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Skip a frame this similar (cosine) to the last one processed and repeat"
+        " the last output; 0 = off, 0.98 is a good start.",
+    )
+    model: str = Field(
+        DEFAULT_MODEL,
+        min_length=1,
+        max_length=500,
+        description="Diffusers model: hub id (SD 1.5 / 2.1 / sd-turbo family) or local folder.",
+    )
+    vae: str = Field(
+        DEFAULT_VAE,
+        min_length=1,
+        max_length=500,
+        description=f"Tiny AutoEncoder (hub id or folder), or '{FULL_VAE}' for the model's VAE.",
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: str | list[tuple[str, float]]) -> str | list[tuple[str, float]]:
+        if isinstance(value, list):
+            if not 1 <= len(value) <= MAX_BLEND:
+                raise ValueError(f"give 1 to {MAX_BLEND} [text, weight] pairs")
+            _check_weights([weight for _, weight in value], "prompt")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _check_seed(cls, value: int | list[tuple[int, float]]) -> int | list[tuple[int, float]]:
+        if isinstance(value, list):
+            if not 1 <= len(value) <= MAX_BLEND:
+                raise ValueError(f"give 1 to {MAX_BLEND} [seed, weight] pairs")
+            _check_weights([weight for _, weight in value], "seed")
+        return value
+
+    @field_validator("t_index_list")
+    @classmethod
+    def _check_steps(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(b <= a for a, b in pairwise(value)):
+            raise ValueError("t_index_list must be strictly increasing (noisiest step first)")
+        return value
+
+    # -- derived values (what the engine computes from) -------------------------------------
+    def steps(self) -> tuple[int, ...]:
+        """The grid indices of the denoising steps: ``t_index_list``, else one from strength."""
+        if self.t_index_list is not None:
+            return tuple(self.t_index_list)
+        return (strength_to_index(self.strength),)
+
+    def weighted_prompts(self) -> tuple[tuple[str, float], ...]:
+        """The prompt as (text, weight) pairs."""
+        if isinstance(self.prompt, str):
+            return ((self.prompt, 1.0),)
+        return tuple((text, float(weight)) for text, weight in self.prompt)
+
+    def weighted_seeds(self) -> tuple[tuple[int, float], ...]:
+        """The seed as (seed, weight) pairs."""
+        if isinstance(self.seed, int):
+            return ((self.seed, 1.0),)
+        return tuple((seed, float(weight)) for seed, weight in self.seed)
+
+    def guided(self) -> bool:
+        """True when classifier-free guidance (of any kind) changes the result."""
+        return self.cfg_type != "none" and self.guidance_scale > 1.0
+
+
+def strength_to_index(strength: float) -> int:
+    """The grid index one img2img step at ``strength`` starts from (diffusers' convention:
+    strength 0.5 on a trailing grid starts at t = 499 for 1000 train steps)."""
+    index = round((1.0 - strength) * TIMESTEP_GRID)
+    return min(max(index, 0), TIMESTEP_GRID - 1)
