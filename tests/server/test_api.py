@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -117,8 +117,7 @@ async def test_stats_metrics_and_delete_release_everything(server: LiveServer) -
     assert deleted.status_code == 204
     assert metric(after, "livediff_sessions_active") == 0
     assert gone.status_code == 404
-    await wait_until(lambda: server.service.worker.call(lambda: None).result(5) is None)
-    assert server.service.worker._sessions == []
+    await wait_until(lambda: not server.service.worker.attached)
 
 
 async def test_bad_requests_get_clear_errors(server: LiveServer) -> None:
@@ -148,6 +147,19 @@ async def test_bad_requests_get_clear_errors(server: LiveServer) -> None:
     assert bad_params.json()["detail"][0]["loc"] == ["body", "params", "width"]
     assert {r.status_code for r in (unknown, unknown_delete, unknown_patch)} == {404}
     assert server.service.sessions == {}
+
+
+async def test_a_streamed_body_over_the_limit_gets_413(server: LiveServer) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(20):
+            yield b"x" * 65536  # 1.25 MiB in all, without a Content-Length
+
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        response = await http.post(
+            "/v1/sessions", content=chunks(), headers={"content-type": "application/json"}
+        )
+    assert response.status_code == 413
+    assert "limit" in response.json()["detail"]
 
 
 async def test_over_capacity_gets_503_with_retry_after(serve: Callable[..., LiveServer]) -> None:

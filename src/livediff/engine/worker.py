@@ -98,6 +98,11 @@ class Worker:
         self.state = WorkerState.STOPPED
 
     @property
+    def attached(self) -> tuple[Session, ...]:
+        """The sessions the worker serves now (a snapshot)."""
+        return tuple(self._sessions)
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
