@@ -160,3 +160,38 @@ async def test_a_whep_offer_must_receive_video(server: LiveServer) -> None:
         async with httpx.AsyncClient(base_url=server.url) as http:
             refused = await http.post(f"/whep/{session_id}", content=offer, headers=SDP)
     assert refused.status_code == 400 and "must receive video" in refused.json()["detail"]
+
+
+def obs_shaped(offer: str) -> str:
+    """Rewrite an aiortc offer the way OBS 30's WHIP output (libdatachannel) lays one out:
+    ICE credentials, fingerprint and setup at session level only, an LS group, ice2 options."""
+    session_level = ("a=ice-ufrag:", "a=ice-pwd:", "a=fingerprint:", "a=setup:")
+    lines = offer.strip().splitlines()
+    moved = list(dict.fromkeys(line for line in lines if line.startswith(session_level)))
+    kept = [line for line in lines if not line.startswith(session_level)]
+    first_media = next(i for i, line in enumerate(kept) if line.startswith("m="))
+    extra = ["a=group:LS 0 1", "a=msid-semantic:WMS *", *moved, "a=ice-options:ice2,trickle"]
+    return "\r\n".join(kept[:first_media] + extra + kept[first_media:]) + "\r\n"
+
+
+async def test_an_obs_shaped_h264_offer_with_audio_publishes(server: LiveServer) -> None:
+    from aiortc.mediastreams import AudioStreamTrack
+
+    pc = client_peer()
+    pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
+    add_camera(pc, NumberedVideoTrack(128, 128), direction="sendonly", codec="h264")
+    offer = obs_shaped(await local_offer(pc))
+    assert "m=audio" in offer.split("m=video")[0] and "a=ice-ufrag" not in offer.split("m=")[1]
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            answer = await http.post(
+                "/whip", content=offer, headers={**SDP, "authorization": "Bearer ignored"}
+            )
+        assert answer.status_code == 201, answer.text
+        assert "H264" in answer.text and "a=recvonly" in answer.text
+        await accept_answer(pc, answer.text)
+        session_id = answer.headers["location"].rsplit("/", 1)[1]
+        record = server.service.get(session_id)
+        await wait_until(lambda: record.session.stats.frames_processed >= 10, timeout=30)
+    finally:
+        await pc.close()
