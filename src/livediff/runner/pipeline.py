@@ -1,0 +1,116 @@
+"""``LivediffPipeline``: livediff as an ai-runner live pipeline (``runner.live.pipelines``).
+
+ai-runner builds it with no arguments in its pipeline process and drives it from three concurrent
+loops (input, output, params). It runs the same transform and worker as ``livediff serve``, chosen
+by the ``LIVEDIFF_*`` settings (``LIVEDIFF_PIPELINE``: ``diffusion`` in the image):
+
+- ``put_video_frame`` hands the (1, H, W, 3) float32 [0, 1] tensor to the stream's session, whose
+  size-1 slot keeps only the newest frame, so a slow model never backs up ai-runner's queues;
+- ``get_processed_video_frame`` awaits the session's output slot and returns a ``VideoOutput`` of
+  the same shape and range (clamped) on the input's device, with the input's timestamp, time base
+  and log timestamps, and the stream's request id;
+- ``update_params`` swaps params in place (None) unless the model itself changes (a Task that
+  reloads and warms up on the worker thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections import OrderedDict
+from typing import Any, cast
+
+import torch
+from runner.live.pipelines import Pipeline
+from runner.live.trickle import VideoFrame, VideoOutput
+
+from livediff.frames import Frame
+from livediff.runner.host import PipelineStoppedError, StreamHost
+from livediff.runner.params import runner_settings
+from livediff.runner.tensors import release_device_memory
+from livediff.transforms import resolve_transform
+
+logger = logging.getLogger(__name__)
+
+#: Input frames remembered for their log timestamps and side data until their output comes back.
+#: At most three are in flight (input slot, worker, output slot); older ones were dropped.
+REMEMBERED_INPUTS = 8
+
+
+class LivediffPipeline(Pipeline):  # type: ignore[misc]  # ai-runner is untyped
+    """livediff's transforms served to a Livepeer orchestrator through ai-runner."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._host: StreamHost | None = None
+        self._inputs: OrderedDict[tuple[str, int], VideoFrame] = OrderedDict()
+
+    @property
+    def host(self) -> StreamHost:
+        """The engine (transform, worker, current stream); raises once stopped."""
+        if self._host is None:
+            raise PipelineStoppedError("the pipeline is not initialized or was stopped")
+        return self._host
+
+    async def initialize(self, **params: Any) -> None:
+        """Load the transform for ``params`` and warm it up; returns once a frame went through."""
+        settings = runner_settings()
+        host = StreamHost(settings)
+        await host.start(params)
+        self._host = host
+        logger.info(
+            "livediff pipeline ready: %s transform on %s", settings.pipeline, host.transform.device
+        )
+
+    async def put_video_frame(self, frame: VideoFrame, request_id: str) -> None:
+        tensor = cast(torch.Tensor, frame.tensor)
+        self._remember(request_id, frame)
+        image = Frame(image=tensor, pts=int(frame.timestamp), time_base=frame.time_base)
+        await self.host.submit(image, request_id, tensor.device)
+
+    def _remember(self, request_id: str, frame: VideoFrame) -> None:
+        self._inputs[(request_id, int(frame.timestamp))] = frame
+        while len(self._inputs) > REMEMBERED_INPUTS:
+            self._inputs.popitem(last=False)
+
+    async def get_processed_video_frame(self) -> VideoOutput:
+        stream, frame = await self.host.next_output()
+        source = self._inputs.pop((stream.request_id, frame.pts), None)
+        if source is None:
+            output = VideoFrame(frame.image, frame.pts, frame.time_base, {})
+        else:
+            output = source.replace_tensor(frame.image)
+        return VideoOutput(output, stream.request_id)
+
+    async def update_params(self, **params: Any) -> asyncio.Task[None] | None:
+        """Apply a full params set; returns an ``asyncio.Task`` only when the model must reload."""
+        return await self.host.update(params)
+
+    async def stop(self) -> None:
+        """End the stream, stop the worker thread and give the GPU memory back."""
+        host, self._host = self._host, None
+        self._inputs.clear()
+        if host is None:
+            return
+        device = host.transform.device
+        await host.stop()
+        del host
+        gc.collect()
+        release_device_memory(device)
+        logger.info("livediff pipeline stopped")
+
+    def stats(self) -> dict[str, Any]:
+        """The current stream's counters and params (for logs and tests)."""
+        return self.host.describe()
+
+    @classmethod
+    def prepare_models(cls) -> None:
+        """Download (and build) what the selected transform needs into ``MODEL_DIR``."""
+        settings = runner_settings()
+        transform_class = resolve_transform(settings.pipeline)
+        prepare = getattr(transform_class, "prepare_models", None)
+        if prepare is None:
+            logger.info("the %s transform has no models to prepare", settings.pipeline)
+            return
+        prepare(settings)

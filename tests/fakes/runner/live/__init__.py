@@ -1,0 +1,1 @@
+"""TEST DOUBLE of ``runner.live`` (ai-runner v0.14.1)."""
