@@ -25,6 +25,12 @@ from runner.live.pipelines.loader import load_pipeline_class
 
 logger = logging.getLogger(__name__)
 
+# The real module configures logging when imported (INFO, or DEBUG with VERBOSE_LOGGING=1).
+logging.basicConfig(
+    level=logging.DEBUG if os.getenv("VERBOSE_LOGGING") == "1" else logging.INFO,
+    format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+)
+
 
 def prepare_models(pipeline_spec: PipelineSpec) -> None:
     """Prepare models for a live pipeline: its class's ``prepare_models()``."""

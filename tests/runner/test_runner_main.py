@@ -1,0 +1,109 @@
+"""The ``livediff-runner`` entry point: the spec it builds, prepare mode and serve mode."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from runner.live.pipelines import PipelineSpec
+from runner.live.pipelines.loader import load_pipeline_class, parse_pipeline_params
+
+from livediff.runner.main import PIPELINE_NAME, build_spec
+from livediff.runner.params import runner_settings
+from tests.runner.conftest import run_runner, runner_env
+
+
+def runner_command() -> list[str]:
+    """The installed console script, else the module (an install older than the script)."""
+    script = shutil.which("livediff-runner", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "livediff.runner"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def test_the_spec_names_livediff_and_its_classes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIVEDIFF_PIPELINE", "passthrough")
+    spec = build_spec()
+    assert isinstance(spec, PipelineSpec)
+    assert spec.name == PIPELINE_NAME == "livediff"
+    assert load_pipeline_class(spec.pipeline_cls).__name__ == "LivediffPipeline"
+    assert spec.initial_params == {"width": 512, "height": 512, "delay_ms": 0.0}
+    parsed = parse_pipeline_params(spec, spec.initial_params)
+    assert type(parsed).__name__ == "PassthroughRunnerParams"
+
+
+def test_a_transform_without_a_runner_params_class_uses_ai_runners_base(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LIVEDIFF_PIPELINE", "tests.runner.transforms:GainTransform")
+    spec = build_spec(runner_settings())
+    assert spec.params_cls is None
+    assert spec.initial_params == {"width": 512, "height": 512, "gain": 1.0, "model": "dim"}
+
+
+def test_prepare_mode_prepares_into_model_dir_online_and_exits(tmp_path: Path) -> None:
+    done = run_runner(
+        runner_command(),
+        PREPARE_MODELS="1",
+        HF_HUB_OFFLINE="1",  # as the image sets it: prepare mode must go online anyway
+        MODEL_DIR=str(tmp_path),
+        LIVEDIFF_PIPELINE="tests.runner.transforms:PreparedTransform",
+    )
+    assert done.returncode == 0, done.stderr
+    prepared = json.loads((tmp_path / "prepared.json").read_text())
+    assert prepared == {"model": "stabilityai/sd-turbo", "hf_hub_offline": "0"}
+
+
+def test_serve_mode_loads_the_pipeline_and_reports_idle(tmp_path: Path) -> None:
+    port = free_port()
+    env = runner_env(HOST="127.0.0.1", PORT=str(port), LIVEDIFF_PIPELINE="passthrough")
+    log = tmp_path / "runner.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(runner_command(), env=env, stdout=sink, stderr=sink)
+        try:
+            statuses = poll_health(f"http://127.0.0.1:{port}/health", process)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            returncode = process.wait(60)
+    output = log.read_text()
+    assert statuses[-1] == "IDLE", output
+    assert set(statuses) <= {"LOADING", "IDLE"}, output
+    # uvicorn shuts down gracefully on SIGTERM, then ends by that signal (newer releases)
+    assert returncode in (0, -signal.SIGTERM), output
+    assert "livediff pipeline stopped" in output
+
+
+def poll_health(url: str, process: subprocess.Popen[bytes], timeout: float = 120) -> list[str]:
+    """Statuses seen until IDLE (or the process ends, or time runs out)."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            status = str(httpx.get(url, timeout=5).json()["status"])
+        except httpx.TransportError:
+            time.sleep(0.1)
+            continue
+        seen.append(status)
+        if status == "IDLE":
+            break
+        time.sleep(0.1)
+    return seen
+
+
+def test_an_unknown_pipeline_is_a_clear_error() -> None:
+    done = run_runner(runner_command(), LIVEDIFF_PIPELINE="stable-dreams")
+    assert done.returncode == 2
+    assert "livediff-runner: unknown pipeline 'stable-dreams'" in done.stderr
