@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 H264Preset = Literal[
     "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"
 ]
 VideoCodecName = Literal["vp8", "h264"]
+DiffusionDtype = Literal["auto", "float16", "bfloat16", "float32"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 class Settings(BaseSettings):
@@ -70,6 +72,32 @@ class Settings(BaseSettings):
     keyframe_interval_s: float = Field(2.0, gt=0, le=60)
     h264_preset: H264Preset = "veryfast"
     encoder_threads: int = Field(0, ge=0, description="0 = choose from the frame size.")
+
+    # -- diffusion (--pipeline diffusion; livediff.transforms.diffusion) --------------------
+    model: str = Field(
+        "stabilityai/sd-turbo",
+        description="Diffusers model: hub id (SD 1.5 / 2.1 / sd-turbo family) or local folder.",
+    )
+    vae: str = Field(
+        "madebyollin/taesd",
+        description="Tiny AutoEncoder (hub id or folder), or 'full' for the model's own VAE.",
+    )
+    model_dir: str | None = Field(
+        None,
+        validation_alias=AliasChoices("model_dir", "LIVEDIFF_MODEL_DIR", "MODEL_DIR"),
+        description="Hub download cache (LIVEDIFF_MODEL_DIR or MODEL_DIR); default: HF's cache.",
+    )
+    dtype: DiffusionDtype = Field(
+        "auto", description="Weights and activations; auto = float16 on CUDA, float32 on CPU."
+    )
+    compile: bool = Field(False, description="torch.compile the UNet and the VAE at load.")
+    compile_mode: CompileMode = Field(
+        "max-autotune", description="torch.compile mode (max-autotune uses CUDA graphs)."
+    )
+    prompt_cache_size: int = Field(64, ge=1, description="Prompt embeddings kept per worker.")
+    similarity_max_skip: int = Field(
+        10, ge=1, description="Most frames in a row the similarity filter may skip."
+    )
 
     @model_validator(mode="after")
     def _check_bitrates(self) -> Settings:

@@ -15,6 +15,7 @@ __all__ = ["BUILTIN_TRANSFORMS", "Job", "Transform", "TransformParams", "resolve
 #: Built-in transforms: name -> "module:Class".
 BUILTIN_TRANSFORMS: dict[str, str] = {
     "passthrough": "livediff.transforms.passthrough:PassthroughTransform",
+    "diffusion": "livediff.transforms.diffusion.transform:DiffusionTransform",
 }
 
 ENTRY_POINT_GROUP = "livediff.transforms"

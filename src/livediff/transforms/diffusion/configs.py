@@ -242,7 +242,35 @@ def build_components(name: str, *, seed: int = 0, device: str = "cpu") -> dict[s
     components["scheduler"] = diffusers.EulerDiscreteScheduler.from_config(chosen.scheduler)
     for module in ("unet", "text_encoder", "vae", "taesd"):
         components[module].eval()
+    if name == "tiny":
+        spread_decoder_output(components["taesd"], components["taesd"].decoder.layers[-1])
+        spread_decoder_output(components["vae"], components["vae"].decoder.conv_out)
     return components
+
+
+def spread_decoder_output(vae: Any, last_conv: Any, *, seed: int = 0) -> None:
+    """Rescale a random decoder's last convolution so that its images spread over [-1, 1].
+
+    A random-initialised decoder puts nearly every pixel below -1 (black once clamped), which
+    would hide the differences the tests look for; this re-centres its output at 0 with a
+    spread of 0.5. Deterministic for a given seed.
+    """
+    import torch
+
+    captured: list[torch.Tensor] = []
+    hook = last_conv.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn((1, 4, 8, 8), generator=generator)
+    with torch.no_grad():
+        images = vae.decode(latents, return_dict=False)[0]
+        hook.remove()
+        conv = captured[0]
+        # the decoder maps its last convolution to pixels affinely: images = gain * conv + offset
+        gain = float(images.std() / conv.std())
+        offset = float(images.mean()) - gain * float(conv.mean())
+        factor = 0.5 / gain / float(conv.std())
+        last_conv.weight.mul_(factor)
+        last_conv.bias.sub_(float(conv.mean())).mul_(factor).add_(-offset / gain)
 
 
 def write_model_folder(folder: Path | str, name: str = "tiny", *, seed: int = 0) -> ModelFolders:
@@ -255,8 +283,17 @@ def write_model_folder(folder: Path | str, name: str = "tiny", *, seed: int = 0)
         components[part].save_pretrained(model_dir / part)
     write_tokenizer(model_dir / "tokenizer")
     components["taesd"].save_pretrained(taesd_dir)
+    _drop_config_keys(taesd_dir / "config.json", "block_out_channels")
     (model_dir / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
     return ModelFolders(model=model_dir, taesd=taesd_dir)
+
+
+def _drop_config_keys(path: Path, *keys: str) -> None:
+    """Remove keys diffusers adds on save but the published config does not have."""
+    config = json.loads(path.read_text())
+    for key in keys:
+        config.pop(key, None)
+    path.write_text(json.dumps(config, indent=2))
 
 
 def _model_index() -> dict[str, Any]:

@@ -1,0 +1,171 @@
+"""Where the model comes from: a local diffusers folder or a Hugging Face hub id.
+
+``--model`` names a folder in diffusers layout (model_index.json, unet/, text_encoder/,
+tokenizer/, scheduler/, vae/) or a hub id; ``--vae`` a Tiny AutoEncoder folder or hub id, or
+``full`` for the model's own VAE. Hub downloads go to ``model_dir`` (LIVEDIFF_MODEL_DIR /
+MODEL_DIR) or the Hugging Face cache. With ``HF_HUB_OFFLINE=1`` nothing is downloaded, and a
+missing model is an error that says which command fetches it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from livediff.transforms.diffusion.params import FULL_VAE
+
+#: What a model folder must hold (weights are checked per component below).
+MODEL_FILES = (
+    "model_index.json",
+    "unet/config.json",
+    "text_encoder/config.json",
+    "scheduler/scheduler_config.json",
+)
+TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+HUB_PATTERNS = [
+    "model_index.json",
+    "scheduler/*.json",
+    "tokenizer/*",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+]
+FULL_VAE_PATTERNS = ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+TINY_VAE_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class ModelUnavailableError(LookupError):
+    """The model or VAE cannot be found (or fetched); the message says how to get it."""
+
+    def __init__(self, message: str, role: str = "model") -> None:
+        super().__init__(message)
+        #: Which choice failed: "model" or "vae".
+        self.role = role
+
+
+class UnsupportedModelError(ModelUnavailableError):
+    """The folder holds a model this transform cannot run (e.g. an SDXL UNet)."""
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model and VAE a worker runs, as the user named them."""
+
+    model: str
+    vae: str
+    model_dir: str | None = None
+
+    @property
+    def full_vae(self) -> bool:
+        return self.vae == FULL_VAE
+
+    def fetch_command(self) -> str:
+        command = f"livediff prepare-models --model {self.model} --vae {self.vae}"
+        if self.model_dir:
+            command += f" --model-dir {self.model_dir}"
+        return command
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    """Local folders of a resolved :class:`ModelChoice`."""
+
+    model: Path
+    vae: Path
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE asks for no network (read now, not at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def locate(choice: ModelChoice, *, download: bool = False) -> ModelPaths:
+    """Local folders for the model and its VAE, downloading hub ids when ``download`` is True.
+
+    Without ``download`` only what is already on disk counts. Raises ModelUnavailableError with
+    a message naming what is missing and the command that fetches it.
+    """
+    model = _locate_one(choice, choice.model, "model", HUB_PATTERNS, download)
+    _check_model_folder(model, choice)
+    if choice.full_vae:
+        vae = model / "vae"
+    else:
+        vae = _locate_one(choice, choice.vae, "vae", TINY_VAE_PATTERNS, download)
+    vae_name = f"{choice.model!r} vae/" if choice.full_vae else repr(choice.vae)
+    _check_weights(vae, f"VAE {vae_name}", "vae")
+    return ModelPaths(model=model, vae=vae)
+
+
+def _locate_one(
+    choice: ModelChoice, name: str, role: str, patterns: list[str], download: bool
+) -> Path:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if name.startswith((".", "/", "~")) or not REPO_ID.fullmatch(name):
+        raise ModelUnavailableError(
+            f"{role} {name!r} is neither a folder nor a hub id like 'owner/name'", role
+        )
+    if role == "model" and choice.full_vae:
+        patterns = patterns + FULL_VAE_PATTERNS
+    return _hub_folder(choice, name, role, patterns, download)
+
+
+def _hub_folder(
+    choice: ModelChoice, repo_id: str, role: str, patterns: list[str], download: bool
+) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    local_only = not download or hub_offline()
+    try:
+        folder = snapshot_download(
+            repo_id,
+            cache_dir=choice.model_dir,
+            allow_patterns=patterns,
+            local_files_only=local_only,
+        )
+    except (LocalEntryNotFoundError, FileNotFoundError) as exc:
+        raise ModelUnavailableError(_missing_message(choice, role, repo_id), role) from exc
+    except (HfHubHTTPError, OSError) as exc:
+        raise ModelUnavailableError(
+            f"cannot download {role} {repo_id!r}: {exc}; check the name and the network, or"
+            f" fetch it where the hub is reachable: {choice.fetch_command()}",
+            role,
+        ) from exc
+    return Path(str(folder))
+
+
+def _missing_message(choice: ModelChoice, role: str, repo_id: str) -> str:
+    where = choice.model_dir or "the Hugging Face cache"
+    reason = " and HF_HUB_OFFLINE is set" if hub_offline() else ""
+    return (
+        f"{role} {repo_id!r} is not downloaded (looked in {where}){reason};"
+        f" fetch it first with: {choice.fetch_command()}"
+    )
+
+
+def _check_model_folder(folder: Path, choice: ModelChoice) -> None:
+    missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
+    tokenizer = folder / "tokenizer"
+    if not any(all((tokenizer / f).is_file() for f in files) for files in TOKENIZER_FILES):
+        missing.append("tokenizer/vocab.json + merges.txt (or tokenizer.json)")
+    if missing:
+        raise ModelUnavailableError(
+            f"model {choice.model!r} ({folder}) is not a complete diffusers folder: missing"
+            f" {', '.join(missing)}; fetch it with: {choice.fetch_command()}"
+        )
+    for part in ("unet", "text_encoder"):
+        _check_weights(folder / part, f"model {choice.model!r} {part}/", "model")
+
+
+def _check_weights(folder: Path, what: str, role: str) -> None:
+    if not (folder / "config.json").is_file():
+        raise ModelUnavailableError(f"{what} has no config.json in {folder}", role)
+    if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir() if p.is_file()):
+        raise ModelUnavailableError(f"{what} has no weights (*.safetensors) in {folder}", role)

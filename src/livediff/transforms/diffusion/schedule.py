@@ -1,0 +1,108 @@
+"""Scheduler coefficients, computed once per choice of steps and kept on the device.
+
+The engine denoises in the variance-preserving form every SD-family scheduler shares:
+``x_t = alpha_t * x_0 + beta_t * noise`` with ``alpha_t = sqrt(alphas_cumprod[t])`` and
+``beta_t = sqrt(1 - alphas_cumprod[t])``. One step predicts the noise (or v, or x_0), turns it
+into ``x_0``, and applies the consistency-model boundary condition
+``denoised = c_out * x_0 + c_skip * x_t`` (c_skip = 0, c_out = 1 unless the model's scheduler is
+an LCMScheduler). With one step and a trailing Euler scheduler this is exactly diffusers'
+img2img: Euler scales its input by ``1 / sqrt(sigma^2 + 1) = alpha_t`` and its last step lands
+on ``x_0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from livediff.transforms.diffusion.params import TIMESTEP_GRID
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass(frozen=True)
+class StepTable:
+    """Per-step coefficients of one ``t_index_list``, each shaped (steps, 1, 1, 1)."""
+
+    indices: tuple[int, ...]
+    timesteps: torch.Tensor
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    c_skip: torch.Tensor
+    c_out: torch.Tensor
+
+    @property
+    def steps(self) -> int:
+        return len(self.indices)
+
+
+class Schedule:
+    """The model scheduler's noise levels on the engine's trailing timestep grid."""
+
+    def __init__(self, scheduler: Any, device: torch.device, dtype: torch.dtype) -> None:
+        config = scheduler.config
+        self.prediction_type = str(config.get("prediction_type", "epsilon"))
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        self.train_steps = int(config.num_train_timesteps)
+        self._alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32).cpu()
+        self._boundary = getattr(scheduler, "get_scalings_for_boundary_condition_discrete", None)
+        self.device = device
+        self.dtype = dtype
+        self._tables: dict[tuple[int, ...], StepTable] = {}
+
+    def timestep(self, index: int) -> int:
+        """The training timestep of grid ``index`` (trailing spacing: index 0 = T - 1)."""
+        if not 0 <= index < TIMESTEP_GRID:
+            raise ValueError(f"timestep index {index} is outside 0..{TIMESTEP_GRID - 1}")
+        return round(self.train_steps - index * self.train_steps / TIMESTEP_GRID) - 1
+
+    def table(self, indices: tuple[int, ...]) -> StepTable:
+        """Coefficients of the steps at grid ``indices`` (cached)."""
+        found = self._tables.get(indices)
+        if found is None:
+            found = self._tables[indices] = self._build(indices)
+        return found
+
+    def _build(self, indices: tuple[int, ...]) -> StepTable:
+        timesteps = [self.timestep(index) for index in indices]
+        cumprod = self._alphas_cumprod[timesteps]
+        scalings = [self._scalings(t) for t in timesteps]
+
+        def column(values: torch.Tensor | list[float]) -> torch.Tensor:
+            tensor = torch.as_tensor(values, dtype=torch.float32).view(-1, 1, 1, 1)
+            return tensor.to(self.device, self.dtype)
+
+        return StepTable(
+            indices=indices,
+            timesteps=torch.tensor(timesteps, dtype=torch.long, device=self.device),
+            alpha=column(cumprod.sqrt()),
+            beta=column((1 - cumprod).sqrt()),
+            c_skip=column([skip for skip, _ in scalings]),
+            c_out=column([out for _, out in scalings]),
+        )
+
+    def _scalings(self, timestep: int) -> tuple[float, float]:
+        if self._boundary is None:
+            return 0.0, 1.0
+        c_skip, c_out = self._boundary(timestep)
+        return float(c_skip), float(c_out)
+
+    # -- the per-row maths (rows: a slice of the UNet batch and its table rows) ------------------
+    def to_epsilon(
+        self, output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
+    ) -> torch.Tensor:
+        """The UNet's output expressed as predicted noise."""
+        if self.prediction_type == "epsilon":
+            return output
+        if self.prediction_type == "v_prediction":
+            return alpha * output + beta * x_t
+        return (x_t - alpha * output) / beta
+
+    @staticmethod
+    def denoise(epsilon: torch.Tensor, x_t: torch.Tensor, table: StepTable) -> torch.Tensor:
+        """The boundary-conditioned x_0 estimate of ``x_t`` given its predicted noise."""
+        x_0 = (x_t - table.beta * epsilon) / table.alpha
+        return table.c_out * x_0 + table.c_skip * x_t

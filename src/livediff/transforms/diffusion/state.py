@@ -1,0 +1,112 @@
+"""One session's place in the stream: what its params resolved to, and its frames in flight.
+
+Every cache here follows the params by value: a new prompt re-encodes (once, through the shared
+cache), a new seed draws new noise, a new number of steps or a new size restarts the stream
+batch; nothing reloads the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from livediff.transforms.diffusion.filter import SimilarityFilter
+from livediff.transforms.diffusion.params import DiffusionParams
+from livediff.transforms.diffusion.prompts import PromptEncoder
+from livediff.transforms.diffusion.schedule import Schedule, StepTable
+
+
+@dataclass(frozen=True)
+class LatentShape:
+    """Latent channels and size of a session's frames."""
+
+    channels: int
+    height: int
+    width: int
+
+
+@dataclass
+class SessionStream:
+    """Per-session state of the stream engine (made by ``open_session``, worker thread only)."""
+
+    generation: int
+    shape: LatentShape | None = None
+    filter: SimilarityFilter = field(default_factory=SimilarityFilter)
+    prompt_key: tuple[object, ...] | None = None
+    cond: torch.Tensor | None = None
+    uncond: torch.Tensor | None = None
+    noise_key: tuple[object, ...] | None = None
+    noise: torch.Tensor | None = None
+    table: StepTable | None = None
+    #: x_t of the frames at steps 1..N-1 (row j waits for step j + 1), oldest last.
+    latents: torch.Tensor | None = None
+    #: The input latents (x_0 of the camera frame) of those frames, for residual CFG.
+    sources: torch.Tensor | None = None
+    #: Frames that entered the stream batch since it last (re)started.
+    filled: int = 0
+    last_output: torch.Tensor | None = None
+
+    @property
+    def steps(self) -> int:
+        return 0 if self.table is None else self.table.steps
+
+    def restart(self) -> None:
+        """Empty the stream batch (the next N - 1 frames refill it)."""
+        self.latents = self.sources = None
+        self.filled = 0
+
+    def release(self) -> None:
+        """Drop every tensor (the session is closing)."""
+        self.restart()
+        self.cond = self.uncond = self.noise = self.last_output = None
+        self.prompt_key = self.noise_key = None
+        self.table = None
+        self.filter.forget()
+
+
+def follow_params(
+    state: SessionStream,
+    params: DiffusionParams,
+    prompts: PromptEncoder,
+    schedule: Schedule,
+    shape: LatentShape,
+) -> None:
+    """Bring ``state``'s embeddings, noise, coefficients and buffers in line with ``params``."""
+    prompt_key = (params.weighted_prompts(), params.negative_prompt)
+    if prompt_key != state.prompt_key:
+        state.cond = prompts.blend(params.weighted_prompts())
+        state.uncond = None
+        state.prompt_key = prompt_key
+    if state.uncond is None and params.guided() and params.cfg_type in ("initialize", "full"):
+        state.uncond = prompts.encode(params.negative_prompt)
+    steps = params.steps()
+    noise_key = (params.weighted_seeds(), len(steps), shape)
+    if noise_key != state.noise_key:
+        state.noise = blended_noise(params.weighted_seeds(), len(steps), shape, schedule)
+        state.noise_key = noise_key
+    table = schedule.table(steps)
+    if state.table is None or state.table.steps != table.steps or state.shape != shape:
+        state.restart()
+    state.table = table
+    state.shape = shape
+
+
+def blended_noise(
+    seeds: tuple[tuple[int, float], ...],
+    steps: int,
+    shape: LatentShape,
+    schedule: Schedule,
+) -> torch.Tensor:
+    """Unit-variance noise for every step: one draw per seed, mixed by weight.
+
+    Drawn on the CPU so that a seed gives the same noise on every device (and the same as
+    diffusers with ``torch.Generator().manual_seed(seed)`` for the first step).
+    """
+    size = (steps, shape.channels, shape.height, shape.width)
+    mixed = torch.zeros(size, dtype=torch.float32)
+    for seed, weight in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        mixed.add_(torch.randn(size, generator=generator, dtype=torch.float32), alpha=weight)
+    norm = sum(weight * weight for _, weight in seeds) ** 0.5
+    return mixed.div_(norm).to(schedule.device, schedule.dtype)

@@ -1,0 +1,242 @@
+"""The stream engine: StreamDiffusion-class img2img on diffusers' UNet and VAE.
+
+One call of :meth:`StreamEngine.process` takes the newest frame of several sessions and
+- uploads each once and converts/resizes it on the device,
+- skips frames the similarity filter finds unchanged (repeating the last output),
+- encodes all frames of a size in one VAE batch,
+- runs ONE UNet batch over every session's rows: with ``t_index_list`` of N steps a session
+  contributes N rows (stream batch: the new frame at step 1, the frame before it at step 2,
+  ...), plus its guidance rows (``full``: N negative rows, ``initialize``: one, ``self`` and
+  ``none``: none), each row with its own timestep and prompt embedding,
+- applies guidance (residual CFG uses the virtual residual noise
+  ``(x_t - alpha_t * x_0(input)) / beta_t`` instead of a negative UNet row), the scheduler step
+  and re-noises the unfinished frames for their next step,
+- decodes the frames that finished their last step in one VAE batch.
+
+A session with N steps shows frame k when frame k + N - 1 arrives; until its stream batch has
+filled, it has no output (None).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+
+from livediff.frames import Image
+from livediff.transforms.base import Job
+from livediff.transforms.diffusion.bundle import ModelBundle
+from livediff.transforms.diffusion.device import FrameUploader, to_output_images
+from livediff.transforms.diffusion.params import DiffusionParams
+from livediff.transforms.diffusion.prompts import PromptEncoder
+from livediff.transforms.diffusion.schedule import Schedule
+from livediff.transforms.diffusion.state import LatentShape, SessionStream, follow_params
+
+
+@dataclass
+class _Entry:
+    """A job on its way through one batch."""
+
+    index: int
+    state: SessionStream
+    params: DiffusionParams
+    image: torch.Tensor
+    source: torch.Tensor | None = None
+    x_t: torch.Tensor | None = None
+    sources: torch.Tensor | None = None
+    rows: int = 0
+
+
+class StreamEngine:
+    """Runs the stream batch for any number of sessions on one device (worker thread only)."""
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        prompt_cache_size: int = 64,
+        max_skip: int = 10,
+        cuda_graphs: bool = False,
+    ) -> None:
+        self.bundle = bundle
+        self.device = device
+        self.dtype = dtype
+        self.max_skip = max_skip
+        self.cuda_graphs = cuda_graphs
+        self.schedule = Schedule(bundle.scheduler, device, dtype)
+        self.prompts = PromptEncoder(
+            bundle.tokenizer, bundle.text_encoder, device, dtype, prompt_cache_size
+        )
+        self.upload = FrameUploader(device, dtype)
+        self.generation = 0
+        self.unet_rows = 0
+
+    # -- sessions ---------------------------------------------------------------------------------
+    def open_session(self) -> SessionStream:
+        return SessionStream(generation=self.generation)
+
+    def latent_shape(self, params: DiffusionParams) -> LatentShape:
+        factor = self.bundle.vae_scale_factor
+        return LatentShape(
+            self.bundle.latent_channels, params.height // factor, params.width // factor
+        )
+
+    def _follow(self, state: SessionStream, params: DiffusionParams) -> None:
+        if state.generation != self.generation:
+            state.release()
+            state.generation = self.generation
+        follow_params(state, params, self.prompts, self.schedule, self.latent_shape(params))
+
+    # -- frames -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def process(self, jobs: Sequence[Job]) -> list[Image | None]:
+        """One output per job: the session's newest finished frame, or None while filling."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
+        outputs: list[Image | None] = [None] * len(jobs)
+        groups: dict[tuple[int, int], list[_Entry]] = {}
+        for index, job in enumerate(jobs):
+            entry = self._admit(index, job)
+            if entry.state.last_output is not None and entry.state.filter.skip(
+                entry.image, entry.params.similarity_threshold, self.max_skip
+            ):
+                outputs[index] = entry.state.last_output
+                continue
+            groups.setdefault((entry.params.width, entry.params.height), []).append(entry)
+        for group in groups.values():
+            for entry, image in self._run(group):
+                outputs[entry.index] = entry.state.last_output = image
+        return outputs
+
+    def _admit(self, index: int, job: Job) -> _Entry:
+        params = job.params
+        if not isinstance(params, DiffusionParams):
+            raise TypeError(f"the diffusion transform needs DiffusionParams, not {type(params)}")
+        state = job.state
+        if not isinstance(state, SessionStream):
+            raise TypeError("the job carries no diffusion session state (open_session first)")
+        self._follow(state, params)
+        image = self.upload(job.frame.image, params.width, params.height)
+        return _Entry(index, state, params, image)
+
+    def _run(self, group: list[_Entry]) -> list[tuple[_Entry, torch.Tensor]]:
+        """Encode, denoise and decode one batch of same-size frames."""
+        sources = self.encode(torch.cat([entry.image for entry in group]))
+        for entry, source in zip(group, sources.tensor_split(len(group)), strict=True):
+            entry.source = source
+        x_t, timesteps, embeddings = self._unet_inputs(group)
+        output = self.unet(x_t, timesteps, embeddings)
+        finished: list[_Entry] = []
+        finished_latents: list[torch.Tensor] = []
+        bounds = list(accumulate(entry.rows for entry in group))[:-1]
+        for entry, rows in zip(group, output.tensor_split(bounds), strict=True):
+            latent = self._advance(entry, rows)
+            if latent is not None:
+                finished.append(entry)
+                finished_latents.append(latent)
+        if not finished:
+            return []
+        images = to_output_images(self.decode(torch.cat(finished_latents)))
+        return list(zip(finished, images, strict=True))
+
+    # -- the stream batch -------------------------------------------------------------------------
+    def _unet_inputs(self, group: list[_Entry]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x_parts, t_parts, e_parts = [], [], []
+        for entry in group:
+            x_t, timesteps, embeddings = self._session_rows(entry)
+            entry.rows = x_t.shape[0]
+            x_parts.append(x_t)
+            t_parts.append(timesteps)
+            e_parts.append(embeddings)
+        return torch.cat(x_parts), torch.cat(t_parts), torch.cat(e_parts)
+
+    def _session_rows(self, entry: _Entry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A session's UNet rows: its N steps (newest frame first), then its negative rows."""
+        state, table = entry.state, entry.state.table
+        assert table is not None and state.noise is not None and state.cond is not None
+        assert entry.source is not None
+        steps = table.steps
+        newest = table.alpha[:1] * entry.source + table.beta[:1] * state.noise[:1]
+        if steps > 1 and state.latents is None:
+            state.latents = torch.zeros_like(state.noise[1:])
+            state.sources = torch.zeros_like(state.noise[1:])
+        if steps > 1:
+            assert state.latents is not None and state.sources is not None
+            entry.x_t = torch.cat((newest, state.latents))
+            entry.sources = torch.cat((entry.source, state.sources))
+        else:
+            entry.x_t, entry.sources = newest, entry.source
+        cond = state.cond.expand(steps, -1, -1)
+        x_t, timesteps, embeddings = entry.x_t, table.timesteps, cond
+        if entry.params.guided() and entry.params.cfg_type == "full":
+            assert state.uncond is not None
+            x_t = torch.cat((x_t, x_t))
+            timesteps = torch.cat((timesteps, timesteps))
+            embeddings = torch.cat((cond, state.uncond.expand(steps, -1, -1)))
+        elif entry.params.guided() and entry.params.cfg_type == "initialize":
+            assert state.uncond is not None
+            x_t = torch.cat((x_t, x_t[:1]))
+            timesteps = torch.cat((timesteps, timesteps[:1]))
+            embeddings = torch.cat((cond, state.uncond))
+        return x_t, timesteps, embeddings
+
+    def _advance(self, entry: _Entry, output: torch.Tensor) -> torch.Tensor | None:
+        """Guidance and the scheduler step for one session; returns its finished latent."""
+        state, table, params = entry.state, entry.state.table, entry.params
+        assert table is not None and state.noise is not None
+        assert entry.x_t is not None and entry.sources is not None
+        steps, x_t = table.steps, entry.x_t
+        epsilon = self.schedule.to_epsilon(output[:steps], x_t, table.alpha, table.beta)
+        if params.guided():
+            negative = self._negative_epsilon(entry, output)
+            epsilon = negative + params.guidance_scale * (epsilon - negative)
+        denoised = self.schedule.denoise(epsilon, x_t, table)
+        if steps > 1:
+            state.latents = table.alpha[1:] * denoised[:-1] + table.beta[1:] * state.noise[1:]
+            state.sources = entry.sources[:-1]
+        state.filled += 1
+        return denoised[-1:] if state.filled >= steps else None
+
+    def _negative_epsilon(self, entry: _Entry, output: torch.Tensor) -> torch.Tensor:
+        """The unconditional noise estimate each step's guidance steers away from."""
+        table, params = entry.state.table, entry.params
+        assert table is not None and entry.x_t is not None and entry.sources is not None
+        steps, x_t = table.steps, entry.x_t
+        if params.cfg_type == "full":
+            return self.schedule.to_epsilon(output[steps:], x_t, table.alpha, table.beta)
+        residual = (x_t - table.alpha * entry.sources) / table.beta * params.delta
+        if params.cfg_type == "initialize":
+            first = self.schedule.to_epsilon(
+                output[steps:], x_t[:1], table.alpha[:1], table.beta[:1]
+            )
+            return torch.cat((first, residual[1:]))
+        return residual
+
+    # -- the models -------------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/8, W/8)."""
+        vae = self.bundle.vae
+        encoded = vae.encode(images.to(self.bundle.vae_dtype))
+        latents = getattr(encoded, "latents", None)
+        if latents is None:
+            latents = encoded.latent_dist.mode()
+        return (latents * self.bundle.vae_scaling).to(self.dtype)  # type: ignore[no-any-return]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images (B, 3, H, W) in [-1, 1]."""
+        scaled = (latents / self.bundle.vae_scaling).to(self.bundle.vae_dtype)
+        return self.bundle.vae.decode(scaled, return_dict=False)[0].to(self.dtype)  # type: ignore[no-any-return]
+
+    def unet(
+        self, x_t: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor
+    ) -> torch.Tensor:
+        self.unet_rows += x_t.shape[0]
+        if self.device.type == "cuda":
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        return self.bundle.unet(  # type: ignore[no-any-return]
+            x_t, timesteps, encoder_hidden_states=embeddings, return_dict=False
+        )[0]

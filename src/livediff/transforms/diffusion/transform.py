@@ -1,0 +1,186 @@
+"""``DiffusionTransform``: the "diffusion" pipeline (``livediff serve --pipeline diffusion``).
+
+The worker thread loads the model, warms it up and runs :class:`StreamEngine` on each batch.
+The model is one per worker: a session that asks for another ``model``/``vae`` reloads it for
+every session (a params update that names a model that cannot be loaded is refused with a 422
+on the ``model``/``vae`` field and the running model stays).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic_core import ValidationError
+
+from livediff.config import Settings
+from livediff.frames import Frame, Image
+from livediff.transforms.base import Job, Transform, TransformParams
+from livediff.transforms.diffusion.bundle import load_bundle, prepare, uses_cuda_graphs
+from livediff.transforms.diffusion.models import (
+    ModelChoice,
+    ModelUnavailableError,
+    hub_offline,
+    locate,
+)
+from livediff.transforms.diffusion.params import DiffusionParams
+from livediff.transforms.diffusion.state import SessionStream
+from livediff.transforms.diffusion.stream import StreamEngine
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class DeviceUnavailableError(LookupError):
+    """The configured device does not exist on this machine."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; a named CUDA device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailableError(f"device {name!r} was asked for but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> float16 on CUDA, float32 elsewhere."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+class DiffusionTransform(Transform):
+    """Realtime img2img with a diffusion model, several sessions batched on one device."""
+
+    name = "diffusion"
+    params_model = DiffusionParams
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._device = resolve_device(settings.device)
+        self._dtype = resolve_dtype(settings.dtype, self._device)
+        self._compile_mode = settings.compile_mode if settings.compile else None
+        self.choice = ModelChoice(settings.model, settings.vae, settings.model_dir)
+        self.engine: StreamEngine | None = None
+        self.loads = 0
+        self._check_available(self.choice)
+
+    @staticmethod
+    def _check_available(choice: ModelChoice) -> None:
+        """Fail now (at start, with the fetch command) when the model cannot be had later."""
+        try:
+            locate(choice)
+        except ModelUnavailableError:
+            if hub_offline() or _names_a_folder(choice):
+                raise
+            logger.info("%s is not downloaded yet: it is fetched while loading", choice.model)
+
+    @property
+    def device(self) -> str:
+        return str(self._device)
+
+    def default_params(self) -> dict[str, Any]:
+        return {**super().default_params(), "model": self.choice.model, "vae": self.choice.vae}
+
+    # -- loading ----------------------------------------------------------------------------------
+    def load(self) -> None:
+        self.engine = self._load_engine(self.choice, generation=0)
+
+    def _load_engine(self, choice: ModelChoice, generation: int) -> StreamEngine:
+        bundle = load_bundle(locate(choice, download=True), choice, self._dtype)
+        if self.engine is not None:  # free the old model before the new one moves in
+            self._drop_engine()
+        prepare(bundle, self._device, self._dtype, compile_mode=self._compile_mode)
+        engine = StreamEngine(
+            bundle,
+            self._device,
+            self._dtype,
+            prompt_cache_size=self.settings.prompt_cache_size,
+            max_skip=self.settings.similarity_max_skip,
+            cuda_graphs=uses_cuda_graphs(self._device, self._compile_mode),
+        )
+        engine.generation = generation
+        self.loads += 1
+        self._warm_up(engine)
+        logger.info(
+            "diffusion model %s (vae %s) ready on %s", choice.model, choice.vae, self._device
+        )
+        return engine
+
+    def _warm_up(self, engine: StreamEngine) -> None:
+        """Run the default session's stream batch full once (compiles, autotunes, allocates)."""
+        params = DiffusionParams.model_validate(self.default_params())
+        state = engine.open_session()
+        blank = np.full((params.height, params.width, 3), 127, dtype=np.uint8)
+        for number in range(len(params.steps()) + 1):
+            engine.process([Job("warm-up", Frame(blank, pts=number), params, state)])
+        if self._device.type == "cuda":
+            torch.cuda.current_stream(self._device).synchronize()
+        state.release()
+
+    def _drop_engine(self) -> None:
+        self.engine = None
+        gc.collect()
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- params -----------------------------------------------------------------------------------
+    def requires_reload(self, old: TransformParams, new: TransformParams) -> bool:
+        wanted = _wanted(new)
+        return wanted != _wanted(old) and wanted != (self.choice.model, self.choice.vae)
+
+    def reload(self, params: TransformParams) -> None:
+        choice = ModelChoice(*_wanted(params), self.settings.model_dir)
+        generation = self._engine().generation + 1
+        try:
+            engine = self._load_engine(choice, generation)
+        except ModelUnavailableError as exc:
+            raise _field_error(exc.role, getattr(params, exc.role), str(exc)) from exc
+        self.engine, self.choice = engine, choice
+
+    # -- sessions and frames ----------------------------------------------------------------------
+    def open_session(self, params: TransformParams) -> SessionStream:
+        if _wanted(params) != (self.choice.model, self.choice.vae):
+            self.reload(params)
+        return self._engine().open_session()
+
+    def close_session(self, state: Any) -> None:
+        if isinstance(state, SessionStream):
+            state.release()
+
+    def process(self, jobs: Sequence[Job]) -> list[Image | None]:
+        return self._engine().process(jobs)
+
+    def close(self) -> None:
+        self._drop_engine()
+
+    def _engine(self) -> StreamEngine:
+        if self.engine is None:
+            raise RuntimeError("the diffusion model is not loaded")
+        return self.engine
+
+
+def _wanted(params: TransformParams) -> tuple[str, str]:
+    if not isinstance(params, DiffusionParams):
+        raise TypeError(f"the diffusion transform needs DiffusionParams, not {type(params)}")
+    return params.model, params.vae
+
+
+def _names_a_folder(choice: ModelChoice) -> bool:
+    return any(name.startswith((".", "/", "~")) for name in (choice.model, choice.vae))
+
+
+def _field_error(field: str, value: object, message: str) -> ValidationError:
+    """A pydantic ValidationError on ``field`` (the server answers it with a 422)."""
+    return ValidationError.from_exception_data(
+        "DiffusionParams",
+        [{"type": "value_error", "loc": (field,), "input": value, "ctx": {"error": message}}],
+    )
