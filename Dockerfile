@@ -1,0 +1,71 @@
+# livediff as a Livepeer live pipeline: ai-runner hosting livediff's diffusion transform.
+# Build, prepare models, list in aiModels.json and check it: docs/orchestrator.md.
+#
+#   docker build -t livediff-runner .
+#   docker run --rm --gpus all -v ./models:/models -e PREPARE_MODELS=1 livediff-runner
+#   docker run --rm --gpus all -v ./models:/models -p 8000:8000 livediff-runner
+#   docker run --rm --gpus all -v ./models:/models --network host livediff-runner livediff serve
+#
+# The base image brings CUDA 12.8, FFmpeg 7.1 (NVENC/NVDEC) under /usr/local, uv, git and a C
+# toolchain, and no Python interpreter.
+FROM livepeer/ai-runner:live-base-v0.14.1
+
+# ai-runner release (git tag of livepeer/ai-runner; v0.14.1 is commit 50a742ce).
+ARG AI_RUNNER_REF=v0.14.1
+# The CUDA 12.8 build of torch, as ai-runner's own live pipelines use on this base.
+ARG TORCH_VERSION=2.7.1
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+ARG PYTHON_VERSION=3.11
+
+WORKDIR /app
+
+# PyAV 14.4.0 has no CPython 3.11 wheel for this platform: it builds from source against the base
+# image's FFmpeg 7.1, found through /usr/local/lib/pkgconfig.
+ENV PKG_CONFIG_PATH=/usr/local/lib/pkgconfig \
+    UV_PYTHON_INSTALL_DIR=/opt/python \
+    UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    VIRTUAL_ENV=/app/.venv \
+    PATH=/app/.venv/bin:$PATH
+
+RUN uv venv --python "${PYTHON_VERSION}" /app/.venv
+
+# 1. Every dependency of livediff and of ai-runner, hash-locked (docker/lock.sh makes the lock).
+COPY docker/requirements.lock docker/requirements.lock
+RUN uv pip install --no-cache --require-hashes -r docker/requirements.lock
+
+# 2. torch for CUDA 12.8 (with its CUDA libraries and triton) from PyTorch's index. Separate
+#    layers on purpose: the multi-GB torch layer stays cached while the lock changes.
+# hadolint ignore=DL3059
+RUN uv pip install --no-cache --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}+cu128"
+
+# 3. ai-runner at its release tag; its dependencies came with the lock.
+# hadolint ignore=DL3059
+RUN uv pip install --no-cache --no-deps \
+    "ai-runner @ git+https://github.com/livepeer/ai-runner@${AI_RUNNER_REF}#subdirectory=runner"
+
+# 4. livediff itself (the demo page included, for `livediff serve`).
+COPY pyproject.toml README.md ./
+COPY src/ src/
+COPY web/ web/
+RUN uv pip install --no-cache --no-deps . \
+    && python -c "import livediff.runner.pipeline, runner.app"
+
+# Orchestrators mount the models at /models and run this image offline; prepare mode
+# (PREPARE_MODELS=1) goes online by itself. LIVEDIFF_* settings configure the transform,
+# e.g. LIVEDIFF_MODEL, LIVEDIFF_VAE, LIVEDIFF_COMPILE (see docs/orchestrator.md).
+ENV MODEL_DIR=/models \
+    HUGGINGFACE_HUB_CACHE=/models \
+    HF_HUB_OFFLINE=1 \
+    LIVEDIFF_PIPELINE=diffusion \
+    LIVEDIFF_DEVICE=cuda \
+    LIVEDIFF_HOST=0.0.0.0 \
+    LIVEDIFF_WEB_DIR=/app/web \
+    PIPELINE=live-video-to-video \
+    MODEL_ID=livediff
+
+ARG VERSION=undefined
+ENV VERSION=${VERSION}
+
+EXPOSE 8000
+CMD ["livediff-runner"]
