@@ -34,10 +34,16 @@ class SimilarityFilter:
         self.skipped_in_a_row = 0
         self.skipped = 0
 
-    def skip(self, image: torch.Tensor, threshold: float, max_skip: int) -> bool:
-        """True when ``image`` may be skipped; otherwise it becomes the new reference."""
-        if threshold > 0 and self._previous is not None and self._previous.shape == image.shape:
-            similarity = self.similarity(self._previous, image)
+    def skip(
+        self, image: torch.Tensor, threshold: float, max_skip: int, *, allowed: bool = True
+    ) -> bool:
+        """True when ``image`` may be skipped; otherwise it becomes the new reference.
+
+        ``allowed`` False (nothing to show instead yet) only records the frame.
+        """
+        previous = self._previous
+        if allowed and threshold > 0 and previous is not None and previous.shape == image.shape:
+            similarity = self.similarity(previous, image)
             chance = skip_chance(similarity, threshold)
             if self.skipped_in_a_row < max_skip and self._random.random() < chance:
                 self.skipped_in_a_row += 1

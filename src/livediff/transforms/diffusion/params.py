@@ -129,10 +129,16 @@ class DiffusionParams(TransformParams):
 
     # -- derived values (what the engine computes from) -------------------------------------
     def steps(self) -> tuple[int, ...]:
-        """The grid indices of the denoising steps: ``t_index_list``, else one from strength."""
+        """Grid indices of the denoising steps: ``t_index_list``, else the nearest to strength."""
         if self.t_index_list is not None:
             return tuple(self.t_index_list)
         return (strength_to_index(self.strength),)
+
+    def timesteps(self, train_steps: int = 1000) -> tuple[int, ...]:
+        """The training timesteps the denoising steps run at (what the engine uses)."""
+        if self.t_index_list is not None:
+            return tuple(grid_timestep(index, train_steps) for index in self.t_index_list)
+        return (strength_timestep(self.strength, train_steps),)
 
     def weighted_prompts(self) -> tuple[tuple[str, float], ...]:
         """The prompt as (text, weight) pairs."""
@@ -151,8 +157,20 @@ class DiffusionParams(TransformParams):
         return self.cfg_type != "none" and self.guidance_scale > 1.0
 
 
+def grid_timestep(index: int, train_steps: int = 1000) -> int:
+    """Training timestep of grid ``index`` ('trailing' spacing: index 0 is train_steps - 1)."""
+    if not 0 <= index < TIMESTEP_GRID:
+        raise ValueError(f"timestep index {index} is outside 0..{TIMESTEP_GRID - 1}")
+    return round(train_steps - index * train_steps / TIMESTEP_GRID) - 1
+
+
+def strength_timestep(strength: float, train_steps: int = 1000) -> int:
+    """Timestep of one img2img step at ``strength``: diffusers' img2img starts there whenever
+    ``num_inference_steps * strength`` is whole (trailing spacing), e.g. 0.5 -> t = 499."""
+    return max(round(train_steps * strength) - 1, 0)
+
+
 def strength_to_index(strength: float) -> int:
-    """The grid index one img2img step at ``strength`` starts from (diffusers' convention:
-    strength 0.5 on a trailing grid starts at t = 499 for 1000 train steps)."""
+    """The grid index nearest to ``strength``'s timestep."""
     index = round((1.0 - strength) * TIMESTEP_GRID)
     return min(max(index, 0), TIMESTEP_GRID - 1)

@@ -1,4 +1,4 @@
-"""Scheduler coefficients, computed once per choice of steps and kept on the device.
+"""Scheduler coefficients, computed once per choice of timesteps and kept on the device.
 
 The engine denoises in the variance-preserving form every SD-family scheduler shares:
 ``x_t = alpha_t * x_0 + beta_t * noise`` with ``alpha_t = sqrt(alphas_cumprod[t])`` and
@@ -17,8 +17,6 @@ from typing import Any
 
 import torch
 
-from livediff.transforms.diffusion.params import TIMESTEP_GRID
-
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -26,7 +24,6 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 class StepTable:
     """Per-step coefficients of one ``t_index_list``, each shaped (steps, 1, 1, 1)."""
 
-    indices: tuple[int, ...]
     timesteps: torch.Tensor
     alpha: torch.Tensor
     beta: torch.Tensor
@@ -35,11 +32,11 @@ class StepTable:
 
     @property
     def steps(self) -> int:
-        return len(self.indices)
+        return int(self.timesteps.shape[0])
 
 
 class Schedule:
-    """The model scheduler's noise levels on the engine's trailing timestep grid."""
+    """The model scheduler's noise levels, as per-step coefficient tables."""
 
     def __init__(self, scheduler: Any, device: torch.device, dtype: torch.dtype) -> None:
         config = scheduler.config
@@ -53,22 +50,17 @@ class Schedule:
         self.dtype = dtype
         self._tables: dict[tuple[int, ...], StepTable] = {}
 
-    def timestep(self, index: int) -> int:
-        """The training timestep of grid ``index`` (trailing spacing: index 0 = T - 1)."""
-        if not 0 <= index < TIMESTEP_GRID:
-            raise ValueError(f"timestep index {index} is outside 0..{TIMESTEP_GRID - 1}")
-        return round(self.train_steps - index * self.train_steps / TIMESTEP_GRID) - 1
-
-    def table(self, indices: tuple[int, ...]) -> StepTable:
-        """Coefficients of the steps at grid ``indices`` (cached)."""
-        found = self._tables.get(indices)
+    def table(self, timesteps: tuple[int, ...]) -> StepTable:
+        """Coefficients of steps at these training timesteps (cached)."""
+        found = self._tables.get(timesteps)
         if found is None:
-            found = self._tables[indices] = self._build(indices)
+            found = self._tables[timesteps] = self._build(timesteps)
         return found
 
-    def _build(self, indices: tuple[int, ...]) -> StepTable:
-        timesteps = [self.timestep(index) for index in indices]
-        cumprod = self._alphas_cumprod[timesteps]
+    def _build(self, timesteps: tuple[int, ...]) -> StepTable:
+        if not all(0 <= t < self.train_steps for t in timesteps):
+            raise ValueError(f"timesteps {timesteps} are outside 0..{self.train_steps - 1}")
+        cumprod = self._alphas_cumprod[list(timesteps)]
         scalings = [self._scalings(t) for t in timesteps]
 
         def column(values: torch.Tensor | list[float]) -> torch.Tensor:
@@ -76,7 +68,6 @@ class Schedule:
             return tensor.to(self.device, self.dtype)
 
         return StepTable(
-            indices=indices,
             timesteps=torch.tensor(timesteps, dtype=torch.long, device=self.device),
             alpha=column(cumprod.sqrt()),
             beta=column((1 - cumprod).sqrt()),

@@ -80,7 +80,7 @@ def follow_params(
         state.prompt_key = prompt_key
     if state.uncond is None and params.guided() and params.cfg_type in ("initialize", "full"):
         state.uncond = prompts.encode(params.negative_prompt)
-    steps = params.steps()
+    steps = params.timesteps(schedule.train_steps)
     noise_key = (params.weighted_seeds(), len(steps), shape)
     if noise_key != state.noise_key:
         state.noise = blended_noise(params.weighted_seeds(), len(steps), shape, schedule)

@@ -101,10 +101,12 @@ class StreamEngine:
         groups: dict[tuple[int, int], list[_Entry]] = {}
         for index, job in enumerate(jobs):
             entry = self._admit(index, job)
-            if entry.state.last_output is not None and entry.state.filter.skip(
-                entry.image, entry.params.similarity_threshold, self.max_skip
+            last = entry.state.last_output
+            threshold = entry.params.similarity_threshold
+            if entry.state.filter.skip(
+                entry.image, threshold, self.max_skip, allowed=last is not None
             ):
-                outputs[index] = entry.state.last_output
+                outputs[index] = last
                 continue
             groups.setdefault((entry.params.width, entry.params.height), []).append(entry)
         for group in groups.values():

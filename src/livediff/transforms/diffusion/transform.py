@@ -120,7 +120,7 @@ class DiffusionTransform(Transform):
         params = DiffusionParams.model_validate(self.default_params())
         state = engine.open_session()
         blank = np.full((params.height, params.width, 3), 127, dtype=np.uint8)
-        for number in range(len(params.steps()) + 1):
+        for number in range(len(params.timesteps()) + 1):
             engine.process([Job("warm-up", Frame(blank, pts=number), params, state)])
         if self._device.type == "cuda":
             torch.cuda.current_stream(self._device).synchronize()
