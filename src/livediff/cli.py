@@ -1,4 +1,5 @@
-"""The ``livediff`` command: ``livediff serve`` runs the service.
+"""The ``livediff`` command: ``livediff serve`` runs the service; ``livediff prepare-models``
+downloads the diffusion model that ``serve`` will need.
 
 Every option falls back to its ``LIVEDIFF_<NAME>`` environment variable, then to the default in
 :class:`~livediff.config.Settings`.
@@ -17,8 +18,27 @@ from pydantic import ValidationError
 from livediff import __version__
 from livediff.config import Settings
 
+#: model options of serve and prepare-models: (flag, Settings field, argparse keyword arguments)
+MODEL_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
+    (
+        "--model",
+        "model",
+        {"help": "diffusion model: hub id or local folder (stabilityai/sd-turbo)"},
+    ),
+    ("--vae", "vae", {"help": "Tiny AutoEncoder hub id or folder, or 'full' (madebyollin/taesd)"}),
+    ("--model-dir", "model_dir", {"help": "hub download cache (default: MODEL_DIR or HF cache)"}),
+]
+
 #: serve options: (flag, Settings field, argparse keyword arguments)
 SERVE_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
+    *MODEL_OPTIONS,
+    ("--dtype", "dtype", {"choices": ["auto", "float16", "bfloat16", "float32"]}),
+    ("--compile", "compile", {"action": "store_true", "help": "torch.compile the model at load"}),
+    (
+        "--compile-mode",
+        "compile_mode",
+        {"choices": ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]},
+    ),
     ("--host", "host", {"help": "address to listen on (default 127.0.0.1)"}),
     ("--port", "port", {"type": int, "help": "port to listen on (default 8000)"}),
     ("--pipeline", "pipeline", {"help": "transform: passthrough, diffusion or module:Class"}),
@@ -54,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the service (HTTP API, WebRTC, WHIP, page)")
     for flag, field, kwargs in SERVE_OPTIONS:
         serve.add_argument(flag, dest=field, default=None, **kwargs)
+    prepare = commands.add_parser(
+        "prepare-models", help="download the diffusion model and VAE that serve will load"
+    )
+    for flag, field, kwargs in MODEL_OPTIONS:
+        prepare.add_argument(flag, dest=field, default=None, **kwargs)
     return parser
 
 
@@ -81,7 +106,20 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"serve": serve}
+def prepare_models(args: argparse.Namespace) -> int:
+    from livediff.transforms.diffusion.models import download
+
+    settings = settings_from_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    paths = download(settings.model, settings.vae, settings.model_dir)
+    print(f"model: {paths.model}\nvae:   {paths.vae}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": serve,
+    "prepare-models": prepare_models,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
