@@ -169,3 +169,23 @@ def _check_weights(folder: Path, what: str, role: str) -> None:
         raise ModelUnavailableError(f"{what} has no config.json in {folder}", role)
     if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir() if p.is_file()):
         raise ModelUnavailableError(f"{what} has no weights (*.safetensors) in {folder}", role)
+
+
+def download(model: str, vae: str, model_dir: str | None = None) -> ModelPaths:
+    """Fetch what ``serve`` needs (``livediff prepare-models``), with a progress bar per file.
+
+    Local folders are only checked. Raises ModelUnavailableError when HF_HUB_OFFLINE is set
+    and something is missing, or the hub cannot be reached.
+    """
+    choice = ModelChoice(model, vae, model_dir)
+    if hub_offline():
+        try:
+            return locate(choice)
+        except ModelUnavailableError as exc:
+            name = choice.vae if exc.role == "vae" else choice.model
+            raise ModelUnavailableError(
+                f"{exc.role} {name!r} is missing and HF_HUB_OFFLINE is set, so nothing can be"
+                " downloaded: unset HF_HUB_OFFLINE and run prepare-models again",
+                exc.role,
+            ) from exc
+    return locate(choice, download=True)
