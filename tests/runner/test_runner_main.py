@@ -63,8 +63,10 @@ def test_prepare_mode_prepares_into_model_dir_online_and_exits(tmp_path: Path) -
         LIVEDIFF_PIPELINE="tests.runner.transforms:PreparedTransform",
     )
     assert done.returncode == 0, done.stderr
-    prepared = json.loads((tmp_path / "prepared.json").read_text())
-    assert prepared == {"model": "stabilityai/sd-turbo", "hf_hub_offline": "0"}
+    expected = {"model": "stabilityai/sd-turbo", "hf_hub_offline": "0"}
+    for step in ("prepared", "loaded"):  # the transform's hook, then one load and warm-up
+        assert json.loads((tmp_path / f"{step}.json").read_text()) == expected, step
+    assert "the tests.runner.transforms:PreparedTransform transform is prepared" in done.stderr
 
 
 def test_serve_mode_loads_the_pipeline_and_reports_idle(tmp_path: Path) -> None:

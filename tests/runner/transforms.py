@@ -79,15 +79,23 @@ class BrokenLoadTransform(Transform):
 
 
 class PreparedTransform(Transform):
-    """Passes frames through; ``prepare_models`` records where and how it was asked to fetch."""
+    """Passes frames through. ``prepare_models`` and ``load`` record, in ``MODEL_DIR``, that they
+    ran and whether the hub was reachable for them."""
 
     name = "prepared"
 
     @classmethod
     def prepare_models(cls, settings: Settings) -> None:
+        cls._record(settings, "prepared")
+
+    def load(self) -> None:
+        self._record(self.settings, "loaded")
+
+    @staticmethod
+    def _record(settings: Settings, step: str) -> None:
         if settings.model_dir is None:
             raise ValueError("MODEL_DIR is not set")
-        marker = Path(settings.model_dir) / "prepared.json"
+        marker = Path(settings.model_dir) / f"{step}.json"
         offline = os.environ.get("HF_HUB_OFFLINE")
         marker.write_text(json.dumps({"model": settings.model, "hf_hub_offline": offline}))
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
+from pydantic import ValidationError
 
 from livediff.config import Settings
 from livediff.engine import AsyncSlot, Metrics, Session, SessionStats, SlotClosedError, Worker
@@ -89,19 +90,23 @@ class StreamHost:
             stream.session.set_params(params)
 
     async def _reload(self, new: TransformParams) -> None:
-        old = self.params
-
         def reload_and_warm_up() -> None:
-            try:
-                self.transform.reload(new)
-                self._warm_up(new)
-            except Exception:
-                logger.exception("reloading for %s failed; restoring the previous model", new)
-                self.transform.reload(old)
-                raise
+            self.transform.reload(new)
+            self._warm_up(new)
             self._apply(new)
 
-        await self._on_worker(reload_and_warm_up)
+        try:
+            await self._on_worker(reload_and_warm_up)
+        except ValidationError as exc:
+            # The transform refused the new model (say, not downloaded) and kept the running
+            # one: report it (ai-runner shows records marked report_error) and carry on, rather
+            # than fail the Task, which would make ai-runner restart the whole process.
+            logger.error(
+                "params refused, keeping %s: %s",
+                self.params.model_dump(mode="json"),
+                exc,
+                extra={"report_error": True},
+            )
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self, raw: Mapping[str, Any]) -> None:

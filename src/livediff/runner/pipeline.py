@@ -25,6 +25,7 @@ import torch
 from runner.live.pipelines import Pipeline
 from runner.live.trickle import VideoFrame, VideoOutput
 
+from livediff.config import Settings
 from livediff.frames import Frame
 from livediff.runner.host import PipelineStoppedError, StreamHost
 from livediff.runner.params import runner_settings
@@ -41,8 +42,10 @@ REMEMBERED_INPUTS = 8
 class LivediffPipeline(Pipeline):  # type: ignore[misc]  # ai-runner is untyped
     """livediff's transforms served to a Livepeer orchestrator through ai-runner."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Settings | None = None) -> None:
+        """ai-runner builds it with no arguments: the settings then come from ``LIVEDIFF_*``."""
         super().__init__()
+        self._settings = settings
         self._host: StreamHost | None = None
         self._inputs: OrderedDict[tuple[str, int], VideoFrame] = OrderedDict()
 
@@ -55,7 +58,7 @@ class LivediffPipeline(Pipeline):  # type: ignore[misc]  # ai-runner is untyped
 
     async def initialize(self, **params: Any) -> None:
         """Load the transform for ``params`` and warm it up; returns once a frame went through."""
-        settings = runner_settings()
+        settings = self._settings or runner_settings()
         host = StreamHost(settings)
         await host.start(params)
         self._host = host
@@ -106,11 +109,22 @@ class LivediffPipeline(Pipeline):  # type: ignore[misc]  # ai-runner is untyped
 
     @classmethod
     def prepare_models(cls) -> None:
-        """Download (and build) what the selected transform needs into ``MODEL_DIR``."""
+        """Get the selected transform ready to serve offline (``PREPARE_MODELS=1``).
+
+        A transform's own ``prepare_models(settings)`` classmethod runs first when it has one
+        (e.g. downloads with progress). Then the transform is loaded once and a warm-up frame
+        goes through it, as at serving time: that fetches whatever is still missing into
+        ``MODEL_DIR``, fills the compile caches there, and proves the model runs on this device.
+        """
         settings = runner_settings()
-        transform_class = resolve_transform(settings.pipeline)
-        prepare = getattr(transform_class, "prepare_models", None)
-        if prepare is None:
-            logger.info("the %s transform has no models to prepare", settings.pipeline)
-            return
-        prepare(settings)
+        hook = getattr(resolve_transform(settings.pipeline), "prepare_models", None)
+        if callable(hook):
+            hook(settings)
+        asyncio.run(_load_once(settings))
+
+
+async def _load_once(settings: Settings) -> None:
+    host = StreamHost(settings)
+    await host.start({})
+    await host.stop()
+    logger.info("the %s transform is prepared", settings.pipeline)
