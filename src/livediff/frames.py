@@ -12,6 +12,7 @@ consumer of a session (WebRTC egress, ai-runner adapter) converts once, on the w
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -87,21 +88,54 @@ def to_rgb_array(image: Image) -> RgbArray:
         return cast(RgbArray, image.to_ndarray(format="rgb24"))
     if isinstance(image, np.ndarray):
         return image
-    return _tensor_to_rgb(image)
+    return _tensor_to_rgb(image, borrow=False)
 
 
-def _tensor_to_rgb(tensor: Any) -> RgbArray:
+#: Pinned download buffers a thread keeps (one per output size in use).
+PINNED_BUFFERS_PER_THREAD = 4
+_pinned = threading.local()
+
+
+def _tensor_to_rgb(tensor: Any, *, borrow: bool) -> RgbArray:
+    """uint8 RGB of a float [0, 1] tensor, converted where the tensor is.
+
+    A CUDA tensor comes back in one ``non_blocking`` copy into a pinned buffer (one per thread
+    and shape, reused), then the current stream (the worker's) is synchronised. With ``borrow``
+    the result may be that buffer, valid until the thread's next conversion.
+    """
+    import torch
+
     if tensor.dim() == 4:
         tensor = tensor[0]
-    scaled = (tensor.clamp(0, 1) * 255).round().to("cpu")
-    return np.ascontiguousarray(scaled.numpy().astype(np.uint8))
+    pixels = (tensor.clamp(0, 1) * 255).round_().to(torch.uint8)
+    if pixels.device.type != "cuda":
+        return np.ascontiguousarray(pixels.numpy())
+    host = _pinned_buffer(tuple(pixels.shape))
+    host.copy_(pixels, non_blocking=True)
+    torch.cuda.current_stream(pixels.device).synchronize()
+    array = cast(RgbArray, host.numpy())
+    return array if borrow else array.copy()
+
+
+def _pinned_buffer(shape: tuple[int, ...]) -> Any:
+    import torch
+
+    buffers: dict[tuple[int, ...], Any] = _pinned.__dict__.setdefault("buffers", {})
+    if shape not in buffers:
+        if len(buffers) >= PINNED_BUFFERS_PER_THREAD:
+            buffers.pop(next(iter(buffers)))
+        buffers[shape] = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+    return buffers[shape]
 
 
 def to_video_frame(image: Image) -> av.VideoFrame:
     """An ``av.VideoFrame`` of the image; an existing one is returned as it is."""
     if isinstance(image, av.VideoFrame):
         return image
-    return av.VideoFrame.from_ndarray(to_rgb_array(image), format="rgb24")
+    if isinstance(image, np.ndarray):
+        return av.VideoFrame.from_ndarray(image, format="rgb24")
+    # from_ndarray copies the pixels, so the thread's pinned buffer can be lent
+    return av.VideoFrame.from_ndarray(_tensor_to_rgb(image, borrow=True), format="rgb24")
 
 
 def resize(image: Image, width: int, height: int) -> Image:
