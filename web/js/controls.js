@@ -1,0 +1,138 @@
+// The params panel: only the controls the running pipeline takes (read from its JSON schema),
+// edits coalesced and debounced into one patch, the server's answer shown next to each control.
+
+import { buildField, element } from "./fields.js";
+import { GROUP_ORDER, fieldSpecs } from "./schema.js";
+
+const STORAGE_PREFIX = "livediff.params.";
+
+function same(a, b) {
+  return JSON.stringify(a) === JSON.stringify(b);
+}
+
+/** Event "change" (detail: a patch object) after edits settle; ``values`` holds the current set. */
+export class ParamsForm extends EventTarget {
+  constructor(root, pipeline) {
+    super();
+    this.root = root;
+    this.pipelineName = pipeline.name;
+    this.defaults = pipeline.defaults ?? {};
+    this.fields = new Map();
+    this.pending = new Map();
+    this.timer = null;
+    this.values = { ...this.defaults, ...this._restore() };
+    for (const spec of fieldSpecs(pipeline.params_schema)) {
+      this.fields.set(spec.name, buildField(spec, (name, commit) => this._edited(name, commit)));
+    }
+    this._render();
+  }
+
+  _render() {
+    const groups = new Map(GROUP_ORDER.map((name) => [name, []]));
+    for (const field of this.fields.values()) groups.get(field.spec.group).push(field.root);
+    const sections = [...groups]
+      .filter(([, roots]) => roots.length)
+      .map(([name, roots]) =>
+        element("fieldset", { class: "group", dataset: { group: name } }, [
+          element("legend", { text: name }),
+          ...roots,
+        ]),
+      );
+    this.root.replaceChildren(...sections);
+    for (const [name, field] of this.fields) field.write(this.values[name]);
+  }
+
+  /** True when the pipeline takes this param (a control is shown for it). */
+  has(name) {
+    return this.fields.has(name);
+  }
+
+  /** Values the user changed from the pipeline's defaults: a new session starts with them. */
+  changedFromDefaults() {
+    return Object.fromEntries(
+      Object.entries(this.values).filter(
+        ([name, value]) => this.fields.has(name) && !same(value, this.defaults[name]),
+      ),
+    );
+  }
+
+  _edited(name, commit) {
+    const field = this.fields.get(name);
+    const read = field.read();
+    if ("error" in read) {
+      field.setError(read.error);
+      this.pending.delete(name);
+      return;
+    }
+    field.setError("");
+    this.pending.set(name, read.value);
+    clearTimeout(this.timer);
+    if (commit) this.flush();
+    else this.timer = setTimeout(() => this.flush(), field.spec.debounceMs);
+  }
+
+  /** Sends the edits waiting for their debounce now. */
+  flush() {
+    clearTimeout(this.timer);
+    const patch = {};
+    for (const [name, value] of this.pending) {
+      if (!same(value, this.values[name])) patch[name] = value;
+      this.values[name] = value;
+    }
+    this.pending.clear();
+    if (Object.keys(patch).length === 0) return;
+    this._save();
+    this.dispatchEvent(new CustomEvent("change", { detail: patch }));
+  }
+
+  /** The params the server now applies: shown everywhere except in a control being edited. */
+  applyServerParams(params) {
+    for (const [name, value] of Object.entries(params)) {
+      const field = this.fields.get(name);
+      if (!field) continue;
+      field.setError("");
+      this.values[name] = value;
+      if (!this.pending.has(name) && document.activeElement !== field.control) field.write(value);
+    }
+    this._save();
+  }
+
+  /** Field errors [{field, message}] shown next to their controls; the rest are returned. */
+  showErrors(errors) {
+    const unplaced = [];
+    for (const { field: name, message } of errors) {
+      const field = this.fields.get(name);
+      if (field) field.setError(message);
+      else unplaced.push(name ? `${name}: ${message}` : message);
+    }
+    return unplaced;
+  }
+
+  /** Back to the pipeline's defaults (sent as one patch). */
+  reset() {
+    for (const [name, field] of this.fields) {
+      field.setError("");
+      const value = this.defaults[name];
+      field.write(value);
+      if (!same(value, this.values[name])) this.pending.set(name, value);
+    }
+    this.flush();
+  }
+
+  _restore() {
+    try {
+      const saved = JSON.parse(localStorage.getItem(STORAGE_PREFIX + this.pipelineName) || "{}");
+      return saved && typeof saved === "object" ? saved : {};
+    } catch {
+      return {};
+    }
+  }
+
+  _save() {
+    try {
+      localStorage.setItem(STORAGE_PREFIX + this.pipelineName, JSON.stringify(this.changedFromDefaults()));
+    } catch {
+      // Storage can be full or disabled; remembering the prompt is a convenience only.
+    }
+  }
+}
