@@ -12,6 +12,7 @@ import gc
 import logging
 import weakref
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from runner.live.pipelines.loader import parse_pipeline_params
 from runner.live.trickle import VideoOutput
 
 from livediff.config import Settings
-from livediff.runner.main import build_spec
+from livediff.runner.main import build_spec, spec_or_exit
 from livediff.runner.params import LivediffParams
 from livediff.runner.pipeline import LivediffPipeline
 from livediff.transforms.diffusion.configs import ModelFolders, write_model_folder
@@ -153,3 +154,18 @@ def test_the_runner_spec_for_diffusion_starts_from_serves_defaults(
     parsed = parse_pipeline_params(spec, initial)
     assert isinstance(parsed, LivediffParams)
     assert parsed.prompt == DiffusionParams().prompt
+
+
+def test_a_missing_model_stops_the_runner_saying_how_to_prepare(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LIVEDIFF_PIPELINE", "diffusion")
+    monkeypatch.setenv("LIVEDIFF_DEVICE", "cpu")
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))  # empty, and serving is offline
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as exited:
+        spec_or_exit()
+    assert exited.value.code == 2
+    message = capsys.readouterr().err
+    assert "'stabilityai/sd-turbo' is not downloaded" in message
+    assert "PREPARE_MODELS=1" in message

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from livediff.config import Settings
 from livediff.runner.params import params_class_path, runner_settings
 from livediff.transforms import resolve_transform
+from livediff.transforms.diffusion.models import ModelUnavailableError
 
 if TYPE_CHECKING:
     from runner.live.pipelines import PipelineSpec
@@ -64,13 +65,21 @@ def build_spec(settings: Settings | None = None) -> PipelineSpec:
     )
 
 
-def _spec_or_exit() -> PipelineSpec:
+def spec_or_exit() -> PipelineSpec:
+    """The spec, or exit 2 with a message that says what to fix."""
     try:
         return build_spec()
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
             field = ".".join(str(part) for part in error["loc"]) or "settings"
             print(f"livediff-runner: invalid {field}: {error['msg']}", file=sys.stderr)
+    except ModelUnavailableError as exc:
+        print(f"livediff-runner: {exc}", file=sys.stderr)
+        print(
+            "livediff-runner: in the orchestrator image, prepare models by running the image once"
+            " with PREPARE_MODELS=1 and the models folder mounted at /models",
+            file=sys.stderr,
+        )
     except LookupError as exc:
         print(f"livediff-runner: {exc}", file=sys.stderr)
     raise SystemExit(2)
@@ -84,4 +93,4 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.environ["HF_HUB_OFFLINE"] = "0"
     from runner.app import start_app
 
-    start_app(pipeline=_spec_or_exit())
+    start_app(pipeline=spec_or_exit())
