@@ -53,10 +53,13 @@ RUN uv pip install --no-cache --no-deps . \
 
 # Orchestrators mount the models at /models and run this image offline; prepare mode
 # (PREPARE_MODELS=1) goes online by itself. LIVEDIFF_* settings configure the transform,
-# e.g. LIVEDIFF_MODEL, LIVEDIFF_VAE, LIVEDIFF_COMPILE (see docs/orchestrator.md).
+# e.g. LIVEDIFF_MODEL, LIVEDIFF_VAE, LIVEDIFF_COMPILE (see docs/orchestrator.md). torch.compile's
+# caches live in /models too, so what prepare mode compiled is reused when serving.
 ENV MODEL_DIR=/models \
     HUGGINGFACE_HUB_CACHE=/models \
     HF_HUB_OFFLINE=1 \
+    TORCHINDUCTOR_CACHE_DIR=/models/livediff--torch-compile \
+    TRITON_CACHE_DIR=/models/livediff--torch-compile/triton \
     LIVEDIFF_PIPELINE=diffusion \
     LIVEDIFF_DEVICE=cuda \
     LIVEDIFF_HOST=0.0.0.0 \
