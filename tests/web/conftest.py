@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.web.prompt_tint import PromptTint
+from tests.web.prompt_tint import DiffusionParamsTint, PromptTint
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "web"
-PROMPT_TINT = f"{PromptTint.__module__}:PromptTint"
+PROMPT_TINT = f"{PromptTint.__module__}:{PromptTint.__name__}"
+DIFFUSION_PARAMS_TINT = f"{DiffusionParamsTint.__module__}:{DiffusionParamsTint.__name__}"
 CAMERA_SIZE = (320, 240)
 CAMERA_FPS = 30
 
@@ -95,6 +96,7 @@ def open_page(browser: Any) -> Iterator[Callable[..., Any]]:
             viewport={"width": viewport[0], "height": viewport[1]},
             accept_downloads=True,
         )
+        context.set_default_timeout(15_000)
         contexts.append(context)
         page = context.new_page()
         page.on("pageerror", lambda error: errors.append(f"{url}: {error}"))

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import Field
 
-from livediff.frames import Image, resize, to_rgb_array
+from livediff.frames import Image, RgbArray, resize, to_rgb_array
 from livediff.transforms.base import Job, Transform, TransformParams
+from livediff.transforms.diffusion.params import DiffusionParams
 
 PROMPT_MAX_LENGTH = 120
 
@@ -23,6 +24,14 @@ def tint_colour(prompt: str) -> tuple[int, int, int]:
     """The RGB colour a prompt tints frames with (the first bytes of its SHA-256)."""
     digest = hashlib.sha256(prompt.encode("utf-8")).digest()
     return digest[0], digest[1], digest[2]
+
+
+def tint(image: Image, width: int, height: int, prompt: str, strength: float) -> RgbArray:
+    """The image at width x height, blended with the prompt's colour by ``strength``."""
+    pixels = to_rgb_array(resize(image, width, height))
+    colour = np.asarray(tint_colour(prompt), dtype=np.float32)
+    mixed = pixels.astype(np.float32) * (1.0 - strength) + colour * strength
+    return np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
 
 
 class PromptTintParams(TransformParams):
@@ -44,7 +53,18 @@ class PromptTint(Transform):
     def _tint(self, job: Job) -> Image:
         params = job.params
         assert isinstance(params, PromptTintParams)
-        pixels = to_rgb_array(resize(job.frame.image, params.width, params.height))
-        colour = np.asarray(tint_colour(params.prompt), dtype=np.float32)
-        mixed = pixels.astype(np.float32) * (1.0 - params.strength) + colour * params.strength
-        return np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+        return tint(job.frame.image, params.width, params.height, params.prompt, params.strength)
+
+
+class DiffusionParamsTint(PromptTint):
+    """PromptTint taking the diffusion pipeline's own params (DiffusionParams, torch-free), so
+    the page shows and sends exactly the controls of ``--pipeline diffusion``."""
+
+    name = "diffusion-params-tint"
+    params_model = DiffusionParams
+
+    def _tint(self, job: Job) -> Image:
+        params = job.params
+        assert isinstance(params, DiffusionParams)
+        prompt = params.prompt if isinstance(params.prompt, str) else params.prompt[0][0]
+        return tint(job.frame.image, params.width, params.height, prompt, params.strength)

@@ -42,6 +42,29 @@ def test_token_is_asked_for_and_then_used(
     only_session(server.service)
     assert page.evaluate("localStorage.getItem('livediff.token')") == "open-sesame"
 
+    # ?token= works too, and leaves the address bar (so it is not shared by accident).
+    linked = open_page(f"{server.url}/?token=from-link")
+    linked.get_by_test_id("prompt").wait_for()
+    assert linked.evaluate("location.search") == ""
+    assert linked.evaluate("localStorage.getItem('livediff.token')") == "from-link"
+
+
+def test_missing_camera_says_so(server: LiveServer, open_page: Callable[..., Any]) -> None:
+    page = open_page(server.url)
+    page.get_by_test_id("prompt").or_(page.get_by_test_id("param-delay_ms")).wait_for()
+    # A camera that was listed and has gone since (its id no longer opens anything).
+    page.evaluate(
+        """() => {
+          const select = document.querySelector('[data-testid="camera"]');
+          select.add(new Option("Unplugged camera", "no-such-camera"));
+          select.value = "no-such-camera";
+        }"""
+    )
+    page.get_by_test_id("start").click()
+    assert "camera is not available any more" in message_text(page)
+    wait_state(page, "idle")
+    assert not server.service.sessions
+
 
 def test_full_server_says_busy(
     serve: Callable[..., LiveServer], open_page: Callable[..., Any]

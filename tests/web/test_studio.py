@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import LiveServer
-from tests.web.conftest import PROMPT_TINT
+from tests.web.conftest import DIFFUSION_PARAMS_TINT, PROMPT_TINT
 from tests.web.pagekit import (
     eventually,
     mean_colour,
@@ -60,9 +60,11 @@ def distance(a: tuple[float, ...], b: tuple[float, ...]) -> float:
 
 
 def test_live_session_plays_with_stats(
-    tint_server: LiveServer, open_page: Callable[..., Any], artifacts: Path
+    serve: Callable[..., LiveServer], open_page: Callable[..., Any], artifacts: Path
 ) -> None:
-    page = open_page(tint_server.url)
+    # The diffusion pipeline's own params (and so its full panel), on a tinting transform.
+    server = serve(pipeline=DIFFUSION_PARAMS_TINT, width=OUTPUT_SIZE, height=OUTPUT_SIZE)
+    page = open_page(server.url, viewport=(1440, 900))
     page.get_by_test_id("prompt").fill("ink wash mountains")
     start_live(page)
 
@@ -71,7 +73,7 @@ def test_live_session_plays_with_stats(
     assert (output.width, output.height) == (OUTPUT_SIZE, OUTPUT_SIZE)
     assert (camera.width, camera.height) == (320, 240)
     # The prompt typed before Start is the session's initial params.
-    assert only_session(tint_server.service).session.params.prompt == "ink wash mountains"
+    assert only_session(server.service).session.params.prompt == "ink wash mountains"
 
     stats = page.get_by_test_id("stats")
     stats.wait_for(state="visible")
@@ -106,6 +108,7 @@ def test_prompt_change_reaches_server_and_pixels(
     )
 
     # A value the server refuses: its message appears next to the control, nothing changes.
+    page.locator('details[data-group="Output"] > summary').click()  # folded by default
     page.get_by_test_id("param-width").fill("300")
     page.get_by_test_id("param-width").press("Enter")
     error = page.get_by_test_id("error-width")
@@ -176,7 +179,7 @@ def test_record_downloads_a_playable_webm(
 
 
 def test_share_link_opens_a_whep_viewer(
-    serve: Callable[..., LiveServer], open_page: Callable[..., Any]
+    serve: Callable[..., LiveServer], open_page: Callable[..., Any], artifacts: Path
 ) -> None:
     # Passthrough, whose frames stay yuv420p: with a transform that returns RGB (PromptTint, the
     # diffusion pipeline) two encoders convert one shared frame at once through its single
@@ -196,3 +199,4 @@ def test_share_link_opens_a_whep_viewer(
     assert (played.width, played.height) == (OUTPUT_SIZE, OUTPUT_SIZE)
     assert len(record.viewers) == 1
     viewer.get_by_test_id("viewer-stats").filter(has_text="fps").wait_for(timeout=5_000)
+    viewer.screenshot(path=artifacts / "viewer.png")

@@ -78,6 +78,12 @@ export function cameraErrorMessage(error, resolution) {
         "then press Start again."
       );
     case "OverconstrainedError":
+      if (error.constraint === "deviceId") {
+        return (
+          "The chosen camera is not available any more (unplugged?). " +
+          "Pick another camera, then press Start again."
+        );
+      }
       return (
         `This camera cannot deliver ${resolution?.label ?? "that resolution"}. ` +
         "Choose another camera or resolution."

@@ -5,6 +5,7 @@ import { buildField, element } from "./fields.js";
 import { GROUP_ORDER, fieldSpecs } from "./schema.js";
 
 const STORAGE_PREFIX = "livediff.params.";
+const OPEN_GROUPS = ["Style", "Generation"];
 
 function same(a, b) {
   return JSON.stringify(a) === JSON.stringify(b);
@@ -30,14 +31,15 @@ export class ParamsForm extends EventTarget {
   _render() {
     const groups = new Map(GROUP_ORDER.map((name) => [name, []]));
     for (const field of this.fields.values()) groups.get(field.spec.group).push(field.root);
-    const sections = [...groups]
-      .filter(([, roots]) => roots.length)
-      .map(([name, roots]) =>
-        element("fieldset", { class: "group", dataset: { group: name } }, [
-          element("legend", { text: name }),
-          ...roots,
-        ]),
-      );
+    const used = [...groups].filter(([, roots]) => roots.length);
+    // The creative controls stay open; output size, model and the rest fold away beneath them.
+    const creative = used.some(([name]) => OPEN_GROUPS.includes(name));
+    const sections = used.map(([name, roots]) =>
+      element("details", { class: "group", open: !creative || OPEN_GROUPS.includes(name), dataset: { group: name } }, [
+        element("summary", { text: name }),
+        ...roots,
+      ]),
+    );
     this.root.replaceChildren(...sections);
     for (const [name, field] of this.fields) field.write(this.values[name]);
   }
