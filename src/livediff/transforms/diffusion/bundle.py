@@ -132,7 +132,7 @@ def prepare(
         bundle.unet.to(memory_format=torch.channels_last)
         bundle.vae.to(memory_format=torch.channels_last)
     if compile_mode is not None:
-        _compile(bundle, compile_mode)
+        compile_modules(bundle, compile_mode)
     return bundle
 
 
@@ -141,7 +141,8 @@ def _use_sdpa(unet: Any) -> None:
     unet.set_attn_processor(processors.AttnProcessor2_0())
 
 
-def _compile(bundle: ModelBundle, mode: str) -> None:
+def compile_modules(bundle: ModelBundle, mode: str) -> None:
+    """``torch.compile`` the UNet and both VAE halves in place (first calls compile)."""
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(

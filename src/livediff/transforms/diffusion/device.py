@@ -133,6 +133,7 @@ def yuv420_to_rgb(
 
 
 def to_output_images(decoded: torch.Tensor) -> list[torch.Tensor]:
-    """VAE output (B, 3, H, W) in [-1, 1] -> B images (1, H, W, 3) in [0, 1] (frame contract)."""
-    images = (decoded / 2 + 0.5).clamp_(0, 1).permute(0, 2, 3, 1)
+    """VAE output (B, 3, H, W) in [-1, 1] -> B float32 images (1, H, W, 3) in [0, 1], the
+    frame contract (and ai-runner's: the same dtype as its input tensors)."""
+    images = (decoded.to(torch.float32) / 2 + 0.5).clamp_(0, 1).permute(0, 2, 3, 1)
     return list(images.tensor_split(images.shape[0]))

@@ -1,0 +1,373 @@
+"""Diffusion worker throughput: livediff's stream engine against diffusers' img2img pipeline.
+
+Both run in this process, on the same components (UNet, Tiny AutoEncoder, CLIP text encoder,
+scheduler), at the same resolution, number of denoising steps and batch (sessions), fed the
+same yuv420p frames a WebRTC decoder hands over, with the result brought back to the host as
+a video frame. The headline is the ratio of frames per second.
+
+- livediff: one ``StreamEngine.process`` call per batch, B sessions with their own prompt and
+  noise; N steps run as a stream batch (N UNet rows per session, one UNet call); per-stage
+  times (upload + colour conversion, VAE encode, UNet, VAE decode, download) from CUDA events
+  on the GPU, the clock on the CPU.
+- diffusers: ``AutoPipelineForImage2Image`` with ``num_inference_steps = 2 N, strength = 0.5``
+  (N UNet calls of batch B), no CFG (sd-turbo), output as a tensor brought to the host.
+
+Models are random-weight builds of the published configs (``--preset sd-turbo``: the real
+sd-turbo UNet + TAESD + CLIP architecture, so the speed is the real one) or the tiny test
+preset; ``--model``/``--vae`` take real weights instead where they are on disk.
+
+    python benchmarks/diffusion_worker.py                        # CPU, tiny, ~1 minute
+    python benchmarks/diffusion_worker.py --preset sd-turbo --size 512 --steps 1 2 4 \
+        --batch 1 4 --compile off on --frames 100                # the GPU run (docs/diffusion.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import av
+import diffusers
+import numpy as np
+import torch
+from diffusers import AutoPipelineForImage2Image, StableDiffusionPipeline
+
+from livediff.frames import Frame, to_video_frame
+from livediff.transforms.base import Job
+from livediff.transforms.diffusion.bundle import (
+    ModelBundle,
+    compile_modules,
+    load_bundle,
+    prepare,
+    uses_cuda_graphs,
+)
+from livediff.transforms.diffusion.configs import build_components, parameter_count
+from livediff.transforms.diffusion.models import ModelChoice, locate
+from livediff.transforms.diffusion.params import DiffusionParams
+from livediff.transforms.diffusion.stream import StreamEngine
+from livediff.transforms.diffusion.transform import resolve_device, resolve_dtype
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STAGES = ("upload", "encode", "unet", "decode", "download")
+
+
+class StageClock:
+    """Times named stages: CUDA events on the GPU (read after the run), the clock on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, list[float]] = defaultdict(list)
+        self._events: list[tuple[str, Any, Any]] = []
+
+    def wrap(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self.cuda:
+                started = time.perf_counter()
+                result = function(*args, **kwargs)
+                self.seconds[name].append(time.perf_counter() - started)
+                return result
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = function(*args, **kwargs)
+            end.record()
+            self._events.append((name, start, end))
+            return result
+
+        return timed
+
+    def per_iteration_ms(self, iterations: int) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            for name, start, end in self._events:
+                self.seconds[name].append(start.elapsed_time(end) / 1000)
+            self._events.clear()
+        return {name: round(sum(self.seconds[name]) * 1000 / iterations, 3) for name in STAGES}
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self._events.clear()
+
+
+def camera_frames(size: tuple[int, int], count: int = 4) -> list[av.VideoFrame]:
+    """Distinct yuv420p frames, as a WebRTC decoder delivers them."""
+    width, height = size
+    rng = np.random.default_rng(0)
+    rows, cols = np.mgrid[0:height, 0:width]
+    frames = []
+    for _ in range(count):
+        tint = rng.uniform(0.3, 1.0, 3)
+        base = np.stack([cols / width, rows / height, (cols + rows) / (width + height)], -1)
+        rgb = np.clip(base * tint * 255 + rng.normal(0, 12, (height, width, 3)), 0, 255)
+        frame = av.VideoFrame.from_ndarray(rgb.astype(np.uint8), format="rgb24")
+        frames.append(frame.reformat(format="yuv420p"))
+    return frames
+
+
+def t_index_list(steps: int) -> list[int]:
+    if steps == 1:
+        return [25]
+    return [round(15 + i * 30 / (steps - 1)) for i in range(steps)]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- livediff ---------------------------------------------------------------------------------
+def run_livediff(
+    engine: StreamEngine, args: argparse.Namespace, steps: int, batch: int
+) -> dict[str, Any]:
+    size = (args.width, args.height)
+    frames = camera_frames(size)
+    sessions = []
+    for number in range(batch):
+        params = DiffusionParams(
+            width=size[0],
+            height=size[1],
+            prompt=f"a watercolour painting, variation {number}",
+            seed=number,
+            t_index_list=t_index_list(steps),
+            cfg_type="none",
+            guidance_scale=1.0,
+        )
+        sessions.append((params, engine.open_session()))
+    clock = StageClock(engine.device)
+    original = (engine.upload, engine.encode, engine.unet, engine.decode)
+    engine.upload = clock.wrap("upload", engine.upload)  # type: ignore[method-assign]
+    engine.encode = clock.wrap("encode", engine.encode)  # type: ignore[method-assign]
+    engine.unet = clock.wrap("unet", engine.unet)  # type: ignore[method-assign]
+    engine.decode = clock.wrap("decode", engine.decode)  # type: ignore[method-assign]
+    download = clock.wrap("download", to_video_frame)
+
+    def one_batch(iteration: int) -> None:
+        jobs = [
+            Job(str(k), Frame(frames[(iteration + k) % len(frames)], pts=iteration), p, s)
+            for k, (p, s) in enumerate(sessions)
+        ]
+        for image in engine.process(jobs):
+            if image is not None:
+                download(image)
+
+    try:
+        started = time.perf_counter()
+        for iteration in range(args.warmup + steps):  # compile/autotune + fill the stream batch
+            one_batch(iteration)
+        synchronize(engine.device)
+        warmup_s = time.perf_counter() - started
+        clock.reset()
+        if engine.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(engine.device)
+        started = time.perf_counter()
+        for iteration in range(args.frames):
+            one_batch(iteration)
+        synchronize(engine.device)
+        elapsed = time.perf_counter() - started
+    finally:
+        engine.upload, engine.encode, engine.unet, engine.decode = original  # type: ignore[method-assign]
+        for _, state in sessions:
+            state.release()
+    return {
+        "fps": round(args.frames * batch / elapsed, 2),
+        "ms_per_batch": round(elapsed * 1000 / args.frames, 3),
+        "stages_ms_per_batch": clock.per_iteration_ms(args.frames),
+        "warmup_s": round(warmup_s, 2),
+        **peak_memory(engine.device),
+    }
+
+
+# -- diffusers ----------------------------------------------------------------------------------
+def diffusers_pipeline(bundle: ModelBundle) -> Any:
+    text2img = StableDiffusionPipeline(
+        vae=bundle.vae,
+        text_encoder=bundle.text_encoder,
+        tokenizer=bundle.tokenizer,
+        unet=bundle.unet,
+        scheduler=bundle.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe = AutoPipelineForImage2Image.from_pipe(text2img)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_diffusers(
+    pipe: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    args: argparse.Namespace,
+    *,
+    steps: int,
+    batch: int,
+) -> dict[str, Any]:
+    frames = camera_frames((args.width, args.height))
+    prompts = [f"a watercolour painting, variation {number}" for number in range(batch)]
+    generator = torch.Generator(device).manual_seed(0)
+
+    def one_batch(iteration: int) -> None:
+        chosen = [frames[(iteration + k) % len(frames)] for k in range(batch)]
+        rgb = [frame.to_ndarray(format="rgb24") for frame in chosen]
+        image = torch.from_numpy(np.stack(rgb)).to(device).permute(0, 3, 1, 2).to(dtype) / 255
+        out = pipe(
+            prompt=prompts,
+            image=image,
+            num_inference_steps=2 * steps,
+            strength=0.5,
+            guidance_scale=0.0,
+            generator=generator,
+            output_type="pt",
+        ).images
+        (out.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+    iterations = max(3, args.frames // args.baseline_divisor)
+    for iteration in range(args.warmup):
+        one_batch(iteration)
+    synchronize(device)
+    started = time.perf_counter()
+    for iteration in range(iterations):
+        one_batch(iteration)
+    synchronize(device)
+    elapsed = time.perf_counter() - started
+    return {
+        "fps": round(iterations * batch / elapsed, 2),
+        "ms_per_batch": round(elapsed * 1000 / iterations, 3),
+        "iterations": iterations,
+    }
+
+
+# -- setup and report ---------------------------------------------------------------------------
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
+
+
+def build_bundle(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> ModelBundle:
+    if args.model:
+        choice = ModelChoice(args.model, args.vae or "madebyollin/taesd")
+        return prepare(load_bundle(locate(choice), choice, dtype), device, dtype)
+    parts = build_components(args.preset, device=str(device))
+    vae = parts["vae"] if args.vae == "full" else parts["taesd"]
+    bundle = ModelBundle(
+        parts["unet"], vae, parts["text_encoder"], parts["tokenizer"], parts["scheduler"]
+    )
+    return prepare(bundle, device, dtype)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return str(torch.cuda.get_device_name(device))
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    bundle = build_bundle(args, device, dtype)
+    pipe = diffusers_pipeline(bundle) if args.baseline else None
+    runs: list[dict[str, Any]] = []
+    for compiled in args.compile:
+        if compiled == "on":
+            compile_modules(bundle, args.compile_mode)
+        engine = StreamEngine(
+            bundle,
+            device,
+            dtype,
+            cuda_graphs=compiled == "on" and uses_cuda_graphs(device, args.compile_mode),
+        )
+        for steps in args.steps:
+            for batch in args.batch:
+                run: dict[str, Any] = {"steps": steps, "batch": batch, "compile": compiled}
+                run["livediff"] = run_livediff(engine, args, steps, batch)
+                if pipe is not None and compiled == "off":
+                    run["diffusers"] = run_diffusers(
+                        pipe, device, dtype, args, steps=steps, batch=batch
+                    )
+                    run["speedup"] = round(run["livediff"]["fps"] / run["diffusers"]["fps"], 2)
+                print_run(run)
+                runs.append(run)
+    return {
+        "benchmark": "diffusion_worker",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "model": args.model or f"random-weight {args.preset} (published config)",
+        "vae": args.vae or ("TAESD" if not args.model else "madebyollin/taesd"),
+        "unet_parameters_m": round(parameter_count(bundle.unet) / 1e6, 1),
+        "width": args.width,
+        "height": args.height,
+        "dtype": str(dtype).removeprefix("torch."),
+        "compile_mode": args.compile_mode if "on" in args.compile else None,
+        "frames": args.frames,
+        "runs": runs,
+    }
+
+
+def print_run(run: dict[str, Any]) -> None:
+    ours = run["livediff"]
+    stages = " ".join(f"{k} {v:.2f}" for k, v in ours["stages_ms_per_batch"].items())
+    line = (
+        f"steps {run['steps']} batch {run['batch']} compile {run['compile']:>3}:"
+        f" livediff {ours['fps']:8.2f} fps ({ours['ms_per_batch']:.2f} ms/batch; {stages})"
+    )
+    if "diffusers" in run:
+        line += f" | diffusers {run['diffusers']['fps']:.2f} fps | x{run['speedup']}"
+    print(line, flush=True)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "sd-turbo"])
+    parser.add_argument("--model", help="real weights: hub id or folder (instead of --preset)")
+    parser.add_argument("--vae", help="'full' for the model's VAE; default TAESD")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"]
+    )
+    parser.add_argument("--size", type=int, help="width = height (default 512 GPU, 128 CPU)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"])
+    parser.add_argument("--compile-mode", default="max-autotune")
+    parser.add_argument("--frames", type=int, default=30, help="timed batches per run")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--baseline-divisor", type=int, default=3, help="baseline runs frames/N")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/...)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = args.size or (512 if resolve_device(args.device).type == "cuda" else 128)
+    args.width = args.height = size
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    result = run_all(args)
+    slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
+    name = f"diffusion_worker-{args.preset if not args.model else 'model'}-{args.width}-{slug}.json"
+    out = args.out or RESULTS / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    best = max(result["runs"], key=lambda run: run["livediff"]["fps"])
+    print(
+        f"best: {best['livediff']['fps']} fps ({best['steps']} steps, batch {best['batch']},"
+        f" compile {best['compile']}); wrote {out}"
+    )
+
+
+if __name__ == "__main__":
+    main()
