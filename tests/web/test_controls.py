@@ -133,3 +133,25 @@ def test_passthrough_shows_only_its_controls(
     assert fields == ["width", "height", "delay_ms"]
     delay = page.get_by_test_id("param-delay_ms")
     assert (delay.get_attribute("type"), delay.get_attribute("max")) == ("range", "2000")
+
+
+def test_ice_servers_come_from_the_whip_link_headers(
+    serve: Callable[..., LiveServer], open_page: Callable[..., Any]
+) -> None:
+    server = serve(
+        ice_servers=["stun:stun.example.org:3478", "turn:turn.example.org:3478"],
+        ice_username="studio",
+        ice_credential="s3cret",
+    )
+    page = open_page(server.url)
+    page.get_by_test_id("start").wait_for()
+    servers = page.evaluate(
+        """async () => {
+          const { Api } = await import("/js/api.js");
+          return new Api().iceServers();
+        }"""
+    )
+    assert servers == [
+        {"urls": "stun:stun.example.org:3478"},
+        {"urls": "turn:turn.example.org:3478", "username": "studio", "credential": "s3cret"},
+    ]

@@ -36,7 +36,6 @@ class StudioPage {
     this.bind();
     this.setMirror(stored(MIRROR_KEY, "true") !== "false");
     this.onState("idle");
-    this.studio.iceServers = await this.api.iceServers();
     await Promise.all([this.loadPipeline(), this.refreshCameras()]);
     this.pollHealth();
   }
@@ -71,6 +70,7 @@ class StudioPage {
     $("#apply-hint").textContent =
       state === "live" ? "Changes apply live, no restart." : "Changes apply when you press Start.";
     if (state !== "live") this.hideShare();
+    if (state === "live" || state === "idle") this.checkHealth();
   }
 
   onCameraOpened() {
@@ -112,19 +112,19 @@ class StudioPage {
 
   async loadPipeline() {
     let pipeline;
-    for (;;) {
+    let complained = false;
+    while (!pipeline) {
       try {
         pipeline = await this.api.pipeline();
-        break;
       } catch (error) {
+        // The server is down or starting: say so, and keep asking until it answers.
         showServerStatus($("#server-status"), "unreachable");
         this.messages.show(error.message, { kind: error.status === 0 ? "error" : "warning" });
+        complained = true;
         await new Promise((resolve) => setTimeout(resolve, PIPELINE_RETRY_MS));
       }
     }
-    if ($("#message").dataset.kind === "error" || $("#message").dataset.kind === "warning") {
-      this.messages.hide();
-    }
+    if (complained) this.messages.show("Connected to the server.", { kind: "success", autoHideMs: 2500 });
     $("#pipeline-name").textContent = pipeline.name;
     document.title = `livediff · ${pipeline.name}`;
     const { width, height } = pipeline.defaults ?? {};
@@ -135,15 +135,16 @@ class StudioPage {
   }
 
   pollHealth() {
-    const check = async () => {
-      try {
-        showServerStatus($("#server-status"), await this.api.health());
-      } catch (error) {
-        showServerStatus($("#server-status"), error instanceof ApiError ? "unreachable" : "unknown");
-      }
-    };
-    check();
-    setInterval(check, HEALTH_INTERVAL_MS);
+    this.checkHealth();
+    setInterval(() => this.checkHealth(), HEALTH_INTERVAL_MS);
+  }
+
+  async checkHealth() {
+    try {
+      showServerStatus($("#server-status"), await this.api.health());
+    } catch (error) {
+      showServerStatus($("#server-status"), error instanceof ApiError ? "unreachable" : "unknown");
+    }
   }
 
   bind() {

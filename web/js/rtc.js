@@ -36,6 +36,7 @@ export class PublishSession extends EventTarget {
     this.stream = stream;
     this.pc = new RTCPeerConnection({ iceServers });
     this.channel = null;
+    this.sender = null;
     this.id = null;
     this.closed = false;
     this.everConnected = false;
@@ -58,7 +59,7 @@ export class PublishSession extends EventTarget {
     this.id = answer.session_id;
     if (this.closed) {
       await this._deleteOnServer(false);
-      throw new ApiError(0, "the session was stopped while it opened");
+      throw new Error("the session was stopped while it opened");
     }
     await this.pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
     return this.id;

@@ -15,7 +15,7 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const sentence = (text) => (/[.!?…]$/.test(text) ? text : `${text}.`);
 
 /**
- * Owns the camera stream and the current PublishSession. ``view`` is the page (studio-page.js):
+ * Owns the camera stream and the current PublishSession. ``view`` is the page (app.js):
  * it gives the chosen camera and params and is told about state, messages and streams.
  * States: idle, starting, connecting, live, reconnecting, stopping.
  */
@@ -26,7 +26,6 @@ export class Studio {
     this.state = "idle";
     this.camera = null;
     this.session = null;
-    this.iceServers = [];
     this.reconnects = 0;
     this.run = 0;
     this.statsTimer = null;
@@ -66,7 +65,9 @@ export class Studio {
 
   /** Opens a session for the camera stream; resolves once the server answered. */
   async connect(run) {
-    const session = new PublishSession(this.api, { stream: this.camera, iceServers: this.iceServers });
+    const iceServers = await this.api.iceServers();
+    if (run !== this.run) return;
+    const session = new PublishSession(this.api, { stream: this.camera, iceServers });
     this.session = session;
     session.addEventListener("track", (event) => attach(this.view.outputVideo, event.detail));
     session.addEventListener("connected", () => this.onConnected(session));

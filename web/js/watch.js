@@ -114,9 +114,14 @@ class ViewerPage {
     clearInterval(this.statsTimer);
     this.statsTimer = setInterval(async () => {
       if (viewer.closed) return;
-      const snapshot = sampler.sample(await viewer.pc.getStats(), null);
-      const fps = snapshot.fpsOut === null ? "–" : snapshot.fpsOut.toFixed(0);
-      $("#viewer-stats").textContent = `${fps} fps · ${formatBitrate(snapshot.bitrateIn)}`;
+      try {
+        const snapshot = sampler.sample(await viewer.pc.getStats(), null);
+        const fps = snapshot.fpsOut === null ? "–" : snapshot.fpsOut.toFixed(0);
+        $("#viewer-stats").textContent = `${fps} fps · ${formatBitrate(snapshot.bitrateIn)}`;
+      } catch (error) {
+        // The peer closed between two ticks; the "lost" path reports that.
+        if (!viewer.closed) console.warn("livediff: stats failed:", error);
+      }
     }, 1000);
   }
 }
