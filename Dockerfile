@@ -30,21 +30,22 @@ ENV PKG_CONFIG_PATH=/usr/local/lib/pkgconfig \
 
 RUN uv venv --python "${PYTHON_VERSION}" /app/.venv
 
-# 1. Every dependency of livediff and of ai-runner, hash-locked (docker/lock.sh makes the lock).
-COPY docker/requirements.lock docker/requirements.lock
-RUN uv pip install --no-cache --require-hashes -r docker/requirements.lock
-
-# 2. torch for CUDA 12.8 (with its CUDA libraries and triton) from PyTorch's index. Separate
-#    layers on purpose: the multi-GB torch layer stays cached while the lock changes.
+# 1. torch for CUDA 12.8 (with its CUDA libraries and triton) from PyTorch's index; first, so
+#    that this multi-GB layer stays cached while the lock below changes.
 # hadolint ignore=DL3059
 RUN uv pip install --no-cache --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}+cu128"
+
+# 2. Every other dependency of livediff and of ai-runner, exactly as locked (hash-checked;
+#    docker/lock.sh makes the lock, which is complete but for torch).
+COPY docker/requirements.lock docker/requirements.lock
+RUN uv pip install --no-cache --no-deps --require-hashes -r docker/requirements.lock
 
 # 3. ai-runner at its release tag; its dependencies came with the lock.
 # hadolint ignore=DL3059
 RUN uv pip install --no-cache --no-deps \
     "ai-runner @ git+https://github.com/livepeer/ai-runner@${AI_RUNNER_REF}#subdirectory=runner"
 
-# 4. livediff itself (the demo page included, for `livediff serve`).
+# 4. livediff itself; its wheel carries the demo page (src/livediff/web links to web/).
 COPY pyproject.toml README.md ./
 COPY src/ src/
 COPY web/ web/
@@ -63,7 +64,6 @@ ENV MODEL_DIR=/models \
     LIVEDIFF_PIPELINE=diffusion \
     LIVEDIFF_DEVICE=cuda \
     LIVEDIFF_HOST=0.0.0.0 \
-    LIVEDIFF_WEB_DIR=/app/web \
     PIPELINE=live-video-to-video \
     MODEL_ID=livediff
 
