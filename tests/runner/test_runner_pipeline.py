@@ -169,6 +169,29 @@ async def test_a_new_stream_id_gets_a_fresh_session(drive: Drive) -> None:
     assert (stats["request_id"], stats["frames_in"]) == ("second", 1)
 
 
+async def test_a_failing_transform_ends_the_session_and_the_stream_recovers(drive: Drive) -> None:
+    driven = await drive(GAIN, LIVEDIFF_TRANSFORM_ERROR_LIMIT="2")
+    params = {"width": SIZE, "height": SIZE, "gain": 0.5}
+    await driven.start_stream("s", params)
+    good = await driven.roundtrip(video_frame(card(10), 1))
+
+    driven.driver.update_params({**params, "fail": True})
+    await driven.params_applied({"fail": True})
+    shown = await driven.roundtrip(video_frame(card(11), 2))
+    assert torch.equal(shown.tensor, good.tensor)  # the last good frame, at the new timestamp
+    driven.driver.send_input(video_frame(card(12), 3))
+    await until(lambda: any("ended" in error for error in driven.driver.errors), what="the end")
+    assert "Error processing output frame: stream s ended" in driven.driver.errors[0]
+    assert "2 frames in a row" in driven.driver.errors[0]
+
+    driven.driver.update_params(params)
+    await driven.params_applied({"fail": False})
+    frame = card(13)
+    out = await driven.roundtrip(video_frame(frame, 4))  # a fresh session for the same stream
+    assert out.request_id == "s" and torch.allclose(out.tensor, frame * 0.5)
+    assert driven.pipeline.stats()["frames_in"] == 1
+
+
 async def test_stop_ends_the_worker_and_lets_go_of_the_transform(
     drive: Drive, worker_threads: Callable[[], int]
 ) -> None:

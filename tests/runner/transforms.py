@@ -2,7 +2,8 @@
 
 ``GainTransform`` scales pixels by ``gain`` (values past 1 show the adapter's clamp) and adds an
 offset that depends on the loaded ``model``; changing ``model`` is a reload, which waits for
-``reload_gate`` so that a test can look at the runtime while it is reloading.
+``reload_gate`` so that a test can look at the runtime while it is reloading; ``fail`` makes it
+raise on every frame.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ MODEL_OFFSETS = {"dim": 0.0, "bright": 0.25}
 class GainParams(TransformParams):
     gain: float = Field(1.0, ge=0, le=4)
     model: str = Field("dim", pattern="^(dim|bright)$")
+    fail: bool = Field(False, description="Raise on every frame (a broken model).")
 
 
 class GainTransform(Transform):
@@ -58,6 +60,8 @@ class GainTransform(Transform):
         outputs: list[Image | None] = []
         for job in jobs:
             assert isinstance(job.frame.image, torch.Tensor)
+            if getattr(job.params, "fail", False):
+                raise RuntimeError("the model broke")
             gain = float(getattr(job.params, "gain", 1.0))
             outputs.append(job.frame.image * gain + offset)
         return outputs
