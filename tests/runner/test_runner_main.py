@@ -51,7 +51,13 @@ def test_a_transform_without_a_runner_params_class_uses_ai_runners_base(
     monkeypatch.setenv("LIVEDIFF_PIPELINE", "tests.runner.transforms:GainTransform")
     spec = build_spec(runner_settings())
     assert spec.params_cls is None
-    assert spec.initial_params == {"width": 512, "height": 512, "gain": 1.0, "model": "dim"}
+    assert spec.initial_params == {
+        "width": 512,
+        "height": 512,
+        "gain": 1.0,
+        "model": "dim",
+        "fail": False,
+    }
 
 
 def test_prepare_mode_prepares_into_model_dir_online_and_exits(tmp_path: Path) -> None:
