@@ -1,7 +1,7 @@
 """Fixtures for the page's tests: Debian's Chromium driven by Playwright, with a fake camera.
 
 The camera is a .y4m file written here; Chromium plays it in a loop as its only video input.
-One browser serves the whole module set; every test gets a fresh context (its own storage and
+One browser serves all the tests here; every test gets a fresh context (its own storage and
 camera permission) and fails if the page threw an uncaught error.
 """
 
@@ -53,9 +53,10 @@ def camera_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_y4m(folder / "camera.y4m", width, height, frames=60, fps=CAMERA_FPS)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser(camera_file: Path) -> Iterator[Any]:
-    """Headless Chromium with a fake camera; camera permission is given per context."""
+    """Headless Chromium with a fake camera, for the tests of this package; camera permission is
+    given per context."""
     if not CHROMIUM.exists():
         pytest.skip(f"Chromium is not installed at {CHROMIUM} (Debian: apt-get install chromium)")
     from playwright.sync_api import sync_playwright

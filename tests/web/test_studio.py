@@ -118,10 +118,16 @@ def test_prompt_change_reaches_server_and_pixels(
     assert page.evaluate("document.body.dataset.state") == "live"
 
 
-def test_stop_releases_the_session(tint_server: LiveServer, open_page: Callable[..., Any]) -> None:
+def test_fullscreen_then_stop_releases_the_session(
+    tint_server: LiveServer, open_page: Callable[..., Any]
+) -> None:
     page = open_page(tint_server.url)
     start_live(page)
     only_session(tint_server.service)
+    page.get_by_test_id("fullscreen").click()
+    page.wait_for_function("document.fullscreenElement?.id === 'output-screen'", timeout=5_000)
+    page.keyboard.press("f")
+    page.wait_for_function("document.fullscreenElement === null", timeout=5_000)
 
     page.get_by_test_id("stop").click()
     wait_state(page, "idle")
