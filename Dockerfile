@@ -7,7 +7,7 @@
 #   docker run --rm --gpus all -v ./models:/models --network host livediff-runner livediff serve
 #
 # The base image brings CUDA 12.8, FFmpeg 7.1 (NVENC/NVDEC) under /usr/local, uv, git and a C
-# toolchain, and no Python interpreter.
+# toolchain, but no Python 3.11: uv installs one below.
 FROM livepeer/ai-runner:live-base-v0.14.1
 
 # ai-runner release (git tag of livepeer/ai-runner; v0.14.1 is commit 50a742ce).
