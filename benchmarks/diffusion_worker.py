@@ -270,6 +270,30 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+def measure(
+    engine: StreamEngine, pipe: Any, args: argparse.Namespace, *, steps: int, batch: int
+) -> dict[str, Any]:
+    """``--repeats`` alternating runs of both sides; the median run of each is reported."""
+    ours: list[dict[str, Any]] = []
+    theirs: list[dict[str, Any]] = []
+    for _ in range(args.repeats):
+        ours.append(run_livediff(engine, args, steps, batch))
+        if pipe is not None:
+            theirs.append(
+                run_diffusers(pipe, engine.device, engine.dtype, args, steps=steps, batch=batch)
+            )
+    run: dict[str, Any] = {"steps": steps, "batch": batch, "livediff": median_run(ours)}
+    if theirs:
+        run["diffusers"] = median_run(theirs)
+        run["speedup"] = round(run["livediff"]["fps"] / run["diffusers"]["fps"], 2)
+    return run
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ordered = sorted(runs, key=lambda run: float(run["fps"]))
+    return {**ordered[len(ordered) // 2], "fps_all_repeats": [run["fps"] for run in runs]}
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -285,15 +309,11 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             dtype,
             cuda_graphs=compiled == "on" and uses_cuda_graphs(device, args.compile_mode),
         )
+        baseline = pipe if compiled == "off" else None
         for steps in args.steps:
             for batch in args.batch:
-                run: dict[str, Any] = {"steps": steps, "batch": batch, "compile": compiled}
-                run["livediff"] = run_livediff(engine, args, steps, batch)
-                if pipe is not None and compiled == "off":
-                    run["diffusers"] = run_diffusers(
-                        pipe, device, dtype, args, steps=steps, batch=batch
-                    )
-                    run["speedup"] = round(run["livediff"]["fps"] / run["diffusers"]["fps"], 2)
+                run = measure(engine, baseline, args, steps=steps, batch=batch)
+                run["compile"] = compiled
                 print_run(run)
                 runs.append(run)
     return {
@@ -310,6 +330,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": str(dtype).removeprefix("torch."),
         "compile_mode": args.compile_mode if "on" in args.compile else None,
         "frames": args.frames,
+        "repeats": args.repeats,
         "runs": runs,
     }
 
@@ -342,6 +363,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile-mode", default="max-autotune")
     parser.add_argument("--frames", type=int, default=30, help="timed batches per run")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs; median kept")
     parser.add_argument("--baseline-divisor", type=int, default=3, help="baseline runs frames/N")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
     parser.add_argument("--threads", type=int, help="torch CPU threads")

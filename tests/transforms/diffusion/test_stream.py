@@ -112,6 +112,10 @@ def test_similarity_filter_skips_a_repeated_frame_not_a_changed_one(
         # at most similarity_max_skip repeats in a row are skipped
         outputs = [stream.feed(changed) for _ in range(3)]
         assert len(sizes) == 3 and outputs[0] is outputs[1] and outputs[2] is not outputs[1]
+        # new params on a still camera: the next frame shows them at once
+        stream.update(prompt="something else entirely")
+        assert stream.feed(changed) is not outputs[2]
+        assert len(sizes) == 4
     assert stream.state.filter.skipped == 3
 
 

@@ -31,6 +31,8 @@ class SessionStream:
     """Per-session state of the stream engine (made by ``open_session``, worker thread only)."""
 
     generation: int
+    #: The params of the last frame (to notice any change).
+    params: DiffusionParams | None = None
     shape: LatentShape | None = None
     filter: SimilarityFilter = field(default_factory=SimilarityFilter)
     prompt_key: tuple[object, ...] | None = None
@@ -62,6 +64,7 @@ class SessionStream:
         self.cond = self.uncond = self.noise = self.last_output = None
         self.prompt_key = self.noise_key = None
         self.table = None
+        self.params = None
         self.filter.forget()
 
 

@@ -89,6 +89,9 @@ class StreamEngine:
         if state.generation != self.generation:
             state.release()
             state.generation = self.generation
+        if params != state.params:  # a new look must not be skipped as "the same frame"
+            state.filter.forget()
+            state.params = params
         follow_params(state, params, self.prompts, self.schedule, self.latent_shape(params))
 
     # -- frames -----------------------------------------------------------------------------------
