@@ -92,6 +92,8 @@ class FrameUploader:
         if isinstance(image, np.ndarray):
             return _uint8_hwc_to_float(self._staging.upload(image))
         tensor = image if image.dim() == 4 else image[None]
+        if tensor.is_cuda:
+            _adopt(tensor)
         tensor = tensor.to(self.device, torch.float32, non_blocking=True)
         return tensor.permute(0, 3, 1, 2).clamp(0, 1)
 
@@ -104,6 +106,17 @@ class FrameUploader:
             return yuv420_to_rgb(planes, frame.width, frame.height, full_range, matrix)
         rgb = cast(RgbArray, frame.to_ndarray(format="rgb24"))
         return _uint8_hwc_to_float(self._staging.upload(rgb))
+
+
+def _adopt(tensor: torch.Tensor) -> None:
+    """Make a CUDA tensor made on another stream (ai-runner copies frames on the default one)
+    safe to read on this thread's stream: wait for that stream's work (on the GPU, the host
+    does not block) and keep the memory from being reused until this stream is done with it."""
+    current = torch.cuda.current_stream(tensor.device)
+    producer = torch.cuda.default_stream(tensor.device)
+    if current != producer:
+        current.wait_stream(producer)
+        tensor.record_stream(current)
 
 
 def _uint8_hwc_to_float(pixels: torch.Tensor) -> torch.Tensor:
