@@ -18,9 +18,13 @@ class BodyLimitMiddleware:
     """Answers 413 to a request whose body is larger than ``limit`` bytes.
 
     It checks Content-Length first and counts streamed bytes as they arrive, so an oversized
-    body is never read into memory. Only paths under ``prefixes`` are guarded, so the middleware
-    can sit in someone else's app without touching its routes.
+    body is never held in memory. The rest of the body is read and discarded (up to
+    ``DRAIN_FACTOR`` times the limit) before the answer, so that the client, still sending, reads
+    a 413 rather than a reset connection. Only paths under ``prefixes`` are guarded, so the
+    middleware can sit in someone else's app without touching its routes.
     """
+
+    DRAIN_FACTOR = 16
 
     def __init__(self, app: ASGIApp, limit: int, prefixes: Iterable[str]) -> None:
         self.app = app
@@ -33,6 +37,7 @@ class BodyLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.limit:
+            await self._drain(receive, already=0)
             await self._reject(send)
             return
         received = 0
@@ -56,7 +61,19 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except _BodyTooLargeError:
             if not response_started:
+                await self._drain(receive, already=received)
                 await self._reject(send)
+
+    async def _drain(self, receive: Receive, already: int) -> None:
+        """Read and drop what is left of the body, up to the drain cap."""
+        seen = already
+        while seen <= self.limit * self.DRAIN_FACTOR:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
     async def _reject(self, send: Send) -> None:
         body = json.dumps(
