@@ -8,19 +8,26 @@ camera permission) and fails if the page threw an uncaught error.
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import uvicorn
 
-from tests.web.prompt_tint import DiffusionParamsTint, PromptTint
+from livediff.config import Settings
+from livediff.server.app import create_app
+from tests.conftest import LiveServer
+from tests.web.prompt_tint import DiffusionParamsTint, GatedTint, PromptTint
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "web"
 PROMPT_TINT = f"{PromptTint.__module__}:{PromptTint.__name__}"
 DIFFUSION_PARAMS_TINT = f"{DiffusionParamsTint.__module__}:{DiffusionParamsTint.__name__}"
+GATED_TINT = f"{GatedTint.__module__}:{GatedTint.__name__}"
 CAMERA_SIZE = (320, 240)
 CAMERA_FPS = 30
 
@@ -121,3 +128,33 @@ def copy_artifact(source: Path, artifacts: Path, name: str) -> Path:
     target = artifacts / name
     shutil.copyfile(source, target)
     return target
+
+
+@pytest.fixture
+def serve_loading() -> Iterator[Callable[..., LiveServer]]:
+    """Like ``serve``, but returns as soon as HTTP is up, while the transform may still load
+    (GET /health says LOADING). A gated transform's gate is opened before the server stops."""
+    started: list[LiveServer] = []
+
+    def _serve(**overrides: Any) -> LiveServer:
+        app = create_app(Settings(**overrides))
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        live = LiveServer(f"http://127.0.0.1:{port}", app, server, thread)
+        started.append(live)
+        return live
+
+    yield _serve
+    for live in started:
+        gate = getattr(live.service.transform, "gate", None)
+        if isinstance(gate, threading.Event):
+            gate.set()
+        live.stop()

@@ -8,11 +8,13 @@ back to the browser.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Sequence
 
 import numpy as np
 from pydantic import Field
 
+from livediff.config import Settings
 from livediff.frames import Image, RgbArray, resize, to_rgb_array
 from livediff.transforms.base import Job, Transform, TransformParams
 from livediff.transforms.diffusion.params import DiffusionParams
@@ -68,3 +70,17 @@ class DiffusionParamsTint(PromptTint):
         assert isinstance(params, DiffusionParams)
         prompt = params.prompt if isinstance(params.prompt, str) else params.prompt[0][0]
         return tint(job.frame.image, params.width, params.height, prompt, params.strength)
+
+
+class GatedTint(PromptTint):
+    """PromptTint whose load() waits until the test opens its gate, so LOADING can be seen."""
+
+    name = "gated-tint"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.gate = threading.Event()
+
+    def load(self) -> None:
+        if not self.gate.wait(30):
+            raise TimeoutError("the test never opened the gate")

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import LiveServer
-from tests.web.conftest import PROMPT_TINT
+from tests.web.conftest import GATED_TINT, PROMPT_TINT
 from tests.web.pagekit import eventually, message_text, only_session, start_live, wait_state
+from tests.web.prompt_tint import GatedTint
 
 pytestmark = pytest.mark.browser
 
@@ -81,6 +82,24 @@ def test_full_server_says_busy(
     assert "all 1 session slots are in use" in text
     assert "Try again in 5 s" in text
     wait_state(second, "idle")
+
+
+def test_start_while_the_model_loads_waits_for_it(
+    serve_loading: Callable[..., LiveServer], open_page: Callable[..., Any]
+) -> None:
+    server = serve_loading(pipeline=GATED_TINT, width=128, height=128)
+    assert server.service.health() == "LOADING"
+    page = open_page(server.url)
+    page.get_by_test_id("start").click()
+    assert "still loading" in message_text(page)
+    wait_state(page, "idle")
+    assert not server.service.sessions
+
+    transform = server.service.transform
+    assert isinstance(transform, GatedTint)
+    transform.gate.set()
+    wait_state(page, "live")  # started by itself once the model was ready
+    only_session(server.service)
 
 
 def test_unreachable_server_is_named(

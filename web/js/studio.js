@@ -10,6 +10,7 @@ export const MAX_RECONNECTS = 3;
 const CONNECT_TIMEOUT_MS = 20_000;
 const STABLE_AFTER_MS = 10_000;
 const STATS_INTERVAL_MS = 1000;
+const LOADING_POLL_MS = 1000;
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const sentence = (text) => (/[.!?…]$/.test(text) ? text : `${text}.`);
@@ -59,8 +60,36 @@ export class Studio {
       if (run !== this.run) return;
       await this.teardown();
       this.setState("idle");
-      this.reportStartError(error);
+      if (!(await this.retryWhenLoaded(error, run))) this.reportStartError(error);
     }
+  }
+
+  /** A 503 while the model loads: say so and start again by itself once it may be ready. */
+  async retryWhenLoaded(error, run) {
+    if (!(error instanceof ApiError) || error.status !== 503) return false;
+    let status = null;
+    try {
+      status = await this.api.health();
+    } catch {
+      return false;
+    }
+    if (status !== "LOADING" || run !== this.run) return false;
+    this.view.messages.show(
+      "The model is still loading. The session starts by itself as soon as it is ready…",
+      { kind: "warning", action: { label: "Cancel", handler: () => (this.run += 1) } },
+    );
+    this.startWhenLoaded(run);
+    return true;
+  }
+
+  async startWhenLoaded(run) {
+    const waiting = () => run === this.run && this.state === "idle";
+    while (waiting()) {
+      await sleep(LOADING_POLL_MS);
+      const status = await this.api.health().catch(() => "unreachable");
+      if (status !== "LOADING") break;
+    }
+    if (waiting()) this.start();
   }
 
   /** Opens a session for the camera stream; resolves once the server answered. */
