@@ -225,7 +225,8 @@ class StreamEngine:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/8, W/8)."""
         vae = self.bundle.vae
-        encoded = vae.encode(images.to(self.bundle.vae_dtype))
+        pixels = images.to(self.bundle.vae_dtype).contiguous(memory_format=torch.channels_last)
+        encoded = vae.encode(pixels)
         latents = getattr(encoded, "latents", None)
         if latents is None:
             latents = encoded.latent_dist.mode()
@@ -234,14 +235,14 @@ class StreamEngine:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images (B, 3, H, W) in [-1, 1]."""
         scaled = (latents / self.bundle.vae_scaling).to(self.bundle.vae_dtype)
+        scaled = scaled.contiguous(memory_format=torch.channels_last)
         return self.bundle.vae.decode(scaled, return_dict=False)[0].to(self.dtype)  # type: ignore[no-any-return]
 
     def unet(
         self, x_t: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor
     ) -> torch.Tensor:
         self.unet_rows += x_t.shape[0]
-        if self.device.type == "cuda":
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        x_t = x_t.contiguous(memory_format=torch.channels_last)
         return self.bundle.unet(  # type: ignore[no-any-return]
             x_t, timesteps, encoder_hidden_states=embeddings, return_dict=False
         )[0]
