@@ -119,3 +119,25 @@ def test_codec_preferences_follow_the_configured_order() -> None:
 def test_bitrates_out_of_order_are_refused() -> None:
     with pytest.raises(ValueError, match="video_bitrate_min"):
         Settings(video_bitrate_min=2_000_000, video_bitrate_start=1_000_000)
+
+
+@pytest.mark.parametrize("name", ["vp8", "h264"])
+def test_viewers_encoding_one_shared_frame_at_once_do_not_disturb_it(name: str) -> None:
+    """A session's frame goes to every viewer's encoder, each on its own thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    rgb = np.random.default_rng(1).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    shared = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+    shared.pts, shared.time_base = 3000, fractions.Fraction(1, 90_000)
+    encoders = [encoder_for(name) for _ in range(4)]
+
+    def encode_many(encoder: ConfiguredEncoder) -> list[int]:
+        return [encoder.encode(shared, force_keyframe=i % 3 == 0)[1] for i in range(15)]
+
+    with ThreadPoolExecutor(4) as pool:
+        timestamps = list(pool.map(encode_many, encoders))
+    assert timestamps == [[3000] * 15] * 4
+    assert shared.format.name == "rgb24" and shared.pts == 3000
+    assert shared.pict_type == av.video.frame.PictureType.NONE

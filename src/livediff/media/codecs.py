@@ -20,6 +20,7 @@ from aiortc.codecs.h264 import H264Encoder
 from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.mediastreams import VIDEO_TIME_BASE, convert_timebase
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability, RTCRtpCodecParameters
+from av.video.reformatter import VideoReformatter
 
 from livediff.config import Settings
 
@@ -67,12 +68,19 @@ class EncoderSettings:
 
 
 class ConfiguredEncoder(Encoder):
-    """Opens a PyAV encoder from settings; reopens it when the size or bitrate moves."""
+    """Opens a PyAV encoder from settings; reopens it when the size or bitrate moves.
+
+    One frame may be encoded by several encoders at once (a session's viewers share it), each
+    on its own executor thread, so an encoder never changes the frame it is given: a colour
+    conversion goes through the encoder's own reformatter (a shared frame's cached one is not
+    thread-safe), and a forced keyframe is marked on a private copy.
+    """
 
     def __init__(self, settings: EncoderSettings) -> None:
         self.settings = settings
         self.codec: Any = None
         self._target_bitrate = settings.bitrate_start
+        self._reformatter = VideoReformatter()
 
     @property
     def target_bitrate(self) -> int:
@@ -86,17 +94,26 @@ class ConfiguredEncoder(Encoder):
 
     def encode(self, frame: Any, force_keyframe: bool = False) -> tuple[list[bytes], int]:
         timestamp = convert_timebase(frame.pts, frame.time_base, VIDEO_TIME_BASE)
-        if frame.format.name != "yuv420p":
-            frame = frame.reformat(format="yuv420p")
+        frame = self._private_yuv(frame, force_keyframe)
         if self.codec is not None and self._must_reopen(frame):
             self.codec = None
         if self.codec is None:
             self.codec = self._open(frame.width, frame.height)
-        frame.pict_type = (
-            av.video.frame.PictureType.I if force_keyframe else av.video.frame.PictureType.NONE
-        )
         data = b"".join(bytes(packet) for packet in self.codec.encode(frame))
         return self._packetize(data), timestamp
+
+    def _private_yuv(self, frame: Any, force_keyframe: bool) -> Any:
+        """The frame in yuv420p; a copy of it, marked as a keyframe, when one is forced."""
+        converted = frame.format.name != "yuv420p"
+        if converted:
+            frame = self._reformatter.reformat(frame, format="yuv420p")
+        if force_keyframe:
+            if not converted:
+                copy = av.VideoFrame.from_ndarray(frame.to_ndarray(), format="yuv420p")
+                copy.pts, copy.time_base = frame.pts, frame.time_base
+                frame = copy
+            frame.pict_type = av.video.frame.PictureType.I
+        return frame
 
     def pack(self, packet: Any) -> tuple[list[bytes], int]:
         timestamp = convert_timebase(packet.pts, packet.time_base, VIDEO_TIME_BASE)

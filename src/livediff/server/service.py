@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from livediff.config import Settings
 from livediff.engine import Metrics, Session, SessionStats, Worker, WorkerState
-from livediff.frames import to_video_frame
+from livediff.media.egress import EncoderFrames
 from livediff.media.peer import PublisherPeer, ViewerPeer
 from livediff.media.sdp import Offer
 from livediff.transforms import Transform, TransformParams, resolve_transform
@@ -182,7 +182,7 @@ class LivediffService:
             SessionStats(self.metrics, self.settings.stats_window_s),
             error_limit=self.settings.transform_error_limit,
             on_input=self.worker.notify,
-            adapt_output=to_video_frame,
+            adapt_output=EncoderFrames(),
         )
         record = SessionRecord(session=session, kind=kind, etag=f'"{secrets.token_hex(8)}"')
         loop = asyncio.get_running_loop()
