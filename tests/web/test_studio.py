@@ -187,10 +187,9 @@ def test_record_downloads_a_playable_webm(
 def test_share_link_opens_a_whep_viewer(
     serve: Callable[..., LiveServer], open_page: Callable[..., Any], artifacts: Path
 ) -> None:
-    # Passthrough, whose frames stay yuv420p: with a transform that returns RGB (PromptTint, the
-    # diffusion pipeline) two encoders convert one shared frame at once through its single
-    # SwsContext and the server crashes (media/codecs.py, reported to the lead).
-    server = serve(pipeline="passthrough", width=OUTPUT_SIZE, height=OUTPUT_SIZE)
+    # PromptTint returns RGB frames, which the publisher's and the viewer's encoders share: this
+    # once crashed the server (two threads converting one frame); it is converted once now.
+    server = serve(pipeline=PROMPT_TINT, width=OUTPUT_SIZE, height=OUTPUT_SIZE)
     page = open_page(server.url)
     start_live(page)
     record = only_session(server.service)
