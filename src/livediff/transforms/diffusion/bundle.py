@@ -17,7 +17,7 @@ from livediff.transforms.diffusion.models import ModelChoice, ModelPaths, Unsupp
 logger = logging.getLogger(__name__)
 
 VAE_CLASSES = ("AutoencoderTiny", "AutoencoderKL")
-#: Compiled graphs kept per function (batch shapes differ with sessions, steps and CFG).
+#: Compiled graphs kept per function (shapes differ with sizes, steps and CFG).
 COMPILE_CACHE_SIZE = 64
 
 
@@ -131,6 +131,8 @@ def prepare(
     _use_sdpa(bundle.unet)
     bundle.unet.to(memory_format=torch.channels_last)
     bundle.vae.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # few shapes, each autotuned once (warm-up)
     if compile_mode is not None:
         compile_modules(bundle, compile_mode)
     return bundle
@@ -149,9 +151,12 @@ def compile_modules(bundle: ModelBundle, mode: str) -> None:
         torch._dynamo.config.cache_size_limit, COMPILE_CACHE_SIZE
     )
     logger.info("compiling the UNet and the VAE with torch.compile(mode=%r)", mode)
-    bundle.unet = torch.compile(bundle.unet, mode=mode, dynamic=False)
-    bundle.vae.encoder = torch.compile(bundle.vae.encoder, mode=mode, dynamic=False)
-    bundle.vae.decoder = torch.compile(bundle.vae.decoder, mode=mode, dynamic=False)
+    # dynamic=None: the first batch shape compiles static, a second one recompiles with a
+    # symbolic batch size that serves every later session count (CUDA graphs still record
+    # one graph per concrete shape, which is cheap)
+    bundle.unet = torch.compile(bundle.unet, mode=mode, dynamic=None)
+    bundle.vae.encoder = torch.compile(bundle.vae.encoder, mode=mode, dynamic=None)
+    bundle.vae.decoder = torch.compile(bundle.vae.decoder, mode=mode, dynamic=None)
 
 
 def uses_cuda_graphs(device: torch.device, compile_mode: str | None) -> bool:
