@@ -31,6 +31,7 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,19 @@ from livediff.transforms.diffusion.transform import resolve_device, resolve_dtyp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("upload", "encode", "unet", "decode", "download")
+NEGATIVE_PROMPT = "blurry, low quality"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One configuration measured on both sides."""
+
+    steps: int
+    batch: int
+    cfg: str
+
+    def guidance(self, args: argparse.Namespace) -> float:
+        return 1.0 if self.cfg == "none" else float(args.guidance)
 
 
 class StageClock:
@@ -97,7 +111,7 @@ class StageClock:
 
 
 def camera_frames(size: tuple[int, int], count: int = 4) -> list[av.VideoFrame]:
-    """Distinct yuv420p frames, as a WebRTC decoder delivers them."""
+    """Distinct yuv420p frames, as a WebRTC decoder delivers them (``count`` 1: a still camera)."""
     width, height = size
     rng = np.random.default_rng(0)
     rows, cols = np.mgrid[0:height, 0:width]
@@ -123,21 +137,23 @@ def synchronize(device: torch.device) -> None:
 
 
 # -- livediff ---------------------------------------------------------------------------------
-def run_livediff(
-    engine: StreamEngine, args: argparse.Namespace, steps: int, batch: int
-) -> dict[str, Any]:
+def run_livediff(engine: StreamEngine, args: argparse.Namespace, case: Case) -> dict[str, Any]:
     size = (args.width, args.height)
-    frames = camera_frames(size)
+    frames = camera_frames(size, 1 if args.still else 4)
     sessions = []
-    for number in range(batch):
-        params = DiffusionParams(
-            width=size[0],
-            height=size[1],
-            prompt=f"a watercolour painting, variation {number}",
-            seed=number,
-            t_index_list=t_index_list(steps),
-            cfg_type="none",
-            guidance_scale=1.0,
+    for number in range(case.batch):
+        params = DiffusionParams.model_validate(
+            {
+                "width": size[0],
+                "height": size[1],
+                "prompt": f"a watercolour painting, variation {number}",
+                "negative_prompt": NEGATIVE_PROMPT,
+                "seed": number,
+                "t_index_list": t_index_list(case.steps),
+                "cfg_type": case.cfg,
+                "guidance_scale": case.guidance(args),
+                "similarity_threshold": args.similarity,
+            }
         )
         sessions.append((params, engine.open_session()))
     clock = StageClock(engine.device)
@@ -159,7 +175,7 @@ def run_livediff(
 
     try:
         started = time.perf_counter()
-        for iteration in range(args.warmup + steps):  # compile/autotune + fill the stream batch
+        for iteration in range(args.warmup + case.steps):  # compile/autotune + fill the batch
             one_batch(iteration)
         synchronize(engine.device)
         warmup_s = time.perf_counter() - started
@@ -173,13 +189,15 @@ def run_livediff(
         elapsed = time.perf_counter() - started
     finally:
         engine.upload, engine.encode, engine.unet, engine.decode = original  # type: ignore[method-assign]
+        skipped = sum(state.filter.skipped for _, state in sessions)
         for _, state in sessions:
             state.release()
     return {
-        "fps": round(args.frames * batch / elapsed, 2),
+        "fps": round(args.frames * case.batch / elapsed, 2),
         "ms_per_batch": round(elapsed * 1000 / args.frames, 3),
         "stages_ms_per_batch": clock.per_iteration_ms(args.frames),
         "warmup_s": round(warmup_s, 2),
+        "skipped_frames": skipped,
         **peak_memory(engine.device),
     }
 
@@ -202,15 +220,11 @@ def diffusers_pipeline(bundle: ModelBundle) -> Any:
 
 
 def run_diffusers(
-    pipe: Any,
-    device: torch.device,
-    dtype: torch.dtype,
-    args: argparse.Namespace,
-    *,
-    steps: int,
-    batch: int,
+    pipe: Any, device: torch.device, dtype: torch.dtype, args: argparse.Namespace, case: Case
 ) -> dict[str, Any]:
-    frames = camera_frames((args.width, args.height))
+    """diffusers' img2img; any guidance is its standard CFG (a negative row per image)."""
+    frames = camera_frames((args.width, args.height), 1 if args.still else 4)
+    batch = case.batch
     prompts = [f"a watercolour painting, variation {number}" for number in range(batch)]
     generator = torch.Generator(device).manual_seed(0)
 
@@ -220,10 +234,11 @@ def run_diffusers(
         image = torch.from_numpy(np.stack(rgb)).to(device).permute(0, 3, 1, 2).to(dtype) / 255
         out = pipe(
             prompt=prompts,
+            negative_prompt=[NEGATIVE_PROMPT] * batch if case.cfg != "none" else None,
             image=image,
-            num_inference_steps=2 * steps,
+            num_inference_steps=2 * case.steps,
             strength=0.5,
-            guidance_scale=0.0,
+            guidance_scale=case.guidance(args) if case.cfg != "none" else 0.0,
             generator=generator,
             output_type="pt",
         ).images
@@ -255,13 +270,14 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 def build_bundle(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> ModelBundle:
     if args.model:
         choice = ModelChoice(args.model, args.vae or "madebyollin/taesd")
-        return prepare(load_bundle(locate(choice), choice, dtype), device, dtype)
+        bundle = load_bundle(locate(choice), choice, dtype)
+        return prepare(bundle, device, dtype, channels_last=args.channels_last)
     parts = build_components(args.preset, device=str(device))
     vae = parts["vae"] if args.vae == "full" else parts["taesd"]
     bundle = ModelBundle(
         parts["unet"], vae, parts["text_encoder"], parts["tokenizer"], parts["scheduler"]
     )
-    return prepare(bundle, device, dtype)
+    return prepare(bundle, device, dtype, channels_last=args.channels_last)
 
 
 def device_name(device: torch.device) -> str:
@@ -271,19 +287,18 @@ def device_name(device: torch.device) -> str:
 
 
 def measure(
-    engine: StreamEngine, pipe: Any, args: argparse.Namespace, *, steps: int, batch: int
+    engine: StreamEngine, pipe: Any, args: argparse.Namespace, case: Case
 ) -> dict[str, Any]:
     """``--repeats`` alternating runs of both sides; the best run of each is reported (on a
     shared machine the fastest run is the one least disturbed by others)."""
     ours: list[dict[str, Any]] = []
     theirs: list[dict[str, Any]] = []
     for _ in range(args.repeats):
-        ours.append(run_livediff(engine, args, steps, batch))
+        ours.append(run_livediff(engine, args, case))
         if pipe is not None:
-            theirs.append(
-                run_diffusers(pipe, engine.device, engine.dtype, args, steps=steps, batch=batch)
-            )
-    run: dict[str, Any] = {"steps": steps, "batch": batch, "livediff": best_run(ours)}
+            theirs.append(run_diffusers(pipe, engine.device, engine.dtype, args, case))
+    run: dict[str, Any] = {"steps": case.steps, "batch": case.batch, "cfg": case.cfg}
+    run["livediff"] = best_run(ours)
     if theirs:
         run["diffusers"] = best_run(theirs)
         run["speedup"] = round(run["livediff"]["fps"] / run["diffusers"]["fps"], 2)
@@ -293,6 +308,12 @@ def measure(
 def best_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     best = max(runs, key=lambda run: float(run["fps"]))
     return {**best, "fps_all_repeats": [run["fps"] for run in runs]}
+
+
+def cases(args: argparse.Namespace) -> list[Case]:
+    return [
+        Case(steps, batch, cfg) for steps in args.steps for batch in args.batch for cfg in args.cfg
+    ]
 
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
@@ -309,14 +330,14 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             device,
             dtype,
             cuda_graphs=compiled == "on" and uses_cuda_graphs(device, args.compile_mode),
+            channels_last=args.channels_last,
         )
         baseline = pipe if compiled == "off" else None
-        for steps in args.steps:
-            for batch in args.batch:
-                run = measure(engine, baseline, args, steps=steps, batch=batch)
-                run["compile"] = compiled
-                print_run(run)
-                runs.append(run)
+        for case in cases(args):
+            run = measure(engine, baseline, args, case)
+            run["compile"] = compiled
+            print_run(run)
+            runs.append(run)
     return {
         "benchmark": "diffusion_worker",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -332,6 +353,10 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "compile_mode": args.compile_mode if "on" in args.compile else None,
         "frames": args.frames,
         "repeats": args.repeats,
+        "channels_last": args.channels_last,
+        "guidance_scale": args.guidance if args.cfg != ["none"] else None,
+        "similarity_threshold": args.similarity,
+        "still_camera": args.still,
         "runs": runs,
     }
 
@@ -340,7 +365,8 @@ def print_run(run: dict[str, Any]) -> None:
     ours = run["livediff"]
     stages = " ".join(f"{k} {v:.2f}" for k, v in ours["stages_ms_per_batch"].items())
     line = (
-        f"steps {run['steps']} batch {run['batch']} compile {run['compile']:>3}:"
+        f"steps {run['steps']} batch {run['batch']} cfg {run['cfg']:>10} compile"
+        f" {run['compile']:>3}:"
         f" livediff {ours['fps']:8.2f} fps ({ours['ms_per_batch']:.2f} ms/batch; {stages})"
     )
     if "diffusers" in run:
@@ -361,6 +387,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"])
+    parser.add_argument(
+        "--cfg", nargs="+", default=["none"], choices=["none", "self", "initialize", "full"]
+    )
+    parser.add_argument("--guidance", type=float, default=1.2, help="guidance with --cfg != none")
+    parser.add_argument("--similarity", type=float, default=0.0, help="similarity_threshold")
+    parser.add_argument("--still", action="store_true", help="a still camera (one frame)")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--compile-mode", default="max-autotune")
     parser.add_argument("--frames", type=int, default=30, help="timed batches per run")
     parser.add_argument("--warmup", type=int, default=3)

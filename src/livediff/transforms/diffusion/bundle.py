@@ -114,6 +114,7 @@ def prepare(
     dtype: torch.dtype,
     *,
     compile_mode: str | None = None,
+    channels_last: bool = True,
 ) -> ModelBundle:
     """Move to ``device`` for inference: eval, no grads, SDPA attention, channels_last weights
     (faster convolutions with cuDNN and with oneDNN on the CPU alike),
@@ -129,8 +130,9 @@ def prepare(
         module.eval()
         module.requires_grad_(False)
     _use_sdpa(bundle.unet)
-    bundle.unet.to(memory_format=torch.channels_last)
-    bundle.vae.to(memory_format=torch.channels_last)
+    if channels_last:
+        bundle.unet.to(memory_format=torch.channels_last)
+        bundle.vae.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # few shapes, each autotuned once (warm-up)
     if compile_mode is not None:

@@ -61,12 +61,15 @@ class StreamEngine:
         prompt_cache_size: int = 64,
         max_skip: int = 10,
         cuda_graphs: bool = False,
+        channels_last: bool = True,
     ) -> None:
         self.bundle = bundle
         self.device = device
         self.dtype = dtype
         self.max_skip = max_skip
         self.cuda_graphs = cuda_graphs
+        #: Memory format of what goes into the UNet and the VAE (match the weights' format).
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.schedule = Schedule(bundle.scheduler, device, dtype)
         self.prompts = PromptEncoder(
             bundle.tokenizer, bundle.text_encoder, device, dtype, prompt_cache_size
@@ -225,7 +228,7 @@ class StreamEngine:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/8, W/8)."""
         vae = self.bundle.vae
-        pixels = images.to(self.bundle.vae_dtype).contiguous(memory_format=torch.channels_last)
+        pixels = images.to(self.bundle.vae_dtype).contiguous(memory_format=self.memory_format)
         encoded = vae.encode(pixels)
         latents = getattr(encoded, "latents", None)
         if latents is None:
@@ -235,14 +238,14 @@ class StreamEngine:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images (B, 3, H, W) in [-1, 1]."""
         scaled = (latents / self.bundle.vae_scaling).to(self.bundle.vae_dtype)
-        scaled = scaled.contiguous(memory_format=torch.channels_last)
+        scaled = scaled.contiguous(memory_format=self.memory_format)
         return self.bundle.vae.decode(scaled, return_dict=False)[0].to(self.dtype)  # type: ignore[no-any-return]
 
     def unet(
         self, x_t: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor
     ) -> torch.Tensor:
         self.unet_rows += x_t.shape[0]
-        x_t = x_t.contiguous(memory_format=torch.channels_last)
+        x_t = x_t.contiguous(memory_format=self.memory_format)
         return self.bundle.unet(  # type: ignore[no-any-return]
             x_t, timesteps, encoder_hidden_states=embeddings, return_dict=False
         )[0]
