@@ -8,7 +8,7 @@ import numpy.typing as npt
 import pytest
 import torch
 
-from livediff.frames import to_video_frame
+from livediff.frames import tensor_to_yuv420, to_video_frame
 from livediff.transforms.diffusion.device import FrameUploader, to_output_images
 
 HEIGHT, WIDTH = 48, 64
@@ -68,3 +68,16 @@ def test_outputs_follow_the_frame_contract_and_convert_once() -> None:
     frame = to_video_frame(images[1])
     expected = (images[1][0] * 255).round().to(torch.uint8).numpy()
     np.testing.assert_array_equal(frame.to_ndarray(format="rgb24"), expected)
+
+
+def test_outputs_become_yuv420p_on_the_device_like_libswscale() -> None:
+    """What to_video_frame does with a CUDA output (checked here on the CPU)."""
+    source = gradient()
+    reference = av.VideoFrame.from_ndarray(source, format="rgb24").reformat(format="yuv420p")
+    planes = tensor_to_yuv420(torch.from_numpy(source).float()[None] / 255)
+    assert planes.dtype == torch.uint8 and tuple(planes.shape) == (HEIGHT * 3 // 2, WIDTH)
+    difference = np.abs(planes.numpy().astype(int) - reference.to_ndarray().astype(int))
+    assert difference.max() <= 1
+    shown = av.VideoFrame.from_ndarray(planes.numpy(), format="yuv420p")
+    back = shown.to_ndarray(format="rgb24").astype(int)
+    assert np.abs(back - source).mean() < 2.5
