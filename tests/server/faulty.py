@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
+from pydantic_core import ValidationError
+
 from livediff.frames import Image, resize
-from livediff.transforms.base import Job, Transform
+from livediff.transforms.base import Job, Transform, TransformParams
 
 
 class FlakyTransform(Transform):
@@ -34,6 +36,52 @@ class GatedLoadTransform(Transform):
     def load(self) -> None:
         if not self.gate.wait(30):
             raise TimeoutError("the test never opened the gate")
+
+    def process(self, jobs: Sequence[Job]) -> list[Image | None]:
+        return [job.frame.image for job in jobs]
+
+
+class ModelParams(TransformParams):
+    model: str = "a"
+
+
+class ModelSwitchTransform(Transform):
+    """Holds one 'model' for every session, like the diffusion transform; 'missing' cannot load."""
+
+    name = "model-switch"
+    params_model = ModelParams
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.loaded = "a"
+        self.reloads = 0
+
+    def default_params(self) -> dict[str, object]:
+        return {**super().default_params(), "model": self.loaded}
+
+    def requires_reload(self, old: TransformParams, new: TransformParams) -> bool:
+        wanted = getattr(new, "model", self.loaded)
+        return bool(wanted != getattr(old, "model", None) and wanted != self.loaded)
+
+    def reload(self, params: TransformParams) -> None:
+        wanted = getattr(params, "model", self.loaded)
+        if wanted == "missing":
+            raise ValidationError.from_exception_data(
+                "ModelParams",
+                [
+                    {
+                        "type": "value_error",
+                        "loc": ("model",),
+                        "input": wanted,
+                        "ctx": {"error": "no such model"},
+                    }
+                ],
+            )
+        self.loaded, self.reloads = wanted, self.reloads + 1
+
+    def open_session(self, params: TransformParams) -> None:
+        if getattr(params, "model", self.loaded) != self.loaded:
+            self.reload(params)
 
     def process(self, jobs: Sequence[Job]) -> list[Image | None]:
         return [job.frame.image for job in jobs]

@@ -15,7 +15,12 @@ from livediff.config import Settings
 from livediff.media.sdp import OfferError
 from livediff.server.health import health_router
 from livediff.server.http import BodyLimitMiddleware
-from livediff.server.service import LivediffService, ServiceUnavailableError, UnknownSessionError
+from livediff.server.service import (
+    LivediffService,
+    ModelInUseError,
+    ServiceUnavailableError,
+    UnknownSessionError,
+)
 from livediff.server.sessions import sessions_router
 from livediff.server.whip import whep_router, whip_router
 
@@ -80,7 +85,11 @@ def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
             headers={"Retry-After": str(settings.retry_after_s)},
         )
 
+    async def model_in_use(_request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
     app.add_exception_handler(OfferError, offer_error)
+    app.add_exception_handler(ModelInUseError, model_in_use)
     app.add_exception_handler(UnknownSessionError, unknown_session)
     app.add_exception_handler(ServiceUnavailableError, unavailable)
 

@@ -36,6 +36,10 @@ class UnknownSessionError(LookupError):
     """No open session has this id; HTTP 404."""
 
 
+class ModelInUseError(Exception):
+    """A params change would reload the model that other sessions are using; HTTP 409."""
+
+
 @dataclass
 class SessionRecord:
     """A session as the server knows it: the engine session and the peers around it."""
@@ -130,6 +134,7 @@ class LivediffService:
         new = record.session.merged_params(patch)
         old = record.session.params
         if self.transform.requires_reload(old, new):
+            self._refuse_shared_reload(new, session_id)
             await asyncio.wrap_future(self.worker.call(lambda: self.transform.reload(new)))
         record.session.set_params(new)
         return new
@@ -143,7 +148,19 @@ class LivediffService:
             return {"type": "error", "status": 422, "detail": detail}
         except UnknownSessionError:
             return {"type": "error", "status": 404, "detail": "the session is closed"}
+        except ModelInUseError as exc:
+            return {"type": "error", "status": 409, "detail": str(exc)}
         return {"type": "params", "params": params.model_dump(mode="json")}
+
+    def _refuse_shared_reload(self, new: TransformParams, session_id: str | None) -> None:
+        """The worker holds one model for all sessions: only a session alone may change it."""
+        others = len([sid for sid in self.sessions if sid != session_id]) + self._opening
+        if others:
+            raise ModelInUseError(
+                f"these params need another model, but the loaded one serves {others} other "
+                "session(s); change the model when no other session is open, or run another "
+                "server for it"
+            )
 
     # -- sessions -----------------------------------------------------------------------------
     def get(self, session_id: str) -> SessionRecord:
@@ -157,14 +174,16 @@ class LivediffService:
     ) -> tuple[SessionRecord, str]:
         """Answer a publisher's offer; returns the new session and the answer SDP."""
         self._check_can_open()
+        if self.transform.requires_reload(self.initial_params({}), params):
+            self._refuse_shared_reload(params, None)
         self._opening += 1
         try:
             record = self._new_record(params, kind)
-            await asyncio.wrap_future(self.worker.attach(record.session))
-            try:
+            try:  # attaching may load the session's model: it can fail like the offer
+                await asyncio.wrap_future(self.worker.attach(record.session))
                 answer = await record.publisher.accept(offer)  # type: ignore[union-attr]
             except BaseException:
-                await self._release(record, "the offer was refused")
+                await self._release(record, "the session could not open")
                 raise
         finally:
             self._opening -= 1

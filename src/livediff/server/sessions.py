@@ -16,7 +16,23 @@ from livediff.server.schemas import (
     SessionInfo,
     SessionOffer,
 )
-from livediff.server.service import LivediffService
+from livediff.server.service import LivediffService, SessionRecord
+
+
+async def _open_session(
+    service: LivediffService, body: dict[str, Any]
+) -> tuple[SessionRecord, str]:
+    """Validate a POST /v1/sessions body and open the session (422 names the bad field)."""
+    try:
+        offer_body = SessionOffer.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc, ("body",)) from exc
+    offer = parse_offer(offer_body.sdp)
+    try:
+        params = service.initial_params(offer_body.params)
+        return await service.open_session(offer, params, kind="webrtc")
+    except ValidationError as exc:  # from the params model, or the transform (e.g. a model)
+        raise validation_error(exc, ("body", "params")) from exc
 
 
 def sessions_router(service: LivediffService) -> APIRouter:
@@ -44,17 +60,7 @@ def sessions_router(service: LivediffService) -> APIRouter:
     )
     async def create_session(request: Request, response: Response) -> SessionAnswer:
         """Open a session from a WebRTC offer; the processed video comes back on the same peer."""
-        body = await read_json_object(request)
-        try:
-            offer_body = SessionOffer.model_validate(body)
-        except ValidationError as exc:
-            raise validation_error(exc, ("body",)) from exc
-        offer = parse_offer(offer_body.sdp)
-        try:
-            params = service.initial_params(offer_body.params)
-        except ValidationError as exc:
-            raise validation_error(exc, ("body", "params")) from exc
-        record, answer = await service.open_session(offer, params, kind="webrtc")
+        record, answer = await _open_session(service, await read_json_object(request))
         response.headers["Location"] = f"{router.prefix}/sessions/{record.id}"
         return SessionAnswer(sdp=answer, session_id=record.id)
 

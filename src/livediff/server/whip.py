@@ -99,7 +99,10 @@ def whip_router(service: LivediffService) -> APIRouter:
             params = service.initial_params(dict(request.query_params))
         except ValidationError as exc:
             raise validation_error(exc, ("query",)) from exc
-        record, answer = await service.open_session(offer, params, kind="whip")
+        try:
+            record, answer = await service.open_session(offer, params, kind="whip")
+        except ValidationError as exc:
+            raise validation_error(exc, ("query",)) from exc
         return _answer_response(answer, f"/whip/{record.id}", record.etag, settings)
 
     @router.options("/whip/{session_id}", include_in_schema=False)

@@ -1,0 +1,76 @@
+"""One model serves every session: only a session alone may change it; a bad one is refused."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+
+from livediff.testing.peers import NumberedVideoTrack, add_camera, client_peer, local_offer
+from tests.conftest import LiveServer
+from tests.server.faulty import ModelSwitchTransform
+from tests.server.streaming import publish
+
+PIPELINE = "tests.server.faulty:ModelSwitchTransform"
+SMALL = {"width": 128, "height": 128}
+
+
+def transform_of(server: LiveServer) -> ModelSwitchTransform:
+    transform = server.service.transform
+    assert isinstance(transform, ModelSwitchTransform)
+    return transform
+
+
+async def offer() -> str:
+    pc = client_peer()
+    add_camera(pc, NumberedVideoTrack(64, 64))
+    try:
+        return await local_offer(pc)
+    finally:
+        await pc.close()
+
+
+async def test_a_session_alone_may_change_the_model(serve: Callable[..., LiveServer]) -> None:
+    server = serve(pipeline=PIPELINE)
+    async with (
+        publish(server.url, params=SMALL) as client,
+        httpx.AsyncClient(base_url=server.url) as http,
+    ):
+        path = f"/v1/sessions/{client.session_id}/params"
+        changed = await http.patch(path, json={"model": "b"})
+        refused = await http.patch(path, json={"model": "missing"})
+    assert changed.status_code == 200 and changed.json()["model"] == "b"
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "model"]
+    assert transform_of(server).loaded == "b" and transform_of(server).reloads == 1
+
+
+async def test_a_shared_model_is_not_changed_under_other_sessions(
+    serve: Callable[..., LiveServer],
+) -> None:
+    server = serve(pipeline=PIPELINE)
+    new_offer = await offer()
+    async with (
+        publish(server.url, params=SMALL) as first,
+        publish(server.url, params=SMALL),
+        httpx.AsyncClient(base_url=server.url) as http,
+    ):
+        patch = await http.patch(f"/v1/sessions/{first.session_id}/params", json={"model": "b"})
+        opened = await http.post("/v1/sessions", json={"sdp": new_offer, "params": {"model": "c"}})
+        info = (await http.get(f"/v1/sessions/{first.session_id}")).json()
+    assert patch.status_code == 409 and "other session" in patch.json()["detail"]
+    assert opened.status_code == 409
+    assert info["params"]["model"] == "a" and transform_of(server).reloads == 0
+
+
+async def test_a_new_session_naming_a_missing_model_gets_422_and_leaves_nothing(
+    serve: Callable[..., LiveServer],
+) -> None:
+    server = serve(pipeline=PIPELINE)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        refused = await http.post(
+            "/v1/sessions", json={"sdp": await offer(), "params": {"model": "missing"}}
+        )
+    assert refused.status_code == 422
+    assert refused.json()["detail"][0]["loc"] == ["body", "params", "model"]
+    assert server.service.sessions == {} and not server.service.worker.attached
+    assert server.service.health() == "IDLE"
