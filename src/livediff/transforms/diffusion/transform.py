@@ -2,8 +2,9 @@
 
 The worker thread loads the model, warms it up and runs :class:`StreamEngine` on each batch.
 The model is one per worker: a session that asks for another ``model``/``vae`` reloads it for
-every session (a params update that names a model that cannot be loaded is refused with a 422
-on the ``model``/``vae`` field and the running model stays).
+every session, so the server allows that only to a session that is alone (409 otherwise, see
+``LivediffService``). A model that cannot be loaded is refused with a 422 on the ``model``/``vae``
+field, and the running model stays.
 """
 
 from __future__ import annotations
