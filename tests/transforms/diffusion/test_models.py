@@ -103,3 +103,16 @@ def test_a_vae_of_the_wrong_kind_is_refused(tiny_model: ModelFolders) -> None:
     transform = DiffusionTransform(tiny_settings(tiny_model, vae=str(tiny_model.model / "unet")))
     with pytest.raises(ModelUnavailableError, match="a VAE must be one of AutoencoderTiny"):
         transform.load()
+
+
+def test_prepare_models_with_the_hub_unreachable_says_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # closed
+    assert main(["prepare-models", "--model-dir", str(tmp_path)]) == 2
+    message = capsys.readouterr().err
+    assert "cannot download model 'stabilityai/sd-turbo'" in message
+    assert "is not downloaded" not in message and "Traceback" not in message

@@ -131,14 +131,22 @@ def _hub_folder(
             local_files_only=local_only,
         )
     except (LocalEntryNotFoundError, FileNotFoundError) as exc:
-        raise ModelUnavailableError(_missing_message(choice, role, repo_id), role) from exc
+        if local_only:
+            raise ModelUnavailableError(_missing_message(choice, role, repo_id), role) from exc
+        raise _download_failed(choice, role, repo_id, exc) from exc  # the hub was unreachable
     except (HfHubHTTPError, OSError) as exc:
-        raise ModelUnavailableError(
-            f"cannot download {role} {repo_id!r}: {exc}; check the name and the network, or"
-            f" fetch it where the hub is reachable: {choice.fetch_command()}",
-            role,
-        ) from exc
+        raise _download_failed(choice, role, repo_id, exc) from exc
     return Path(str(folder))
+
+
+def _download_failed(
+    choice: ModelChoice, role: str, repo_id: str, exc: Exception
+) -> ModelUnavailableError:
+    return ModelUnavailableError(
+        f"cannot download {role} {repo_id!r}: {exc}; check the name and the network, or"
+        f" fetch it where the hub is reachable: {choice.fetch_command()}",
+        role,
+    )
 
 
 def _missing_message(choice: ModelChoice, role: str, repo_id: str) -> str:
