@@ -39,7 +39,6 @@ import av
 import diffusers
 import numpy as np
 import torch
-from diffusers import AutoPipelineForImage2Image, StableDiffusionPipeline
 
 from livediff.frames import Frame, to_video_frame
 from livediff.transforms.base import Job
@@ -53,6 +52,7 @@ from livediff.transforms.diffusion.bundle import (
 from livediff.transforms.diffusion.configs import build_components, parameter_count
 from livediff.transforms.diffusion.models import ModelChoice, locate
 from livediff.transforms.diffusion.params import DiffusionParams
+from livediff.transforms.diffusion.reference import diffusers_img2img
 from livediff.transforms.diffusion.stream import StreamEngine
 from livediff.transforms.diffusion.transform import resolve_device, resolve_dtype
 
@@ -203,22 +203,6 @@ def run_livediff(engine: StreamEngine, args: argparse.Namespace, case: Case) -> 
 
 
 # -- diffusers ----------------------------------------------------------------------------------
-def diffusers_pipeline(bundle: ModelBundle) -> Any:
-    text2img = StableDiffusionPipeline(
-        vae=bundle.vae,
-        text_encoder=bundle.text_encoder,
-        tokenizer=bundle.tokenizer,
-        unet=bundle.unet,
-        scheduler=bundle.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe = AutoPipelineForImage2Image.from_pipe(text2img)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def run_diffusers(
     pipe: Any, device: torch.device, dtype: torch.dtype, args: argparse.Namespace, case: Case
 ) -> dict[str, Any]:
@@ -320,7 +304,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     bundle = build_bundle(args, device, dtype)
-    pipe = diffusers_pipeline(bundle) if args.baseline else None
+    pipe = diffusers_img2img(bundle) if args.baseline else None
     runs: list[dict[str, Any]] = []
     for compiled in args.compile:
         if compiled == "on":

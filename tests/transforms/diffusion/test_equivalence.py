@@ -8,26 +8,15 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import AutoPipelineForImage2Image, StableDiffusionPipeline
 
 from livediff.transforms.diffusion.params import TIMESTEP_GRID, grid_timestep, strength_timestep
+from livediff.transforms.diffusion.reference import diffusers_img2img as reference_img2img
 from livediff.transforms.diffusion.transform import DiffusionTransform
 from tests.transforms.diffusion.conftest import Stream, camera_frames
 
 
 def diffusers_img2img(transform: DiffusionTransform) -> Any:
-    bundle = transform._engine().bundle
-    text2img = StableDiffusionPipeline(
-        vae=bundle.vae,
-        text_encoder=bundle.text_encoder,
-        tokenizer=bundle.tokenizer,
-        unet=bundle.unet,
-        scheduler=bundle.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return AutoPipelineForImage2Image.from_pipe(text2img)
+    return reference_img2img(transform._engine().bundle)
 
 
 @pytest.mark.parametrize(
