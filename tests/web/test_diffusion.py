@@ -11,6 +11,7 @@ import pytest
 from livediff.transforms.diffusion.configs import ModelFolders, write_model_folder
 from livediff.transforms.diffusion.transform import DiffusionTransform
 from tests.conftest import LiveServer
+from tests.transforms.diffusion.conftest import tiny_options
 from tests.web.pagekit import eventually, only_session, start_live
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -26,14 +27,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> ModelFolders:
 def test_the_studio_drives_the_diffusion_pipeline(
     serve: Callable[..., LiveServer], tiny_model: ModelFolders, open_page: Callable[..., Any]
 ) -> None:
-    server = serve(
-        pipeline="diffusion",
-        model=str(tiny_model.model),
-        vae=str(tiny_model.taesd),
-        device="cpu",
-        width=SIZE,
-        height=SIZE,
-    )
+    server = serve(**tiny_options(tiny_model, SIZE))
     transform = server.service.transform
     assert isinstance(transform, DiffusionTransform)
     page = open_page(server.url)

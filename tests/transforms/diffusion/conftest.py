@@ -27,16 +27,20 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> ModelFolders:
     return write_model_folder(tmp_path_factory.mktemp("tiny-sd"), "tiny", seed=0)
 
 
-def tiny_settings(folders: ModelFolders, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
+def tiny_options(folders: ModelFolders, size: int = SIZE) -> dict[str, Any]:
+    """Settings fields that serve the tiny model on the CPU at size x size."""
+    return {
         "pipeline": "diffusion",
         "model": str(folders.model),
         "vae": str(folders.taesd),
         "device": "cpu",
-        "width": SIZE,
-        "height": SIZE,
+        "width": size,
+        "height": size,
     }
-    return Settings(**{**values, **overrides})
+
+
+def tiny_settings(folders: ModelFolders, **overrides: Any) -> Settings:
+    return Settings(**{**tiny_options(folders), **overrides})
 
 
 @pytest.fixture

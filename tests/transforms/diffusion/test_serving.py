@@ -11,20 +11,13 @@ from livediff.transforms.diffusion.configs import ModelFolders
 from livediff.transforms.diffusion.transform import DiffusionTransform
 from tests.conftest import LiveServer
 from tests.server.streaming import publish
-from tests.transforms.diffusion.conftest import SIZE
+from tests.transforms.diffusion.conftest import SIZE, tiny_options
 
 
 async def test_a_webrtc_session_is_restyled_live_and_takes_params_without_reloading(
     serve: Callable[..., LiveServer], tiny_model: ModelFolders
 ) -> None:
-    server = serve(
-        pipeline="diffusion",
-        model=str(tiny_model.model),
-        vae=str(tiny_model.taesd),
-        device="cpu",
-        width=SIZE,
-        height=SIZE,
-    )
+    server = serve(**tiny_options(tiny_model, SIZE))
     transform = server.service.transform
     assert isinstance(transform, DiffusionTransform)
     engine = transform._engine()
