@@ -36,8 +36,11 @@ class LiveServer:
         self.thread.join(timeout=20)
 
 
-def start_server(settings: Settings, ready_timeout: float = 60.0) -> LiveServer:
-    """Run ``create_app(settings)`` under uvicorn on 127.0.0.1 (an ephemeral port) until ready."""
+def start_server(
+    settings: Settings, ready_timeout: float = 60.0, *, wait_for_model: bool = True
+) -> LiveServer:
+    """Run ``create_app(settings)`` under uvicorn on 127.0.0.1 (an ephemeral port) until HTTP is
+    up and, with ``wait_for_model``, the transform has loaded (/health no longer LOADING)."""
     app = create_app(settings)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
@@ -50,7 +53,7 @@ def start_server(settings: Settings, ready_timeout: float = 60.0) -> LiveServer:
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     live = LiveServer(f"http://127.0.0.1:{port}", app, server, thread)
-    while live.service.health() == "LOADING":
+    while wait_for_model and live.service.health() == "LOADING":
         if time.monotonic() > deadline:
             raise RuntimeError("the test server's transform did not load")
         time.sleep(0.02)

@@ -86,6 +86,16 @@ async def publish(
             task.cancel()
 
 
+async def sample_offer(size: int = 64) -> str:
+    """A real offer (sendrecv video) from a peer that is closed right after."""
+    pc = client_peer()
+    add_camera(pc, NumberedVideoTrack(size, size))
+    try:
+        return await local_offer(pc)
+    finally:
+        await pc.close()
+
+
 async def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.05) -> None:
     """Poll ``predicate()`` until it is true (raises TimeoutError)."""
     async with asyncio.timeout(timeout):

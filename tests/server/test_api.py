@@ -18,7 +18,7 @@ from livediff.testing.peers import (
     local_offer,
 )
 from tests.conftest import LiveServer
-from tests.server.streaming import publish, wait_until
+from tests.server.streaming import publish, sample_offer, wait_until
 
 
 def metric(text: str, name: str) -> float:
@@ -27,15 +27,6 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not in metrics")
-
-
-async def fresh_offer() -> str:
-    pc = client_peer()
-    add_camera(pc, NumberedVideoTrack(64, 64))
-    try:
-        return await local_offer(pc)
-    finally:
-        await pc.close()
 
 
 async def test_params_patch_merges_validates_and_applies(server: LiveServer) -> None:
@@ -121,7 +112,7 @@ async def test_stats_metrics_and_delete_release_everything(server: LiveServer) -
 
 
 async def test_bad_requests_get_clear_errors(server: LiveServer) -> None:
-    offer = await fresh_offer()
+    offer = await sample_offer()
     async with httpx.AsyncClient(base_url=server.url) as http:
         malformed = await http.post("/v1/sessions", json={"sdp": "hello", "type": "offer"})
         no_video = await http.post(
@@ -164,7 +155,7 @@ async def test_a_streamed_body_over_the_limit_gets_413(server: LiveServer) -> No
 
 async def test_over_capacity_gets_503_with_retry_after(serve: Callable[..., LiveServer]) -> None:
     small = serve(max_sessions=1, retry_after_s=7)
-    offer = await fresh_offer()
+    offer = await sample_offer()
     async with (
         publish(small.url, params={"width": 128, "height": 128}),
         httpx.AsyncClient(base_url=small.url) as http,
@@ -179,7 +170,7 @@ async def test_a_token_guards_the_session_endpoints(serve: Callable[..., LiveSer
     guarded = serve(token="s3cret")
     async with httpx.AsyncClient(base_url=guarded.url) as http:
         anonymous = await http.post(
-            "/v1/sessions", json={"sdp": await fresh_offer(), "type": "offer"}
+            "/v1/sessions", json={"sdp": await sample_offer(), "type": "offer"}
         )
         wrong = await http.get("/v1/sessions", headers={"authorization": "Bearer nope"})
         health = await http.get("/health")

@@ -6,10 +6,9 @@ from collections.abc import Callable
 
 import httpx
 
-from livediff.testing.peers import NumberedVideoTrack, add_camera, client_peer, local_offer
 from tests.conftest import LiveServer
 from tests.server.faulty import ModelSwitchTransform
-from tests.server.streaming import publish
+from tests.server.streaming import publish, sample_offer
 
 PIPELINE = "tests.server.faulty:ModelSwitchTransform"
 SMALL = {"width": 128, "height": 128}
@@ -19,15 +18,6 @@ def transform_of(server: LiveServer) -> ModelSwitchTransform:
     transform = server.service.transform
     assert isinstance(transform, ModelSwitchTransform)
     return transform
-
-
-async def offer() -> str:
-    pc = client_peer()
-    add_camera(pc, NumberedVideoTrack(64, 64))
-    try:
-        return await local_offer(pc)
-    finally:
-        await pc.close()
 
 
 async def test_a_session_alone_may_change_the_model(serve: Callable[..., LiveServer]) -> None:
@@ -48,7 +38,7 @@ async def test_a_shared_model_is_not_changed_under_other_sessions(
     serve: Callable[..., LiveServer],
 ) -> None:
     server = serve(pipeline=PIPELINE)
-    new_offer = await offer()
+    new_offer = await sample_offer()
     async with (
         publish(server.url, params=SMALL) as first,
         publish(server.url, params=SMALL),
@@ -68,7 +58,7 @@ async def test_a_new_session_naming_a_missing_model_gets_422_and_leaves_nothing(
     server = serve(pipeline=PIPELINE)
     async with httpx.AsyncClient(base_url=server.url) as http:
         refused = await http.post(
-            "/v1/sessions", json={"sdp": await offer(), "params": {"model": "missing"}}
+            "/v1/sessions", json={"sdp": await sample_offer(), "params": {"model": "missing"}}
         )
     assert refused.status_code == 422
     assert refused.json()["detail"][0]["loc"] == ["body", "params", "model"]

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import uvicorn
 
 from livediff.config import Settings
-from livediff.server.app import create_app
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, start_server
 from tests.web.prompt_tint import DiffusionParamsTint, GatedTint, PromptTint
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -137,18 +134,7 @@ def serve_loading() -> Iterator[Callable[..., LiveServer]]:
     started: list[LiveServer] = []
 
     def _serve(**overrides: Any) -> LiveServer:
-        app = create_app(Settings(**overrides))
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        live = LiveServer(f"http://127.0.0.1:{port}", app, server, thread)
+        live = start_server(Settings(**overrides), wait_for_model=False)
         started.append(live)
         return live
 
