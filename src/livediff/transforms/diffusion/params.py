@@ -8,7 +8,7 @@ table of scheduler coefficients.
 from __future__ import annotations
 
 from itertools import pairwise
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -33,8 +33,11 @@ DEFAULT_VAE = "madebyollin/taesd"
 FULL_VAE = "full"
 
 
-def _check_weights(weights: list[float], field: str) -> None:
-    if sum(weights) <= 0:
+def _check_blend(pairs: list[tuple[Any, float]], field: str) -> None:
+    """A weighted list: 1 to MAX_BLEND [value, weight] pairs whose weights add up above 0."""
+    if not 1 <= len(pairs) <= MAX_BLEND:
+        raise ValueError(f"give 1 to {MAX_BLEND} [{field}, weight] pairs")
+    if sum(weight for _, weight in pairs) <= 0:
         raise ValueError(f"the {field} weights must add up to more than 0")
 
 
@@ -106,18 +109,14 @@ class DiffusionParams(TransformParams):
     @classmethod
     def _check_prompt(cls, value: str | list[tuple[str, float]]) -> str | list[tuple[str, float]]:
         if isinstance(value, list):
-            if not 1 <= len(value) <= MAX_BLEND:
-                raise ValueError(f"give 1 to {MAX_BLEND} [text, weight] pairs")
-            _check_weights([weight for _, weight in value], "prompt")
+            _check_blend(value, "prompt")
         return value
 
     @field_validator("seed")
     @classmethod
     def _check_seed(cls, value: int | list[tuple[int, float]]) -> int | list[tuple[int, float]]:
         if isinstance(value, list):
-            if not 1 <= len(value) <= MAX_BLEND:
-                raise ValueError(f"give 1 to {MAX_BLEND} [seed, weight] pairs")
-            _check_weights([weight for _, weight in value], "seed")
+            _check_blend(value, "seed")
         return value
 
     @field_validator("t_index_list")
