@@ -49,10 +49,10 @@ from livediff.transforms.diffusion.bundle import (
     prepare,
     uses_cuda_graphs,
 )
-from livediff.transforms.diffusion.configs import build_components, parameter_count
+from livediff.testing.models import build_components, parameter_count
 from livediff.transforms.diffusion.models import ModelChoice, locate
 from livediff.transforms.diffusion.params import DiffusionParams
-from livediff.transforms.diffusion.reference import diffusers_img2img
+from livediff.testing.reference import diffusers_img2img
 from livediff.transforms.diffusion.stream import StreamEngine
 from livediff.transforms.diffusion.transform import resolve_device, resolve_dtype
 

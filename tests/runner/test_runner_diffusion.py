@@ -23,7 +23,7 @@ from livediff.config import Settings
 from livediff.runner.main import build_spec, spec_or_exit
 from livediff.runner.params import LivediffParams
 from livediff.runner.pipeline import LivediffPipeline
-from livediff.transforms.diffusion.configs import ModelFolders, write_model_folder
+from livediff.testing.models import ModelFolders, write_model_folder
 from livediff.transforms.diffusion.params import DiffusionParams
 from tests.runner.conftest import TIME_BASE, video_frame
 

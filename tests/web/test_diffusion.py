@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from livediff.transforms.diffusion.configs import ModelFolders, write_model_folder
+from livediff.testing.models import ModelFolders, write_model_folder
 from livediff.transforms.diffusion.transform import DiffusionTransform
 from tests.conftest import LiveServer
 from tests.transforms.diffusion.conftest import tiny_options

@@ -15,7 +15,7 @@ import pytest
 from livediff.config import Settings
 from livediff.frames import Frame
 from livediff.transforms.base import Job
-from livediff.transforms.diffusion.configs import ModelFolders, write_model_folder
+from livediff.testing.models import ModelFolders, write_model_folder
 from livediff.transforms.diffusion.params import DiffusionParams
 from livediff.transforms.diffusion.transform import DiffusionTransform
 

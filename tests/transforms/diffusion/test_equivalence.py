@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from livediff.transforms.diffusion.params import TIMESTEP_GRID, grid_timestep, strength_timestep
-from livediff.transforms.diffusion.reference import diffusers_img2img as reference_img2img
+from livediff.testing.reference import diffusers_img2img as reference_img2img
 from livediff.transforms.diffusion.transform import DiffusionTransform
 from tests.transforms.diffusion.conftest import Stream, camera_frames
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from livediff.cli import main
-from livediff.transforms.diffusion.configs import ModelFolders
+from livediff.testing.models import ModelFolders
 from livediff.transforms.diffusion.models import ModelChoice, ModelUnavailableError, locate
 from livediff.transforms.diffusion.transform import DiffusionTransform
 from tests.transforms.diffusion.conftest import tiny_settings

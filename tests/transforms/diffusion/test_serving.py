@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import httpx
 
-from livediff.transforms.diffusion.configs import ModelFolders
+from livediff.testing.models import ModelFolders
 from livediff.transforms.diffusion.transform import DiffusionTransform
 from tests.conftest import LiveServer
 from tests.server.streaming import publish
