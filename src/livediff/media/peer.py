@@ -27,6 +27,7 @@ from aiortc.sdp import candidate_from_sdp
 
 from livediff.config import Settings
 from livediff.engine.session import Session
+from livediff.media import dtls_compat
 from livediff.media.codecs import EncoderSettings, codec_preferences, install_encoder
 from livediff.media.egress import ProcessedVideoTrack
 from livediff.media.ingest import pump_video
@@ -34,6 +35,7 @@ from livediff.media.jitter import use_marker_jitter_buffer
 from livediff.media.sdp import Offer, OfferError
 
 logger = logging.getLogger(__name__)
+dtls_compat.install()  # name the cause of a failed DTLS handshake (FFmpeg's P-224 certificate)
 
 #: Handles a params message from a data channel; returns the reply to send back.
 ParamsHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -137,9 +139,13 @@ class Peer:
 
     async def _on_connection_state(self) -> None:
         state = self.pc.connectionState
-        logger.info("session %s: peer %s", self.session.id, state)
+        detail = dtls_compat.failure_reason(self.pc) if state == "failed" else None
+        if detail:
+            logger.warning("session %s: peer failed: %s", self.session.id, detail)
+        else:
+            logger.info("session %s: peer %s", self.session.id, state)
         if state in ("failed", "closed"):
-            self._report_closed(f"peer connection {state}")
+            self._report_closed(f"peer connection {state}" + (f": {detail}" if detail else ""))
 
     def _report_closed(self, reason: str) -> None:
         if self.on_closed is not None and not self._closed:
