@@ -17,6 +17,24 @@ from livediff.server.app import create_app
 from livediff.server.service import LivediffService
 
 
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` run where CUDA is; elsewhere they are skipped, saying why."""
+    if cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `python -m pytest -m gpu` on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @dataclass
 class LiveServer:
     """A running server: its base URL, the app and the service inside it."""
@@ -53,7 +71,7 @@ def start_server(
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     live = LiveServer(f"http://127.0.0.1:{port}", app, server, thread)
-    while wait_for_model and live.service.health() == "LOADING":
+    while wait_for_model and live.service.engine.health() == "LOADING":
         if time.monotonic() > deadline:
             raise RuntimeError("the test server's transform did not load")
         time.sleep(0.02)

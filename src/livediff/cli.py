@@ -1,5 +1,6 @@
 """The ``livediff`` command: ``livediff serve`` runs the service; ``livediff prepare-models``
-downloads the diffusion model that ``serve`` will need.
+downloads the diffusion model that ``serve`` will need; ``livediff bench NAME`` runs a
+benchmark of a source checkout.
 
 Every option falls back to its ``LIVEDIFF_<NAME>`` environment variable, then to the default in
 :class:`~livediff.config.Settings`.
@@ -9,44 +10,52 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, get_args
 
 from pydantic import ValidationError
 
 from livediff import __version__
 from livediff.config import Settings
 
+
+def choices_of(field: str) -> list[str]:
+    """The values a Literal-typed Settings field takes (one source for the CLI and Settings)."""
+    return [str(value) for value in get_args(Settings.model_fields[field].annotation)]
+
+
 #: model options of serve and prepare-models: (flag, Settings field, argparse keyword arguments)
 MODEL_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     (
         "--model",
         "model",
-        {"help": "diffusion model: hub id or local folder (stabilityai/sd-turbo)"},
+        {"help": "diffusion model: hub id or local folder"},
     ),
-    ("--vae", "vae", {"help": "Tiny AutoEncoder hub id or folder, or 'full' (madebyollin/taesd)"}),
+    (
+        "--vae",
+        "vae",
+        {"help": "Tiny AutoEncoder hub id or folder, or 'full'"},
+    ),
     ("--model-dir", "model_dir", {"help": "hub download cache (default: MODEL_DIR or HF cache)"}),
 ]
 
 #: serve options: (flag, Settings field, argparse keyword arguments)
 SERVE_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     *MODEL_OPTIONS,
-    ("--dtype", "dtype", {"choices": ["auto", "float16", "bfloat16", "float32"]}),
+    ("--dtype", "dtype", {"choices": choices_of("dtype")}),
     ("--compile", "compile", {"action": "store_true", "help": "torch.compile the model at load"}),
-    (
-        "--compile-mode",
-        "compile_mode",
-        {"choices": ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]},
-    ),
-    ("--host", "host", {"help": "address to listen on (default 127.0.0.1)"}),
-    ("--port", "port", {"type": int, "help": "port to listen on (default 8000)"}),
+    ("--compile-mode", "compile_mode", {"choices": choices_of("compile_mode")}),
+    ("--host", "host", {"help": "address to listen on"}),
+    ("--port", "port", {"type": int, "help": "port to listen on"}),
     ("--pipeline", "pipeline", {"help": "transform: passthrough, diffusion or module:Class"}),
-    ("--width", "width", {"type": int, "help": "default output width (default 512)"}),
-    ("--height", "height", {"type": int, "help": "default output height (default 512)"}),
-    ("--max-sessions", "max_sessions", {"type": int, "help": "sessions at once (default 4)"}),
-    ("--max-batch", "max_batch", {"type": int, "help": "frames per transform call (default 4)"}),
-    ("--device", "device", {"help": "auto, cpu, cuda or cuda:N (default auto)"}),
+    ("--width", "width", {"type": int, "help": "default output width"}),
+    ("--height", "height", {"type": int, "help": "default output height"}),
+    ("--max-sessions", "max_sessions", {"type": int, "help": "sessions at once"}),
+    ("--max-batch", "max_batch", {"type": int, "help": "frames per transform call"}),
+    ("--device", "device", {"help": "auto, cpu, cuda or cuda:N"}),
     ("--token", "token", {"help": "require 'Authorization: Bearer TOKEN' on session endpoints"}),
     (
         "--cors-origin",
@@ -63,8 +72,16 @@ SERVE_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
         {"nargs": "+", "metavar": "URL", "help": "STUN/TURN server URLs"},
     ),
     ("--web-dir", "web_dir", {"help": "serve the demo page from this folder"}),
-    ("--log-level", "log_level", {"choices": ["debug", "info", "warning", "error"]}),
+    ("--log-level", "log_level", {"choices": choices_of("log_level")}),
 ]
+
+
+def with_default(field: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` whose help ends with the Settings default (the environment may override it)."""
+    default = Settings.model_fields[field].default
+    if default in (None, False, "") or "help" not in kwargs:
+        return kwargs
+    return {**kwargs, "help": f"{kwargs['help']} (default {default})"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,12 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the service (HTTP API, WebRTC, WHIP, page)")
     for flag, field, kwargs in SERVE_OPTIONS:
-        serve.add_argument(flag, dest=field, default=None, **kwargs)
+        serve.add_argument(flag, dest=field, default=None, **with_default(field, kwargs))
     prepare = commands.add_parser(
         "prepare-models", help="download the diffusion model and VAE that serve will load"
     )
     for flag, field, kwargs in MODEL_OPTIONS:
-        prepare.add_argument(flag, dest=field, default=None, **kwargs)
+        prepare.add_argument(flag, dest=field, default=None, **with_default(field, kwargs))
+    add_bench_parser(commands)
     return parser
 
 
@@ -116,9 +134,68 @@ def prepare_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- livediff bench: benchmarks/<name>.py of a checkout (they are not part of the package) -----
+#: Benchmark names that differ from their script's.
+BENCH_ALIASES = {"worker": "diffusion_worker"}
+#: Scripts in benchmarks/ that are not benchmarks.
+BENCH_HELPERS = frozenset({"common", "baseline_server"})
+
+
+def bench_folders() -> list[Path]:
+    """Where a checkout's benchmarks/ may be: beside the source tree of an editable install,
+    then under the current directory."""
+    return [Path(__file__).resolve().parents[2] / "benchmarks", Path.cwd() / "benchmarks"]
+
+
+def find_benchmarks() -> Path | None:
+    return next((folder for folder in bench_folders() if folder.is_dir()), None)
+
+
+def bench_names(folder: Path) -> list[str]:
+    scripts = {path.stem for path in folder.glob("*.py") if not path.stem.startswith("_")}
+    scripts -= BENCH_HELPERS
+    aliases = {alias for alias, script in BENCH_ALIASES.items() if script in scripts}
+    return sorted((scripts - set(BENCH_ALIASES.values())) | aliases)
+
+
+def add_bench_parser(commands: Any) -> None:
+    folder = find_benchmarks()
+    found = ", ".join(bench_names(folder)) if folder else "none: no benchmarks/ folder found"
+    bench_parser = commands.add_parser(
+        "bench",
+        help="run a benchmark from a livediff checkout (benchmarks/<name>.py)",
+        description="Run benchmarks/<name>.py of a livediff source checkout with this Python; "
+        "the arguments after the name go to the benchmark (livediff bench NAME --help). "
+        "Benchmarks are not part of the installed package.",
+        epilog=f"benchmarks: {found}",
+    )
+    bench_parser.add_argument("name", help="the benchmark (see below)")
+    bench_parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="its arguments")
+
+
+def bench(args: argparse.Namespace) -> int:
+    folder = find_benchmarks()
+    if folder is None:
+        looked = " or ".join(str(path) for path in bench_folders())
+        raise LookupError(
+            f"no benchmarks/ folder found (looked in {looked}): the benchmarks are not part of "
+            "the livediff package; run this from a livediff source checkout "
+            "(pip install -e '.[bench]' there)"
+        )
+    names = bench_names(folder)
+    if args.name not in names and args.name not in BENCH_ALIASES.values():
+        raise LookupError(f"unknown benchmark {args.name!r}; choose from: {', '.join(names)}")
+    script = folder / f"{BENCH_ALIASES.get(args.name, args.name)}.py"
+    try:
+        return subprocess.call([sys.executable, str(script), *args.bench_args])
+    except KeyboardInterrupt:
+        return 130
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": serve,
     "prepare-models": prepare_models,
+    "bench": bench,
 }
 
 

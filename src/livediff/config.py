@@ -17,6 +17,11 @@ H264Preset = Literal[
 VideoCodecName = Literal["vp8", "h264"]
 DiffusionDtype = Literal["auto", "float16", "bfloat16", "float32"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+#: The diffusion model and VAE a fresh install serves (the one place these names are written).
+DEFAULT_MODEL = "stabilityai/sd-turbo"
+DEFAULT_VAE = "madebyollin/taesd"
 
 
 class Settings(BaseSettings):
@@ -44,7 +49,7 @@ class Settings(BaseSettings):
     ice_username: str | None = None
     ice_credential: SecretStr | None = None
     web_dir: str | None = Field(None, description="Folder of the demo page; default: bundled.")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: LogLevel = "info"
 
     # -- engine ----------------------------------------------------------------------------
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
@@ -53,12 +58,21 @@ class Settings(BaseSettings):
         30, ge=1, description="Consecutive failed frames after which a session is ended."
     )
     stats_window_s: float = Field(5.0, gt=0, description="Window for fps and latency figures.")
+    warmup_frames: int = Field(
+        8, ge=1, le=64, description="Most test frames fed at warm-up until the transform answers."
+    )
+    pinned_buffers: int = Field(
+        8, ge=1, le=64, description="Pinned host buffers per direction per worker (CUDA copies)."
+    )
 
     # -- peers -----------------------------------------------------------------------------
     connect_timeout_s: float = Field(
         30.0, gt=0, description="A peer not connected within this time is closed."
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+    body_drain_factor: int = Field(
+        16, ge=1, description="An oversized body is read and dropped up to this many limits."
+    )
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503 when full.")
 
     # -- video encoder (replaces aiortc's module constants) --------------------------------
@@ -72,14 +86,17 @@ class Settings(BaseSettings):
     keyframe_interval_s: float = Field(2.0, gt=0, le=60)
     h264_preset: H264Preset = "veryfast"
     encoder_threads: int = Field(0, ge=0, description="0 = choose from the frame size.")
+    nominal_fps: int = Field(
+        30, ge=1, le=240, description="Frame rate encoders plan rate control and GOPs for."
+    )
 
     # -- diffusion (--pipeline diffusion; livediff.transforms.diffusion) --------------------
     model: str = Field(
-        "stabilityai/sd-turbo",
+        DEFAULT_MODEL,
         description="Diffusers model: hub id (SD 1.5 / 2.1 / sd-turbo family) or local folder.",
     )
     vae: str = Field(
-        "madebyollin/taesd",
+        DEFAULT_VAE,
         description="Tiny AutoEncoder (hub id or folder), or 'full' for the model's own VAE.",
     )
     model_dir: str | None = Field(
@@ -95,6 +112,9 @@ class Settings(BaseSettings):
         "max-autotune", description="torch.compile mode (max-autotune uses CUDA graphs)."
     )
     prompt_cache_size: int = Field(64, ge=1, description="Prompt embeddings kept per worker.")
+    compile_cache_size: int = Field(
+        64, ge=8, description="Compiled graphs torch keeps per function (dynamo cache limit)."
+    )
     similarity_max_skip: int = Field(
         10, ge=1, description="Most frames in a row the similarity filter may skip."
     )

@@ -104,7 +104,7 @@ class Driven:
         def applied() -> bool:
             if not self.driver.param_updates.empty() or not self.driver.ready.is_set():
                 return False
-            current = self.pipeline.host.params.model_dump()
+            current = self.pipeline.streams.params.model_dump()
             return all(current.get(key) == value for key, value in params.items())
 
         await until(applied, what=f"params {params}")

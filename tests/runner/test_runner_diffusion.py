@@ -78,9 +78,15 @@ async def test_frames_keep_timestamps_shape_and_unit_range(pipeline: LivediffPip
         assert not torch.allclose(out.tensor, image, atol=0.05)  # the model did restyle it
 
 
+def model_loads(pipeline: LivediffPipeline) -> float:
+    """Model loads the engine counted (its livediff_model_loads_total metric)."""
+    registry = pipeline.streams.engine.metrics.registry
+    return float(registry.get_sample_value("livediff_model_loads_total") or 0.0)
+
+
 async def test_a_prompt_update_applies_in_place(pipeline: LivediffPipeline) -> None:
-    transform = pipeline.host.transform
-    engine, loads = transform.engine, transform.loads
+    transform = pipeline.streams.engine.transform
+    stream, loads = transform.stream, model_loads(pipeline)
     image = camera(3)
     before = await roundtrip(pipeline, image, 1)
     again = await roundtrip(pipeline, image, 2)
@@ -89,21 +95,21 @@ async def test_a_prompt_update_applies_in_place(pipeline: LivediffPipeline) -> N
     assert await pipeline.update_params(**{**PARAMS, "prompt": "a blue whale"}) is None
     after = await roundtrip(pipeline, image, 3)
     assert not torch.equal(after.tensor, again.tensor)
-    assert transform.engine is engine and transform.loads == loads  # no reload
+    assert transform.stream is stream and model_loads(pipeline) == loads  # no reload
 
 
 async def test_a_model_change_returns_a_task_that_reloads(
     pipeline: LivediffPipeline, models: tuple[ModelFolders, ModelFolders]
 ) -> None:
-    transform = pipeline.host.transform
-    loads = transform.loads
+    transform = pipeline.streams.engine.transform
+    loads = model_loads(pipeline)
     image = camera(4)
     before = await roundtrip(pipeline, image, 1)
 
     task = await pipeline.update_params(**{**PARAMS, "model": str(models[1].model)})
     assert isinstance(task, asyncio.Task)
     await task
-    assert transform.loads == loads + 1
+    assert model_loads(pipeline) == loads + 1
     assert transform.choice.model == str(models[1].model)
     after = await roundtrip(pipeline, image, 2)
     assert not torch.allclose(after.tensor, before.tensor, atol=0.01)
@@ -117,7 +123,7 @@ async def test_a_model_that_cannot_load_is_reported_and_the_stream_goes_on(
     missing = {**PARAMS, "model": "/nowhere/no-model"}
     task = await pipeline.update_params(**missing)
     assert isinstance(task, asyncio.Task)
-    with caplog.at_level(logging.ERROR, logger="livediff.runner.host"):
+    with caplog.at_level(logging.ERROR, logger="livediff.runner.streams"):
         await task  # completes: a failed Task would make ai-runner restart the process
     refused = [r for r in caplog.records if getattr(r, "report_error", False)]
     assert refused and "/nowhere/no-model" in refused[0].getMessage()
@@ -130,11 +136,11 @@ async def test_stop_releases_the_model(
     pipeline: LivediffPipeline, worker_threads: Callable[[], int]
 ) -> None:
     await roundtrip(pipeline, camera(6), 1)
-    engine = weakref.ref(pipeline.host.transform.engine)
+    stream = weakref.ref(pipeline.streams.engine.transform.stream)
     threads = worker_threads()
     await pipeline.stop()
     gc.collect()
-    assert engine() is None, "the diffusion engine (UNet, VAE, text encoder) is still held"
+    assert stream() is None, "the diffusion model (UNet, VAE, text encoder) is still held"
     assert worker_threads() == threads - 1
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from livediff.runner.host import PipelineStoppedError
 from livediff.runner.pipeline import LivediffPipeline
+from livediff.runner.streams import PipelineStoppedError
 from tests.runner.conftest import SIZE, TIME_BASE, Driven, until, video_frame
 
 GAIN = "tests.runner.transforms:GainTransform"
@@ -66,14 +66,14 @@ async def test_an_update_in_place_returns_none_and_changes_the_next_output(drive
     through_loop = await driven.roundtrip(video_frame(frame, 3))
     assert torch.allclose(through_loop.tensor, frame * 0.25)
     assert driven.driver.reloads == 0
-    assert driven.pipeline.host.transform.reloads == []
+    assert driven.pipeline.streams.engine.transform.reloads == []
 
 
 async def test_a_model_change_returns_a_task_that_reloads(drive: Drive) -> None:
     driven = await drive(GAIN)
     params = {"width": SIZE, "height": SIZE, "model": "dim"}
     await driven.start_stream("s", params)
-    transform = driven.pipeline.host.transform
+    transform = driven.pipeline.streams.engine.transform
 
     task = await driven.pipeline.update_params(**{**params, "model": "bright"})
     assert isinstance(task, asyncio.Task)
@@ -88,7 +88,7 @@ async def test_frames_during_a_reload_become_loading_frames(drive: Drive) -> Non
     driven = await drive(GAIN)
     params = {"width": SIZE, "height": SIZE, "model": "dim"}
     await driven.start_stream("s", params)
-    transform = driven.pipeline.host.transform
+    transform = driven.pipeline.streams.engine.transform
     transform.reload_gate.clear()  # hold the reload until the test has looked
 
     driven.driver.update_params({**params, "model": "bright"})
@@ -149,7 +149,7 @@ async def test_a_slow_pipeline_sheds_frames_instead_of_queueing_them(drive: Driv
     assert received == sorted(set(received))  # in order, none twice
     assert len(received) < len(sent) / 2
     stats = driven.pipeline.stats()
-    registry = driven.pipeline.host.metrics.registry
+    registry = driven.pipeline.streams.engine.metrics.registry
     shed = registry.get_sample_value("livediff_frames_dropped_total", {"stage": "input"})
     assert shed is not None and shed > 0
     assert stats["frames_in"] == stats["frames_processed"] + shed
@@ -200,7 +200,7 @@ async def test_stop_ends_the_worker_and_lets_go_of_the_transform(
     await driven.start_stream("s", {"width": SIZE, "height": SIZE})
     await driven.roundtrip(video_frame(card(9), 1))
     pipeline: LivediffPipeline = driven.pipeline
-    transform_ref = weakref.ref(pipeline.host.transform)
+    transform_ref = weakref.ref(pipeline.streams.engine.transform)
     assert worker_threads() == baseline + 1
 
     await driven.stop()  # ai-runner stops the loops, then calls pipeline.stop()

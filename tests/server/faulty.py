@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 from pydantic_core import ValidationError
 
-from livediff.frames import Image, resize
+from livediff.frames import Image
+from livediff.pixels import resize
 from livediff.transforms.base import Job, Transform, TransformParams
 
 
@@ -56,8 +57,8 @@ class ModelSwitchTransform(Transform):
         self.loaded = "a"
         self.reloads = 0
 
-    def default_params(self) -> dict[str, object]:
-        return {**super().default_params(), "model": self.loaded}
+    def loaded_params(self) -> dict[str, object]:
+        return {"model": self.loaded}
 
     def requires_reload(self, old: TransformParams, new: TransformParams) -> bool:
         wanted = getattr(new, "model", self.loaded)
@@ -78,10 +79,6 @@ class ModelSwitchTransform(Transform):
                 ],
             )
         self.loaded, self.reloads = wanted, self.reloads + 1
-
-    def open_session(self, params: TransformParams) -> None:
-        if getattr(params, "model", self.loaded) != self.loaded:
-            self.reload(params)
 
     def process(self, jobs: Sequence[Job]) -> list[Image | None]:
         return [job.frame.image for job in jobs]

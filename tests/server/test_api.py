@@ -108,7 +108,7 @@ async def test_stats_metrics_and_delete_release_everything(server: LiveServer) -
     assert deleted.status_code == 204
     assert metric(after, "livediff_sessions_active") == 0
     assert gone.status_code == 404
-    await wait_until(lambda: not server.service.worker.attached)
+    await wait_until(lambda: not server.service.engine.worker.attached)
 
 
 async def test_bad_requests_get_clear_errors(server: LiveServer) -> None:
@@ -137,7 +137,7 @@ async def test_bad_requests_get_clear_errors(server: LiveServer) -> None:
     assert bad_params.status_code == 422
     assert bad_params.json()["detail"][0]["loc"] == ["body", "params", "width"]
     assert {r.status_code for r in (unknown, unknown_delete, unknown_patch)} == {404}
-    assert server.service.sessions == {}
+    assert server.service.records == {}
 
 
 async def test_a_streamed_body_over_the_limit_gets_413(server: LiveServer) -> None:
@@ -188,8 +188,8 @@ async def test_a_token_guards_the_session_endpoints(serve: Callable[..., LiveSer
 async def test_a_closed_peer_ends_its_session(server: LiveServer) -> None:
     async with publish(server.url, params={"width": 128, "height": 128}) as client:
         await client.video.wait_for(3, timeout=30)
-        assert len(server.service.sessions) == 1
-    await wait_until(lambda: not server.service.sessions, timeout=15)
+        assert len(server.service.records) == 1
+    await wait_until(lambda: not server.service.records, timeout=15)
 
 
 async def test_a_vanished_peer_is_cleaned_up(
@@ -203,7 +203,7 @@ async def test_a_vanished_peer_is_cleaned_up(
         # The client goes silent: its ICE stops answering, without any DTLS goodbye.
         for transceiver in client.pc.getTransceivers():
             await transceiver.receiver.transport.transport.stop()
-        await wait_until(lambda: not server.service.sessions, timeout=20)
+        await wait_until(lambda: not server.service.records, timeout=20)
     text = httpx.get(f"{server.url}/metrics").text
     assert metric(text, "livediff_sessions_active") == 0
 

@@ -13,21 +13,22 @@ import pytest
 
 from livediff.cli import build_parser, main, settings_from_args
 from livediff.config import Settings
-from livediff.server.service import LivediffService, ServiceUnavailableError
+from livediff.engine import EngineUnavailableError
+from livediff.server.service import LivediffService
 from tests.server.faulty import GatedLoadTransform
 
 
 async def test_health_reports_loading_then_idle() -> None:
     GatedLoadTransform.gate.clear()
     service = LivediffService(Settings(), transform=GatedLoadTransform(Settings()))
-    loaded = service.worker.start()
+    loaded = service.engine.worker.start()
     try:
-        assert service.health() == "LOADING"
-        with pytest.raises(ServiceUnavailableError, match="loading"):
-            service._check_can_open()
+        assert service.engine.health() == "LOADING"
+        with pytest.raises(EngineUnavailableError, match="loading"):
+            service.engine.check_can_open()
         GatedLoadTransform.gate.set()
         loaded.result(10)
-        assert service.health() == "IDLE"
+        assert service.engine.health() == "IDLE"
     finally:
         GatedLoadTransform.gate.set()
         await service.shutdown()
@@ -40,11 +41,11 @@ async def test_health_reports_error_when_the_model_cannot_load() -> None:
 
     service = LivediffService(Settings(), transform=Broken(Settings()))
     with pytest.raises(OSError):
-        service.worker.start().result(10)
+        service.engine.worker.start().result(10)
     try:
-        assert service.health() == "ERROR"
-        with pytest.raises(ServiceUnavailableError, match="weights missing"):
-            service._check_can_open()
+        assert service.engine.health() == "ERROR"
+        with pytest.raises(EngineUnavailableError, match="weights missing"):
+            service.engine.check_can_open()
     finally:
         await service.shutdown()
 

@@ -15,7 +15,7 @@ SMALL = {"width": 128, "height": 128}
 
 
 def transform_of(server: LiveServer) -> ModelSwitchTransform:
-    transform = server.service.transform
+    transform = server.service.engine.transform
     assert isinstance(transform, ModelSwitchTransform)
     return transform
 
@@ -62,5 +62,5 @@ async def test_a_new_session_naming_a_missing_model_gets_422_and_leaves_nothing(
         )
     assert refused.status_code == 422
     assert refused.json()["detail"][0]["loc"] == ["body", "params", "model"]
-    assert server.service.sessions == {} and not server.service.worker.attached
-    assert server.service.health() == "IDLE"
+    assert server.service.records == {} and not server.service.engine.worker.attached
+    assert server.service.engine.health() == "IDLE"

@@ -103,7 +103,7 @@ async def test_whip_publish_trickle_and_delete(serve: Callable[..., LiveServer])
         assert wrong_type.status_code == 415
         assert options.status_code == 204 and "PATCH" in options.headers["allow"]
         assert deleted.status_code == 200 and again.status_code == 404
-        assert server.service.sessions == {}
+        assert server.service.records == {}
 
 
 async def test_whip_preflight_and_bad_offers(server: LiveServer) -> None:

@@ -140,7 +140,7 @@ def serve_loading() -> Iterator[Callable[..., LiveServer]]:
 
     yield _serve
     for live in started:
-        gate = getattr(live.service.transform, "gate", None)
+        gate = getattr(live.service.engine.transform, "gate", None)
         if isinstance(gate, threading.Event):
             gate.set()
         live.stop()

@@ -111,7 +111,7 @@ def eventually(
 
 def only_session(service: LivediffService) -> SessionRecord:
     """The one open session (fails if there are none or several)."""
-    records = list(service.sessions.values())
+    records = list(service.records.values())
     assert len(records) == 1, f"expected one open session, found {len(records)}"
     return records[0]
 

@@ -15,7 +15,8 @@ import numpy as np
 from pydantic import Field
 
 from livediff.config import Settings
-from livediff.frames import Image, RgbArray, resize, to_rgb_array
+from livediff.frames import Image, RgbArray
+from livediff.pixels import resize, to_rgb_array
 from livediff.transforms.base import Job, Transform, TransformParams
 from livediff.transforms.diffusion.params import DiffusionParams
 

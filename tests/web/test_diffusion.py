@@ -28,7 +28,7 @@ def test_the_studio_drives_the_diffusion_pipeline(
     serve: Callable[..., LiveServer], tiny_model: ModelFolders, open_page: Callable[..., Any]
 ) -> None:
     server = serve(**tiny_options(tiny_model, SIZE))
-    transform = server.service.transform
+    transform = server.service.engine.transform
     assert isinstance(transform, DiffusionTransform)
     page = open_page(server.url)
     page.get_by_test_id("prompt").fill("a watercolour harbour")
@@ -47,7 +47,9 @@ def test_the_studio_drives_the_diffusion_pipeline(
         ),
         what="the new prompt and seed to reach the session",
     )
-    assert transform.loads == 1, "a prompt or seed change must not reload the model"
+    registry = server.service.engine.metrics.registry
+    loads = registry.get_sample_value("livediff_model_loads_total")
+    assert loads == 1, "a prompt or seed change must not reload the model"
 
     # The pipeline's own validator refuses decreasing steps; the page says so at the control.
     page.get_by_test_id("param-t_index_list").fill("30, 10")

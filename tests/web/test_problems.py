@@ -24,7 +24,7 @@ def test_camera_denied_says_how_to_allow_it(
     assert "Camera access was denied" in message_text(page)
     wait_state(page, "idle")
     assert page.get_by_test_id("start").is_enabled()
-    assert not server.service.sessions
+    assert not server.service.records
 
 
 def test_token_is_asked_for_and_then_used(
@@ -64,7 +64,7 @@ def test_missing_camera_says_so(server: LiveServer, open_page: Callable[..., Any
     page.get_by_test_id("start").click()
     assert "camera is not available any more" in message_text(page)
     wait_state(page, "idle")
-    assert not server.service.sessions
+    assert not server.service.records
 
 
 def test_full_server_says_busy(
@@ -73,7 +73,7 @@ def test_full_server_says_busy(
     server = serve(pipeline=PROMPT_TINT, width=128, height=128, max_sessions=1)
     first = open_page(server.url)
     first.get_by_test_id("start").click()
-    eventually(lambda: server.service.sessions, what="the first session")
+    eventually(lambda: server.service.records, what="the first session")
 
     second = open_page(server.url)
     second.get_by_test_id("start").click()
@@ -88,14 +88,14 @@ def test_start_while_the_model_loads_waits_for_it(
     serve_loading: Callable[..., LiveServer], open_page: Callable[..., Any]
 ) -> None:
     server = serve_loading(pipeline=GATED_TINT, width=128, height=128)
-    assert server.service.health() == "LOADING"
+    assert server.service.engine.health() == "LOADING"
     page = open_page(server.url)
     page.get_by_test_id("start").click()
     assert "still loading" in message_text(page)
     wait_state(page, "idle")
-    assert not server.service.sessions
+    assert not server.service.records
 
-    transform = server.service.transform
+    transform = server.service.engine.transform
     assert isinstance(transform, GatedTint)
     transform.gate.set()
     wait_state(page, "live")  # started by itself once the model was ready

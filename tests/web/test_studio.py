@@ -131,7 +131,7 @@ def test_fullscreen_then_stop_releases_the_session(
 
     page.get_by_test_id("stop").click()
     wait_state(page, "idle")
-    eventually(lambda: not tint_server.service.sessions, what="the server to close the session")
+    eventually(lambda: not tint_server.service.records, what="the server to close the session")
     released = page.evaluate(
         """() => ({
           input: document.querySelector('[data-testid="input-video"]').srcObject,

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from livediff.engine.slot import AsyncSlot, Slot
 from livediff.engine.stats import SessionStats
-from livediff.frames import Frame, Image, now, resize
+from livediff.frames import Frame, Image, now
+from livediff.pixels import mark_ready, resize
 from livediff.transforms.base import Job, TransformParams
 
 logger = logging.getLogger(__name__)
@@ -23,7 +24,8 @@ logger = logging.getLogger(__name__)
 Adapter = Callable[[Image], Image]
 
 
-def _unchanged(image: Image) -> Image:
+def unchanged(image: Image) -> Image:
+    """The identity output adapter (the consumer takes the transform's images as they are)."""
     return image
 
 
@@ -68,7 +70,7 @@ class Session:
         *,
         error_limit: int,
         on_input: Callable[[], None] | None = None,
-        adapt_output: Adapter = _unchanged,
+        adapt_output: Adapter = unchanged,
     ) -> None:
         self.id = session_id
         self.stats = stats
@@ -89,11 +91,6 @@ class Session:
     @property
     def params(self) -> TransformParams:
         return self._params
-
-    def merged_params(self, patch: Mapping[str, Any]) -> TransformParams:
-        """The current params updated by ``patch``, validated (raises pydantic.ValidationError)."""
-        merged = {**self._params.model_dump(), **patch}
-        return type(self._params).model_validate(merged)
 
     def set_params(self, params: TransformParams) -> None:
         """Swap in new params; the worker picks them up with the next frame."""
@@ -154,6 +151,7 @@ class Session:
         adapted = self.adapt_output(image)
         self._last_output = adapted
         out = frame.with_image(adapted)
+        out.ready = mark_ready(adapted)
         out.times.finished = finished
         self.stats.on_processed(out)
         with self._outputs_lock:

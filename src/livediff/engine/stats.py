@@ -47,7 +47,8 @@ class Metrics:
         )
         self.frames_dropped = Counter(
             "livediff_frames_dropped_total",
-            "Frames replaced in a newest-wins slot before anyone took them.",
+            "Frames that went no further: replaced in a newest-wins slot (input, output), not"
+            " video (ingest), pts not advancing (egress), skipped as unchanged (similarity).",
             ["stage"],
             registry=reg,
         )
@@ -65,6 +66,16 @@ class Metrics:
             "Time spent per stage: queue (ingest to worker), process (transform), deliver.",
             ["stage"],
             buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.reloads_refused = Counter(
+            "livediff_reloads_refused_total",
+            "Params changes refused because they would reload a model other sessions use.",
+            registry=reg,
+        )
+        self.model_loads = Counter(
+            "livediff_model_loads_total",
+            "Model loads and reloads (warm-up included).",
             registry=reg,
         )
         self.batch_size = Histogram(

@@ -47,27 +47,42 @@ class _Call:
 
 
 @contextmanager
-def device_scope(device: str) -> Iterator[None]:
-    """Make ``device`` current on this thread, with a CUDA stream of its own when on a GPU."""
+def device_scope(device: str, pinned_buffers: int) -> Iterator[None]:
+    """Make ``device`` current on this thread, with a CUDA stream of its own and a pool of
+    ``pinned_buffers`` pinned staging buffers when on a GPU."""
     if not device.startswith("cuda"):
         yield
         return
     import torch
 
+    from livediff.pixels.device import pinned_scope
+
     target = torch.device(device)
     if target.index is not None:
         torch.cuda.set_device(target)
     stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-    with torch.cuda.stream(stream):
+    with torch.cuda.stream(stream), pinned_scope(pinned_buffers):
         yield
 
 
 class Worker:
     """Runs ``transform`` for every attached session on one thread."""
 
-    def __init__(self, transform: Transform, metrics: Metrics, *, max_batch: int) -> None:
+    def __init__(
+        self,
+        transform: Transform,
+        metrics: Metrics,
+        *,
+        max_batch: int,
+        pinned_buffers: int = 8,
+        after_load: Callable[[], None] | None = None,
+    ) -> None:
+        """``after_load`` runs on the thread after ``transform.load()`` (warm-up), before the
+        worker reports READY; when it raises, the worker fails like a failed load."""
         self.transform = transform
         self.max_batch = max_batch
+        self._pinned_buffers = pinned_buffers
+        self._after_load = after_load
         self._metrics = metrics
         self._cond = threading.Condition()
         self._sessions: list[Session] = []
@@ -126,11 +141,12 @@ class Worker:
     def attach(self, session: Session) -> concurrent.futures.Future[None]:
         """Open the transform's state for ``session`` and start serving its frames."""
 
-        def _attach() -> None:
-            session.transform_state = self.transform.open_session(session.params)
-            self._sessions.append(session)
+        return self.call(lambda: self.attach_here(session))
 
-        return self.call(_attach)
+    def attach_here(self, session: Session) -> None:
+        """:meth:`attach`, from a call already running on the worker thread."""
+        session.transform_state = self.transform.open_session(session.params)
+        self._sessions.append(session)
 
     def detach(self, session: Session) -> concurrent.futures.Future[None]:
         """Stop serving ``session`` and release its transform state."""
@@ -145,7 +161,7 @@ class Worker:
 
     # -- the thread ----------------------------------------------------------------------------
     def _main(self) -> None:
-        with device_scope(self.transform.device):
+        with device_scope(self.transform.device, self._pinned_buffers):
             if not self._load():
                 return
             try:
@@ -156,6 +172,8 @@ class Worker:
     def _load(self) -> bool:
         try:
             self.transform.load()
+            if self._after_load is not None:
+                self._after_load()
         except Exception as exc:
             logger.exception("loading the %s transform failed", self.transform.name)
             self.load_error = exc
@@ -218,6 +236,8 @@ class Worker:
         finished = now()
         self._metrics.batch_size.observe(len(batch))
         for (session, job), outcome in zip(batch, outcomes, strict=True):
+            if job.skipped:
+                session.stats.on_dropped("similarity")
             if outcome.error is None:
                 session.complete(job, outcome.image, finished)
             else:

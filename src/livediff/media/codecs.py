@@ -27,8 +27,6 @@ from livediff.config import Settings
 # aiortc keeps a sender's encoder in a private attribute and creates it on the first frame
 # unless one is there already; this is its mangled name.
 _ENCODER_ATTRIBUTE = "_RTCRtpSender__encoder"
-#: The frame rate encoders plan their rate control and keyframe interval for.
-NOMINAL_FPS = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +37,8 @@ class EncoderSettings:
     keyframe_interval_s: float
     h264_preset: str
     threads: int
+    #: The frame rate encoders plan their rate control and keyframe interval for.
+    fps: int = 30
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EncoderSettings:
@@ -49,11 +49,12 @@ class EncoderSettings:
             keyframe_interval_s=settings.keyframe_interval_s,
             h264_preset=settings.h264_preset,
             threads=settings.encoder_threads,
+            fps=settings.nominal_fps,
         )
 
     @property
     def gop_frames(self) -> int:
-        return max(1, round(self.keyframe_interval_s * NOMINAL_FPS))
+        return max(1, round(self.keyframe_interval_s * self.fps))
 
     def threads_for(self, width: int, height: int) -> int:
         if self.threads:
@@ -175,8 +176,8 @@ class ConfiguredH264Encoder(ConfiguredEncoder):
         codec.width, codec.height = width, height
         codec.bit_rate = self._target_bitrate
         codec.pix_fmt = "yuv420p"
-        codec.framerate = fractions.Fraction(NOMINAL_FPS, 1)
-        codec.time_base = fractions.Fraction(1, NOMINAL_FPS)
+        codec.framerate = fractions.Fraction(self.settings.fps, 1)
+        codec.time_base = fractions.Fraction(1, self.settings.fps)
         codec.gop_size = self.settings.gop_frames
         codec.max_b_frames = 0
         codec.thread_count = self.settings.threads_for(width, height)

@@ -10,7 +10,8 @@ from av.video.reformatter import VideoReformatter
 
 from livediff.engine.session import Session
 from livediff.engine.slot import AsyncSlot, SlotClosedError
-from livediff.frames import Frame, Image, now, to_video_frame
+from livediff.frames import Frame, Image, now
+from livediff.pixels import to_video_frame
 
 
 class EncoderFrames:
@@ -36,7 +37,10 @@ class ProcessedVideoTrack(MediaStreamTrack):
     The output is paced by the input: each processed frame goes to the encoder as soon as it is
     ready, carrying the input frame's pts and time_base, so the receiver plays it on the input's
     clock. The newest-wins slot means a consumer that fell behind gets the newest frame, never a
-    backlog; a frame whose pts does not move forward is skipped (encoders need rising pts).
+    backlog; a frame whose pts does not move forward is skipped (encoders need rising pts), and
+    so is one that is not already a video frame (the session's adapter, :class:`EncoderFrames`,
+    makes them on the worker thread: nothing is converted here, on the event loop). Both are
+    counted as drops.
     """
 
     kind = "video"
@@ -52,7 +56,8 @@ class ProcessedVideoTrack(MediaStreamTrack):
             raise MediaStreamError
         frame = await self._next_frame()
         self._last_pts = frame.pts
-        video = to_video_frame(frame.image)
+        video = frame.image
+        assert isinstance(video, av.VideoFrame)  # _next_frame lets only video frames through
         video.pts = frame.pts
         video.time_base = frame.time_base
         self._session.stats.on_sent(frame, now())
@@ -65,7 +70,11 @@ class ProcessedVideoTrack(MediaStreamTrack):
             except SlotClosedError:
                 self.stop()
                 raise MediaStreamError from None
-            if self._last_pts is None or frame.pts > self._last_pts:
+            if self._last_pts is not None and frame.pts <= self._last_pts:
+                self._session.stats.on_dropped("egress_pts")
+            elif not isinstance(frame.image, av.VideoFrame):
+                self._session.stats.on_dropped("egress_not_video")
+            else:
                 return frame
 
     def stop(self) -> None:

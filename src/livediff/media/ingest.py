@@ -27,6 +27,7 @@ async def pump_video(track: MediaStreamTrack, session: Session) -> None:
             logger.debug("session %s: video track ended", session.id)
             return
         if not isinstance(decoded, av.VideoFrame):
+            session.stats.on_dropped("ingest_not_video")
             continue
         frame = Frame(
             image=decoded,

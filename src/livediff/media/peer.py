@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ from aiortc.sdp import candidate_from_sdp
 
 from livediff.config import Settings
 from livediff.engine.session import Session
+from livediff.engine.tasks import TaskSet
 from livediff.media import dtls_compat
 from livediff.media.codecs import EncoderSettings, codec_preferences, install_encoder
 from livediff.media.egress import ProcessedVideoTrack
@@ -57,7 +59,7 @@ def ice_configuration(settings: Settings) -> RTCConfiguration:
     return RTCConfiguration(iceServers=servers)
 
 
-class Peer:
+class Peer(ABC):
     """One RTCPeerConnection bound to a session; reports its end once through ``on_closed``."""
 
     def __init__(self, session: Session, settings: Settings) -> None:
@@ -65,7 +67,7 @@ class Peer:
         self.settings = settings
         self.pc = RTCPeerConnection(ice_configuration(settings))
         self.on_closed: Callable[[str], None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet(f"session {session.id} peer")
         self._closed = False
         self.pc.on("connectionstatechange", self._on_connection_state)
 
@@ -90,14 +92,14 @@ class Peer:
         for transceiver in transceivers:
             if transceiver.kind == "video" and transceiver.sender.track is not None:
                 install_encoder(transceiver, encoder_settings)
-        self._spawn(self._close_unless_connected())
+        self._tasks.spawn(self._close_unless_connected())
         return str(self.pc.localDescription.sdp)
 
+    @abstractmethod
     def _prepare(self, offer: Offer) -> list[RTCRtpTransceiver]:
         """Transceivers that the offer's m-lines will bind to (in m-line order per kind)."""
-        raise NotImplementedError
 
-    def _after_remote_description(self) -> None:
+    def _after_remote_description(self) -> None:  # noqa: B027 - optional hook
         """Tracks of the remote side exist now; connect them."""
 
     def _video_transceiver(
@@ -127,11 +129,6 @@ class Peer:
                 return str(transceiver.mid)
         return None
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def _close_unless_connected(self) -> None:
         await asyncio.sleep(self.settings.connect_timeout_s)
         if self.pc.connectionState != "connected":
@@ -156,14 +153,12 @@ class Peer:
         if self._closed:
             return
         self._closed = True
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
         for transceiver in self.pc.getTransceivers():
             if isinstance(transceiver.sender.track, ProcessedVideoTrack):
                 transceiver.sender.track.stop()
         await self.pc.close()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.wait()
 
 
 class PublisherPeer(Peer):
@@ -204,7 +199,7 @@ class PublisherPeer(Peer):
         if self.audio_source is None:
             return
         # Something must read the audio, or aiortc's queue for it grows without end.
-        self._spawn(_drain(self.relay.subscribe(self.audio_source, buffered=False)))
+        self._tasks.spawn(_drain(self.relay.subscribe(self.audio_source, buffered=False)))
         if self._audio_returns and self._audio_transceiver is not None:
             self._audio_transceiver.sender.replaceTrack(
                 self.relay.subscribe(self.audio_source, buffered=False)
@@ -212,7 +207,7 @@ class PublisherPeer(Peer):
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "video":
-            self._spawn(pump_video(track, self.session))
+            self._tasks.spawn(pump_video(track, self.session))
         elif track.kind == "audio":
             self.audio_source = track
 

@@ -47,8 +47,9 @@ def initial_params(settings: Settings) -> dict[str, Any]:
 
     ai-runner starts the pipeline with them and returns to them when a stream ends.
     """
-    transform = resolve_transform(settings.pipeline)(settings)
-    params = transform.params_model.model_validate(transform.default_params())
+    transform = resolve_transform(settings.pipeline)
+    transform.check_available(settings)
+    params = transform.params_model.model_validate(transform.default_params(settings))
     return params.model_dump(mode="json")
 
 

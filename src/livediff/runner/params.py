@@ -12,6 +12,7 @@ validators it inherits unchanged, so that a stream's params mean on the network 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ConfigDict
@@ -54,3 +55,14 @@ def runner_settings(**overrides: Any) -> Settings:
     ai-runner's, because its decoder sizes input frames by the same default."""
     sizes = {name: BaseParams.model_fields[name].default for name in ("width", "height")}
     return Settings(**{**sizes, **overrides})
+
+
+#: Stream params that also configure the engine itself: the model to load and the default size.
+ENGINE_FIELDS = ("model", "vae", "width", "height")
+
+
+def settings_for_params(settings: Settings, params: Mapping[str, Any]) -> Settings:
+    """``settings`` with the model and size a stream's params name, so that ``initialize``
+    loads that model first (not the configured default, which may not even be downloaded)."""
+    chosen = {name: params[name] for name in ENGINE_FIELDS if params.get(name) is not None}
+    return Settings(**{**settings.model_dump(exclude_unset=True), **chosen}) if chosen else settings

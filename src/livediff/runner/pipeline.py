@@ -27,8 +27,9 @@ from runner.live.trickle import VideoFrame, VideoOutput
 
 from livediff.config import Settings
 from livediff.frames import Frame
-from livediff.runner.host import PipelineStoppedError, StreamHost
-from livediff.runner.params import runner_settings
+from livediff.pixels import wait_ready
+from livediff.runner.params import runner_settings, settings_for_params
+from livediff.runner.streams import PipelineStoppedError, StreamSwitch
 from livediff.runner.tensors import release_device_memory
 from livediff.transforms import resolve_transform
 
@@ -46,31 +47,33 @@ class LivediffPipeline(Pipeline):  # type: ignore[misc]  # ai-runner is untyped
         """ai-runner builds it with no arguments: the settings then come from ``LIVEDIFF_*``."""
         super().__init__()
         self._settings = settings
-        self._host: StreamHost | None = None
+        self._streams: StreamSwitch | None = None
         self._inputs: OrderedDict[tuple[str, int], VideoFrame] = OrderedDict()
 
     @property
-    def host(self) -> StreamHost:
-        """The engine (transform, worker, current stream); raises once stopped."""
-        if self._host is None:
+    def streams(self) -> StreamSwitch:
+        """The engine and its current stream; raises once stopped."""
+        if self._streams is None:
             raise PipelineStoppedError("the pipeline is not initialized or was stopped")
-        return self._host
+        return self._streams
 
     async def initialize(self, **params: Any) -> None:
-        """Load the transform for ``params`` and warm it up; returns once a frame went through."""
-        settings = self._settings or runner_settings()
-        host = StreamHost(settings)
-        await host.start(params)
-        self._host = host
+        """Load the transform for ``params`` (the model they name, if any) and warm it up."""
+        settings = settings_for_params(self._settings or runner_settings(), params)
+        streams = StreamSwitch(settings)
+        await streams.start(params)
+        self._streams = streams
         logger.info(
-            "livediff pipeline ready: %s transform on %s", settings.pipeline, host.transform.device
+            "livediff pipeline ready: %s transform on %s",
+            settings.pipeline,
+            streams.engine.transform.device,
         )
 
     async def put_video_frame(self, frame: VideoFrame, request_id: str) -> None:
         tensor = cast(torch.Tensor, frame.tensor)
         self._remember(request_id, frame)
         image = Frame(image=tensor, pts=int(frame.timestamp), time_base=frame.time_base)
-        await self.host.submit(image, request_id, tensor.device)
+        await self.streams.submit(image, request_id, tensor.device)
 
     def _remember(self, request_id: str, frame: VideoFrame) -> None:
         self._inputs[(request_id, int(frame.timestamp))] = frame
@@ -78,7 +81,8 @@ class LivediffPipeline(Pipeline):  # type: ignore[misc]  # ai-runner is untyped
             self._inputs.popitem(last=False)
 
     async def get_processed_video_frame(self) -> VideoOutput:
-        stream, frame = await self.host.next_output()
+        stream, frame = await self.streams.next_output()
+        wait_ready(frame.image, frame.ready)  # ai-runner reads it on its own stream
         source = self._inputs.pop((stream.request_id, frame.pts), None)
         if source is None:
             output = VideoFrame(frame.image, frame.pts, frame.time_base, {})
@@ -88,24 +92,24 @@ class LivediffPipeline(Pipeline):  # type: ignore[misc]  # ai-runner is untyped
 
     async def update_params(self, **params: Any) -> asyncio.Task[None] | None:
         """Apply a full params set; returns an ``asyncio.Task`` only when the model must reload."""
-        return await self.host.update(params)
+        return await self.streams.update(params)
 
     async def stop(self) -> None:
         """End the stream, stop the worker thread and give the GPU memory back."""
-        host, self._host = self._host, None
+        streams, self._streams = self._streams, None
         self._inputs.clear()
-        if host is None:
+        if streams is None:
             return
-        device = host.transform.device
-        await host.stop()
-        del host
+        device = streams.engine.transform.device
+        await streams.stop()
+        del streams
         gc.collect()
         release_device_memory(device)
         logger.info("livediff pipeline stopped")
 
     def stats(self) -> dict[str, Any]:
         """The current stream's counters and params (for logs and tests)."""
-        return self.host.describe()
+        return self.streams.stream_stats()
 
     @classmethod
     def prepare_models(cls) -> None:
@@ -124,7 +128,7 @@ class LivediffPipeline(Pipeline):  # type: ignore[misc]  # ai-runner is untyped
 
 
 async def _load_once(settings: Settings) -> None:
-    host = StreamHost(settings)
-    await host.start({})
-    await host.stop()
+    streams = StreamSwitch(settings)
+    await streams.start({})
+    await streams.stop()
     logger.info("the %s transform is prepared", settings.pipeline)

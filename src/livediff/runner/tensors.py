@@ -9,7 +9,9 @@ from typing import cast
 
 import torch
 
-from livediff.frames import Image, is_tensor, to_rgb_array
+from livediff.engine.core import warmup_card
+from livediff.frames import Image, is_tensor
+from livediff.pixels import to_rgb_array
 
 CHANNELS = 3
 
@@ -40,12 +42,10 @@ def _check_shape(tensor: torch.Tensor) -> None:
         raise ValueError(f"expected an RGB image of shape (1, H, W, 3), got {shape}")
 
 
-def warmup_image(width: int, height: int, device: torch.device) -> torch.Tensor:
-    """A (1, H, W, 3) test card in [0, 1]: colour gradients, so that no model sees a flat image."""
-    rows = torch.linspace(0.0, 1.0, height, device=device).view(1, height, 1, 1)
-    columns = torch.linspace(0.0, 1.0, width, device=device).view(1, 1, width, 1)
-    mix = torch.tensor([1.0, 0.5, 0.0], device=device).view(1, 1, 1, CHANNELS)
-    return (rows * mix + columns * (1.0 - mix)).contiguous()
+def warmup_tensor(width: int, height: int, device: str) -> torch.Tensor:
+    """The engine's warm-up card as ai-runner delivers frames: (1, H, W, 3) float32 in [0, 1]."""
+    card = torch.from_numpy(warmup_card(width, height)).to(device)
+    return card.to(torch.float32).div_(255).unsqueeze(0)
 
 
 def release_device_memory(device: str) -> None:

@@ -9,18 +9,14 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
 
 from livediff import __version__
 from livediff.config import Settings
-from livediff.media.sdp import OfferError
+from livediff.server.errors import STATUS_FOR, error_detail
 from livediff.server.health import health_router
 from livediff.server.http import BodyLimitMiddleware
-from livediff.server.service import (
-    LivediffService,
-    ModelInUseError,
-    ServiceUnavailableError,
-    UnknownSessionError,
-)
+from livediff.server.service import LivediffService
 from livediff.server.sessions import sessions_router
 from livediff.server.whip import whep_router, whip_router
 
@@ -41,7 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=service.lifespan,
     )
     app.state.livediff = service
-    service.mount(app)
+    mount_service(service, app)
     return app
 
 
@@ -49,7 +45,10 @@ def mount_service(service: LivediffService, app: FastAPI) -> None:
     """Add livediff's middleware, error handlers and routes to ``app``."""
     settings = service.settings
     app.add_middleware(
-        BodyLimitMiddleware, limit=settings.max_body_bytes, prefixes=GUARDED_PREFIXES
+        BodyLimitMiddleware,
+        limit=settings.max_body_bytes,
+        prefixes=GUARDED_PREFIXES,
+        drain_factor=settings.body_drain_factor,
     )
     if settings.cors_origins:
         app.add_middleware(
@@ -70,28 +69,16 @@ def mount_service(service: LivediffService, app: FastAPI) -> None:
 
 
 def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
-    async def offer_error(_request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+    """Answer each refusal of the engine (and bad offers) with its status from STATUS_FOR."""
 
-    async def unknown_session(_request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(
-            {"detail": str(exc.args[0]) if exc.args else "no such session"}, status_code=404
-        )
+    async def refused(_request: Request, exc: Exception) -> JSONResponse:
+        status = next(code for kind, code in STATUS_FOR.items() if isinstance(exc, kind))
+        headers = {"Retry-After": str(settings.retry_after_s)} if status == 503 else None
+        return JSONResponse({"detail": error_detail(exc)}, status_code=status, headers=headers)
 
-    async def unavailable(_request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(
-            {"detail": str(exc)},
-            status_code=503,
-            headers={"Retry-After": str(settings.retry_after_s)},
-        )
-
-    async def model_in_use(_request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=409)
-
-    app.add_exception_handler(OfferError, offer_error)
-    app.add_exception_handler(ModelInUseError, model_in_use)
-    app.add_exception_handler(UnknownSessionError, unknown_session)
-    app.add_exception_handler(ServiceUnavailableError, unavailable)
+    for kind in STATUS_FOR:
+        if not issubclass(kind, ValidationError):  # routes say which field (body, query)
+            app.add_exception_handler(kind, refused)
 
 
 def find_web_dir(settings: Settings) -> Path | None:

@@ -15,11 +15,13 @@ def health_router(service: LivediffService) -> APIRouter:
     @router.get("/health", response_model=Health)
     async def health() -> Health:
         """LOADING while the model loads, IDLE with no session, OK when serving, ERROR if broken."""
-        return Health(status=service.health())
+        return Health(status=service.engine.health())
 
     @router.get("/metrics", response_class=Response)
     async def metrics() -> Response:
         """Prometheus text format."""
-        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(
+            generate_latest(service.engine.metrics.registry), media_type=CONTENT_TYPE_LATEST
+        )
 
     return router

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from livediff.config import Settings
+from livediff.server.errors import error_detail
 
 
 class BodyLimitMiddleware:
@@ -19,16 +20,17 @@ class BodyLimitMiddleware:
 
     It checks Content-Length first and counts streamed bytes as they arrive, so an oversized
     body is never held in memory. The rest of the body is read and discarded (up to
-    ``DRAIN_FACTOR`` times the limit) before the answer, so that the client, still sending, reads
+    ``drain_factor`` times the limit) before the answer, so that the client, still sending, reads
     a 413 rather than a reset connection. Only paths under ``prefixes`` are guarded, so the
     middleware can sit in someone else's app without touching its routes.
     """
 
-    DRAIN_FACTOR = 16
-
-    def __init__(self, app: ASGIApp, limit: int, prefixes: Iterable[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, limit: int, prefixes: Iterable[str], drain_factor: int = 16
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.drain_factor = drain_factor
         self.prefixes = tuple(prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -67,7 +69,7 @@ class BodyLimitMiddleware:
     async def _drain(self, receive: Receive, already: int) -> None:
         """Read and drop what is left of the body, up to the drain cap."""
         seen = already
-        while seen <= self.limit * self.DRAIN_FACTOR:
+        while seen <= self.limit * self.drain_factor:
             message = await receive()
             if message["type"] != "http.request":
                 return
@@ -145,11 +147,7 @@ async def read_text(request: Request, expected: str) -> str:
 
 def validation_error(exc: ValidationError, prefix: tuple[str, ...] = ()) -> HTTPException:
     """422 with pydantic's errors, each naming its field (``loc``) under ``prefix``."""
-    errors = [
-        {**error, "loc": [*prefix, *error["loc"]]}
-        for error in exc.errors(include_url=False, include_context=False)
-    ]
-    return HTTPException(status_code=422, detail=errors)
+    return HTTPException(status_code=422, detail=error_detail(exc, prefix))
 
 
 def bearer_auth(settings: Settings) -> Callable[[Request], Awaitable[None]]:

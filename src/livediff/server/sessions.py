@@ -29,7 +29,7 @@ async def _open_session(
         raise validation_error(exc, ("body",)) from exc
     offer = parse_offer(offer_body.sdp)
     try:
-        params = service.initial_params(offer_body.params)
+        params = service.engine.validate(offer_body.params)
         return await service.open_session(offer, params, kind="webrtc")
     except ValidationError as exc:  # from the params model, or the transform (e.g. a model)
         raise validation_error(exc, ("body", "params")) from exc
@@ -42,9 +42,9 @@ def sessions_router(service: LivediffService) -> APIRouter:
     @router.get("/pipeline", response_model=PipelineInfo)
     async def pipeline() -> dict[str, Any]:
         """The running pipeline, the JSON schema of its params and their defaults."""
-        described = service.transform.describe()
-        described["defaults"] = service.initial_params({}).model_dump(mode="json")
-        return described
+        info = service.engine.transform.pipeline_info()
+        info["defaults"] = service.engine.validate({}).model_dump(mode="json")
+        return info
 
     @router.post(
         "/sessions",
@@ -67,12 +67,12 @@ def sessions_router(service: LivediffService) -> APIRouter:
     @router.get("/sessions", response_model=list[SessionInfo], dependencies=auth)
     async def list_sessions() -> list[dict[str, Any]]:
         """Every open session with its statistics."""
-        return [service.describe(record) for record in service.sessions.values()]
+        return [service.session_info(record) for record in service.records.values()]
 
     @router.get("/sessions/{session_id}", response_model=SessionInfo, dependencies=auth)
     async def get_session(session_id: str) -> dict[str, Any]:
         """One session: counters, fps, latency percentiles (ingest to send), params, state."""
-        return service.describe(service.get(session_id))
+        return service.session_info(service.get(session_id))
 
     @router.patch(
         "/sessions/{session_id}/params",

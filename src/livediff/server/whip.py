@@ -73,7 +73,7 @@ def _check_if_match(request: Request, etag: str) -> None:
 
 def _refuse_ice_restart(fragment: str, record: SessionRecord) -> None:
     if "a=ice-ufrag:" in fragment or "a=ice-pwd:" in fragment:
-        remote = record.publisher.pc.remoteDescription if record.publisher else None
+        remote = record.publisher.pc.remoteDescription
         remote_sdp = remote.sdp if remote is not None else ""
         for line in fragment.splitlines():
             if line.startswith(("a=ice-ufrag:", "a=ice-pwd:")) and line.strip() not in remote_sdp:
@@ -96,7 +96,7 @@ def whip_router(service: LivediffService) -> APIRouter:
         """Publish a stream (OBS 30+, any WHIP client); query parameters set initial params."""
         offer = parse_offer(await read_text(request, SDP))
         try:
-            params = service.initial_params(dict(request.query_params))
+            params = service.engine.validate(dict(request.query_params))
         except ValidationError as exc:
             raise validation_error(exc, ("query",)) from exc
         try:
@@ -118,8 +118,7 @@ def whip_router(service: LivediffService) -> APIRouter:
         fragment = await read_text(request, SDP_FRAGMENT)
         _check_if_match(request, record.etag)
         _refuse_ice_restart(fragment, record)
-        if record.publisher is not None:
-            await record.publisher.add_candidates(fragment)
+        await record.publisher.add_candidates(fragment)
         return Response(status_code=204)
 
     @router.delete("/whip/{session_id}", dependencies=auth)

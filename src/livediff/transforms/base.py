@@ -1,8 +1,9 @@
 """The plug-in contract between the engine and a model.
 
 A transform knows pixels and params; it never learns about WebRTC, HTTP or ai-runner.
-All of its methods but the class attributes run on the worker thread that owns the device, so a
-transform needs no locks of its own.
+All of its methods but the constructor, the class attributes and the classmethods run on the
+worker thread that owns the device (the engine sends every call there), so a transform needs no
+locks of its own.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class Job:
     frame: Frame
     params: TransformParams
     state: Any
+    #: Set by a transform that repeated an earlier output instead of processing this frame
+    #: (e.g. the similarity filter); the engine counts it with the dropped frames.
+    skipped: bool = False
 
 
 class Transform(ABC):
@@ -53,9 +57,21 @@ class Transform(ABC):
         """The device this transform computes on ('cpu', 'cuda', 'cuda:1', ...)."""
         return "cpu"
 
-    def default_params(self) -> dict[str, Any]:
-        """Values that a new session's params start from (before the client's own)."""
-        return {"width": self.settings.width, "height": self.settings.height}
+    @classmethod
+    def default_params(cls, settings: Settings) -> dict[str, Any]:
+        """Values that a new session's params start from (before the client's own), as
+        configured; pure, so any thread may ask (the ai-runner spec is built from it)."""
+        return {"width": settings.width, "height": settings.height}
+
+    @classmethod  # noqa: B027 - optional hook
+    def check_available(cls, settings: Settings) -> None:
+        """Raise (a LookupError saying how to fix it) when what ``settings`` configure cannot
+        be loaded on this machine, so that a command fails at start rather than at load."""
+
+    def loaded_params(self) -> dict[str, Any]:
+        """Defaults that follow what is loaded now (e.g. the model), over :meth:`default_params`,
+        so that a new session does not ask for a reload. Asked after every (re)load."""
+        return {}
 
     def load(self) -> None:  # noqa: B027 - optional hook
         """Load models and warm up. Runs once, on the worker thread, before any frame."""
@@ -82,10 +98,13 @@ class Transform(ABC):
         the transform has nothing to show for this frame yet (e.g. a pipeline still filling).
         """
 
+    def synchronize(self) -> None:  # noqa: B027 - optional hook
+        """Wait until the device has finished the work queued so far (after warm-up)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free models and device memory."""
 
     @classmethod
-    def describe(cls) -> dict[str, Any]:
+    def pipeline_info(cls) -> dict[str, Any]:
         """What clients may ask of this transform: its name and params JSON schema."""
         return {"name": cls.name, "params_schema": cls.params_model.model_json_schema()}

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 from pydantic import Field
 
-from livediff.frames import Image, resize
+from livediff.frames import Image
+from livediff.pixels import resize
 from livediff.transforms.base import Job, Transform, TransformParams
 
 

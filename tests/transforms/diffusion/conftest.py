@@ -14,8 +14,8 @@ import pytest
 
 from livediff.config import Settings
 from livediff.frames import Frame
-from livediff.transforms.base import Job
 from livediff.testing.models import ModelFolders, write_model_folder
+from livediff.transforms.base import Job
 from livediff.transforms.diffusion.params import DiffusionParams
 from livediff.transforms.diffusion.transform import DiffusionTransform
 
@@ -79,6 +79,7 @@ class Stream:
         self.params = params_for(transform, **params)
         self.state = transform.open_session(self.params)
         self.count = 0
+        self.skips = 0  # frames the transform marked as skipped (repeated an output)
 
     def job(self, image: Any) -> Job:
         job = Job("s", Frame(image, pts=self.count), self.params, self.state)
@@ -86,11 +87,15 @@ class Stream:
         return job
 
     def feed(self, image: Any) -> Any:
-        return self.transform.process([self.job(image)])[0]
+        job = self.job(image)
+        output = self.transform.process([job])[0]
+        self.skips += job.skipped
+        return output
 
     def update(self, **patch: Any) -> None:
         self.params = DiffusionParams.model_validate({**self.params.model_dump(), **patch})
 
 
 def params_for(transform: DiffusionTransform, **values: Any) -> DiffusionParams:
-    return DiffusionParams.model_validate({**transform.default_params(), **values})
+    defaults = {**transform.default_params(transform.settings), **transform.loaded_params()}
+    return DiffusionParams.model_validate({**defaults, **values})

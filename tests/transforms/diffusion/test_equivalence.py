@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 import torch
 
-from livediff.transforms.diffusion.params import TIMESTEP_GRID, grid_timestep, strength_timestep
 from livediff.testing.reference import diffusers_img2img as reference_img2img
+from livediff.transforms.diffusion.params import TIMESTEP_GRID, grid_timestep, strength_timestep
 from livediff.transforms.diffusion.transform import DiffusionTransform
 from tests.transforms.diffusion.conftest import Stream, camera_frames
 
 
 def diffusers_img2img(transform: DiffusionTransform) -> Any:
-    return reference_img2img(transform._engine().bundle)
+    return reference_img2img(transform._stream().bundle)
 
 
 @pytest.mark.parametrize(

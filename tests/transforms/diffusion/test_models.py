@@ -54,8 +54,8 @@ def test_offline_hub_ids_resolve_from_the_model_dir_cache(
     transform = DiffusionTransform(settings)
     transform.load()
     try:
-        assert transform.default_params()["model"] == "stabilityai/sd-turbo"
-        assert transform._engine().bundle.choice == transform.choice
+        assert transform.loaded_params()["model"] == "stabilityai/sd-turbo"
+        assert transform._stream().bundle.unet is not None
     finally:
         transform.close()
 

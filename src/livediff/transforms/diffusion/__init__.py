@@ -6,8 +6,6 @@ itself lives in :mod:`livediff.transforms.diffusion.transform` and is imported w
 """
 
 from livediff.transforms.diffusion.params import (
-    DEFAULT_MODEL,
-    DEFAULT_VAE,
     FULL_VAE,
     MAX_STEPS,
     TIMESTEP_GRID,
@@ -15,8 +13,6 @@ from livediff.transforms.diffusion.params import (
 )
 
 __all__ = [
-    "DEFAULT_MODEL",
-    "DEFAULT_VAE",
     "FULL_VAE",
     "MAX_STEPS",
     "TIMESTEP_GRID",

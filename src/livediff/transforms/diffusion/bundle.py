@@ -17,8 +17,6 @@ from livediff.transforms.diffusion.models import ModelChoice, ModelPaths, Unsupp
 logger = logging.getLogger(__name__)
 
 VAE_CLASSES = ("AutoencoderTiny", "AutoencoderKL")
-#: Compiled graphs kept per function (shapes differ with sizes, steps and CFG).
-COMPILE_CACHE_SIZE = 64
 
 
 @dataclass
@@ -30,7 +28,6 @@ class ModelBundle:
     text_encoder: Any
     tokenizer: Any
     scheduler: Any
-    choice: ModelChoice | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -76,7 +73,6 @@ def load_bundle(paths: ModelPaths, choice: ModelChoice, dtype: torch.dtype) -> M
         text_encoder=text_encoder.to(dtype),
         tokenizer=transformers.CLIPTokenizer.from_pretrained(paths.model / "tokenizer"),
         scheduler=load_scheduler(paths.model / "scheduler"),
-        choice=choice,
     )
 
 
@@ -114,6 +110,7 @@ def prepare(
     dtype: torch.dtype,
     *,
     compile_mode: str | None = None,
+    compile_cache_size: int = 64,
     channels_last: bool = True,
 ) -> ModelBundle:
     """Move to ``device`` for inference: eval, no grads, SDPA attention, channels_last weights
@@ -136,7 +133,7 @@ def prepare(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # few shapes, each autotuned once (warm-up)
     if compile_mode is not None:
-        compile_modules(bundle, compile_mode)
+        compile_modules(bundle, compile_mode, compile_cache_size)
     return bundle
 
 
@@ -145,13 +142,12 @@ def _use_sdpa(unet: Any) -> None:
     unet.set_attn_processor(processors.AttnProcessor2_0())
 
 
-def compile_modules(bundle: ModelBundle, mode: str) -> None:
-    """``torch.compile`` the UNet and both VAE halves in place (first calls compile)."""
+def compile_modules(bundle: ModelBundle, mode: str, cache_size: int) -> None:
+    """``torch.compile`` the UNet and both VAE halves in place (first calls compile);
+    ``cache_size`` graphs are kept per function (shapes differ with sizes, steps and CFG)."""
     import torch._dynamo
 
-    torch._dynamo.config.cache_size_limit = max(
-        torch._dynamo.config.cache_size_limit, COMPILE_CACHE_SIZE
-    )
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, cache_size)
     logger.info("compiling the UNet and the VAE with torch.compile(mode=%r)", mode)
     # dynamic=None: the first batch shape compiles static, a second one recompiles with a
     # symbolic batch size that serves every later session count (CUDA graphs still record

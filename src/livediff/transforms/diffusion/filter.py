@@ -32,7 +32,6 @@ class SimilarityFilter:
         self._previous: torch.Tensor | None = None
         self._random = random.Random(seed)
         self.skipped_in_a_row = 0
-        self.skipped = 0
 
     def skip(
         self, image: torch.Tensor, threshold: float, max_skip: int, *, allowed: bool = True
@@ -47,7 +46,6 @@ class SimilarityFilter:
             chance = skip_chance(similarity, threshold)
             if self.skipped_in_a_row < max_skip and self._random.random() < chance:
                 self.skipped_in_a_row += 1
-                self.skipped += 1
                 return True
         self._previous = image if threshold > 0 else None
         self.skipped_in_a_row = 0

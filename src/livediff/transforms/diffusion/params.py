@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
+from livediff.config import DEFAULT_MODEL, DEFAULT_VAE
 from livediff.transforms.base import TransformParams
 
 #: The timestep grid ``t_index_list`` indexes: this many steps, 'trailing' spacing over the
@@ -27,8 +28,6 @@ PromptText = Annotated[str, Field(max_length=1000)]
 Weight = Annotated[float, Field(ge=0, le=100)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
-DEFAULT_MODEL = "stabilityai/sd-turbo"
-DEFAULT_VAE = "madebyollin/taesd"
 #: ``vae`` value meaning "the model's own (full) VAE" instead of a Tiny AutoEncoder.
 FULL_VAE = "full"
 

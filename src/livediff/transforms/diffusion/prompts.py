@@ -29,7 +29,6 @@ class PromptEncoder:
         self._dtype = dtype
         self._cache_size = cache_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.passes = 0
 
     def encode(self, text: str) -> torch.Tensor:
         """The embedding of ``text`` (from the cache when it was asked for recently)."""
@@ -67,8 +66,4 @@ class PromptEncoder:
             mask = tokens.attention_mask.to(self._device)
         ids = tokens.input_ids.to(self._device)
         hidden: torch.Tensor = self._text_encoder(ids, attention_mask=mask)[0]
-        self.passes += 1
         return hidden.to(self._dtype)
-
-    def clear(self) -> None:
-        self._cache.clear()

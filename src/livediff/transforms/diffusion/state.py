@@ -27,7 +27,7 @@ class LatentShape:
 
 
 @dataclass
-class SessionStream:
+class SessionCache:
     """Per-session state of the stream engine (made by ``open_session``, worker thread only)."""
 
     generation: int
@@ -49,10 +49,6 @@ class SessionStream:
     filled: int = 0
     last_output: torch.Tensor | None = None
 
-    @property
-    def steps(self) -> int:
-        return 0 if self.table is None else self.table.steps
-
     def restart(self) -> None:
         """Empty the stream batch (the next N - 1 frames refill it)."""
         self.latents = self.sources = None
@@ -69,7 +65,7 @@ class SessionStream:
 
 
 def follow_params(
-    state: SessionStream,
+    state: SessionCache,
     params: DiffusionParams,
     prompts: PromptEncoder,
     schedule: Schedule,

@@ -1,6 +1,6 @@
-"""The stream engine: StreamDiffusion-class img2img on diffusers' UNet and VAE.
+"""The stream batch: StreamDiffusion-class img2img on diffusers' UNet and VAE.
 
-One call of :meth:`StreamEngine.process` takes the newest frame of several sessions and
+One call of :meth:`StreamBatch.process` takes the newest frame of several sessions and
 - uploads each once and converts/resizes it on the device,
 - skips frames the similarity filter finds unchanged (repeating the last output),
 - encodes all frames of a size in one VAE batch,
@@ -26,13 +26,13 @@ from itertools import accumulate
 import torch
 
 from livediff.frames import Image
+from livediff.pixels.device import FrameUploader, to_output_images
 from livediff.transforms.base import Job
 from livediff.transforms.diffusion.bundle import ModelBundle
-from livediff.transforms.diffusion.device import FrameUploader, to_output_images
 from livediff.transforms.diffusion.params import DiffusionParams
 from livediff.transforms.diffusion.prompts import PromptEncoder
 from livediff.transforms.diffusion.schedule import Schedule
-from livediff.transforms.diffusion.state import LatentShape, SessionStream, follow_params
+from livediff.transforms.diffusion.state import LatentShape, SessionCache, follow_params
 
 
 @dataclass
@@ -40,7 +40,7 @@ class _Entry:
     """A job on its way through one batch."""
 
     index: int
-    state: SessionStream
+    state: SessionCache
     params: DiffusionParams
     image: torch.Tensor
     source: torch.Tensor | None = None
@@ -49,7 +49,7 @@ class _Entry:
     rows: int = 0
 
 
-class StreamEngine:
+class StreamBatch:
     """Runs the stream batch for any number of sessions on one device (worker thread only)."""
 
     def __init__(
@@ -76,11 +76,10 @@ class StreamEngine:
         )
         self.upload = FrameUploader(device, dtype)
         self.generation = 0
-        self.unet_rows = 0
 
     # -- sessions ---------------------------------------------------------------------------------
-    def open_session(self) -> SessionStream:
-        return SessionStream(generation=self.generation)
+    def open_session(self) -> SessionCache:
+        return SessionCache(generation=self.generation)
 
     def latent_shape(self, params: DiffusionParams) -> LatentShape:
         factor = self.bundle.vae_scale_factor
@@ -88,7 +87,7 @@ class StreamEngine:
             self.bundle.latent_channels, params.height // factor, params.width // factor
         )
 
-    def _follow(self, state: SessionStream, params: DiffusionParams) -> None:
+    def _follow(self, state: SessionCache, params: DiffusionParams) -> None:
         if state.generation != self.generation:
             state.release()
             state.generation = self.generation
@@ -113,6 +112,7 @@ class StreamEngine:
                 entry.image, threshold, self.max_skip, allowed=last is not None
             ):
                 outputs[index] = last
+                job.skipped = True
                 continue
             groups.setdefault((entry.params.width, entry.params.height), []).append(entry)
         for group in groups.values():
@@ -125,7 +125,7 @@ class StreamEngine:
         if not isinstance(params, DiffusionParams):
             raise TypeError(f"the diffusion transform needs DiffusionParams, not {type(params)}")
         state = job.state
-        if not isinstance(state, SessionStream):
+        if not isinstance(state, SessionCache):
             raise TypeError("the job carries no diffusion session state (open_session first)")
         self._follow(state, params)
         image = self.upload(job.frame.image, params.width, params.height)
@@ -244,7 +244,6 @@ class StreamEngine:
     def unet(
         self, x_t: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor
     ) -> torch.Tensor:
-        self.unet_rows += x_t.shape[0]
         x_t = x_t.contiguous(memory_format=self.memory_format)
         return self.bundle.unet(  # type: ignore[no-any-return]
             x_t, timesteps, encoder_hidden_states=embeddings, return_dict=False

@@ -1,10 +1,10 @@
 """``DiffusionTransform``: the "diffusion" pipeline (``livediff serve --pipeline diffusion``).
 
-The worker thread loads the model, warms it up and runs :class:`StreamEngine` on each batch.
-The model is one per worker: a session that asks for another ``model``/``vae`` reloads it for
-every session, so the server allows that only to a session that is alone (409 otherwise, see
-``LivediffService``). A model that cannot be loaded is refused with a 422 on the ``model``/``vae``
-field, and the running model stays.
+The worker thread loads the model and runs :class:`StreamBatch` on each batch (the engine warms
+it up). The model is one per worker: a session that asks for another ``model``/``vae`` reloads
+it for every session, so the engine allows that only to a session that is alone (409 otherwise,
+see :class:`livediff.engine.Engine`). A model that cannot be loaded is refused with a 422 on the
+``model``/``vae`` field, and the running model stays.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic_core import ValidationError
 
 from livediff.config import Settings
-from livediff.frames import Frame, Image
+from livediff.frames import Image
 from livediff.transforms.base import Job, Transform, TransformParams
 from livediff.transforms.diffusion.bundle import load_bundle, prepare, uses_cuda_graphs
 from livediff.transforms.diffusion.models import (
@@ -29,8 +28,8 @@ from livediff.transforms.diffusion.models import (
     locate,
 )
 from livediff.transforms.diffusion.params import DiffusionParams
-from livediff.transforms.diffusion.state import SessionStream
-from livediff.transforms.diffusion.stream import StreamEngine
+from livediff.transforms.diffusion.state import SessionCache
+from livediff.transforms.diffusion.stream import StreamBatch
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +69,13 @@ class DiffusionTransform(Transform):
         self._dtype = resolve_dtype(settings.dtype, self._device)
         self._compile_mode = settings.compile_mode if settings.compile else None
         self.choice = ModelChoice(settings.model, settings.vae, settings.model_dir)
-        self.engine: StreamEngine | None = None
-        self.loads = 0
-        self._check_available(self.choice)
+        self.stream: StreamBatch | None = None
+        self.check_available(settings)
 
-    @staticmethod
-    def _check_available(choice: ModelChoice) -> None:
+    @classmethod
+    def check_available(cls, settings: Settings) -> None:
         """Fail now (at start, with the fetch command) when the model cannot be had later."""
+        choice = ModelChoice(settings.model, settings.vae, settings.model_dir)
         try:
             locate(choice)
         except ModelUnavailableError:
@@ -88,19 +87,29 @@ class DiffusionTransform(Transform):
     def device(self) -> str:
         return str(self._device)
 
-    def default_params(self) -> dict[str, Any]:
-        return {**super().default_params(), "model": self.choice.model, "vae": self.choice.vae}
+    @classmethod
+    def default_params(cls, settings: Settings) -> dict[str, Any]:
+        return {**super().default_params(settings), "model": settings.model, "vae": settings.vae}
+
+    def loaded_params(self) -> dict[str, Any]:
+        return {"model": self.choice.model, "vae": self.choice.vae}
 
     # -- loading ----------------------------------------------------------------------------------
     def load(self) -> None:
-        self.engine = self._load_engine(self.choice, generation=0)
+        self.stream = self._load_stream(self.choice, generation=0)
 
-    def _load_engine(self, choice: ModelChoice, generation: int) -> StreamEngine:
+    def _load_stream(self, choice: ModelChoice, generation: int) -> StreamBatch:
         bundle = load_bundle(locate(choice, download=True), choice, self._dtype)
-        if self.engine is not None:  # free the old model before the new one moves in
-            self._drop_engine()
-        prepare(bundle, self._device, self._dtype, compile_mode=self._compile_mode)
-        engine = StreamEngine(
+        if self.stream is not None:  # free the old model before the new one moves in
+            self._drop_stream()
+        prepare(
+            bundle,
+            self._device,
+            self._dtype,
+            compile_mode=self._compile_mode,
+            compile_cache_size=self.settings.compile_cache_size,
+        )
+        stream = StreamBatch(
             bundle,
             self._device,
             self._dtype,
@@ -108,27 +117,18 @@ class DiffusionTransform(Transform):
             max_skip=self.settings.similarity_max_skip,
             cuda_graphs=uses_cuda_graphs(self._device, self._compile_mode),
         )
-        engine.generation = generation
-        self.loads += 1
-        self._warm_up(engine)
+        stream.generation = generation
         logger.info(
-            "diffusion model %s (vae %s) ready on %s", choice.model, choice.vae, self._device
+            "diffusion model %s (vae %s) loaded on %s", choice.model, choice.vae, self._device
         )
-        return engine
+        return stream
 
-    def _warm_up(self, engine: StreamEngine) -> None:
-        """Run the default session's stream batch full once (compiles, autotunes, allocates)."""
-        params = DiffusionParams.model_validate(self.default_params())
-        state = engine.open_session()
-        blank = np.full((params.height, params.width, 3), 127, dtype=np.uint8)
-        for number in range(len(params.timesteps()) + 1):
-            engine.process([Job("warm-up", Frame(blank, pts=number), params, state)])
+    def synchronize(self) -> None:
         if self._device.type == "cuda":
             torch.cuda.current_stream(self._device).synchronize()
-        state.release()
 
-    def _drop_engine(self) -> None:
-        self.engine = None
+    def _drop_stream(self) -> None:
+        self.stream = None
         gc.collect()
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
@@ -140,33 +140,33 @@ class DiffusionTransform(Transform):
 
     def reload(self, params: TransformParams) -> None:
         choice = ModelChoice(*_wanted(params), self.settings.model_dir)
-        generation = self._engine().generation + 1
+        generation = self._stream().generation + 1
         try:
-            engine = self._load_engine(choice, generation)
+            stream = self._load_stream(choice, generation)
         except ModelUnavailableError as exc:
             raise _field_error(exc.role, getattr(params, exc.role), str(exc)) from exc
-        self.engine, self.choice = engine, choice
+        self.stream, self.choice = stream, choice
 
     # -- sessions and frames ----------------------------------------------------------------------
-    def open_session(self, params: TransformParams) -> SessionStream:
+    def open_session(self, params: TransformParams) -> SessionCache:
         if _wanted(params) != (self.choice.model, self.choice.vae):
-            self.reload(params)
-        return self._engine().open_session()
+            raise RuntimeError("open_session with another model than the loaded one (reload first)")
+        return self._stream().open_session()
 
     def close_session(self, state: Any) -> None:
-        if isinstance(state, SessionStream):
+        if isinstance(state, SessionCache):
             state.release()
 
     def process(self, jobs: Sequence[Job]) -> list[Image | None]:
-        return self._engine().process(jobs)
+        return self._stream().process(jobs)
 
     def close(self) -> None:
-        self._drop_engine()
+        self._drop_stream()
 
-    def _engine(self) -> StreamEngine:
-        if self.engine is None:
+    def _stream(self) -> StreamBatch:
+        if self.stream is None:
             raise RuntimeError("the diffusion model is not loaded")
-        return self.engine
+        return self.stream
 
 
 def _wanted(params: TransformParams) -> tuple[str, str]:

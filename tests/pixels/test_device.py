@@ -8,8 +8,14 @@ import numpy.typing as npt
 import pytest
 import torch
 
-from livediff.frames import tensor_to_yuv420, to_video_frame
-from livediff.transforms.diffusion.device import FrameUploader, to_output_images
+from livediff.pixels import mark_ready, to_video_frame, wait_ready
+from livediff.pixels.device import (
+    FrameUploader,
+    constant,
+    copy_yuv420_planes,
+    rgb_to_yuv420,
+    to_output_images,
+)
 
 HEIGHT, WIDTH = 48, 64
 
@@ -74,10 +80,35 @@ def test_outputs_become_yuv420p_on_the_device_like_libswscale() -> None:
     """What to_video_frame does with a CUDA output (checked here on the CPU)."""
     source = gradient()
     reference = av.VideoFrame.from_ndarray(source, format="rgb24").reformat(format="yuv420p")
-    planes = tensor_to_yuv420(torch.from_numpy(source).float()[None] / 255)
+    planes = rgb_to_yuv420(torch.from_numpy(source).float()[None] / 255)
     assert planes.dtype == torch.uint8 and tuple(planes.shape) == (HEIGHT * 3 // 2, WIDTH)
     difference = np.abs(planes.numpy().astype(int) - reference.to_ndarray().astype(int))
     assert difference.max() <= 1
     shown = av.VideoFrame.from_ndarray(planes.numpy(), format="yuv420p")
     back = shown.to_ndarray(format="rgb24").astype(int)
     assert np.abs(back - source).mean() < 2.5
+
+
+@pytest.mark.parametrize("size", [(64, 48), (100, 50), (62, 30)])
+def test_decoded_planes_are_copied_straight_into_the_staging_buffer(size: tuple[int, int]) -> None:
+    width, height = size
+    rng = np.random.default_rng(width)
+    source = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    frame = av.VideoFrame.from_ndarray(source, format="rgb24").reformat(format="yuv420p")
+    staged = np.zeros((height * 3 // 2, width), dtype=np.uint8)
+    copy_yuv420_planes(frame, staged)  # rows padded by PyAV (line_size > width) are skipped
+    assert np.array_equal(staged, frame.to_ndarray())
+
+
+def test_constant_tensors_are_made_once_per_device() -> None:
+    first = constant("test-weights", (1.0, 2.0), torch.device("cpu"), torch.float32)
+    again = constant("test-weights", (1.0, 2.0), torch.device("cpu"), torch.float32)
+    assert first is again
+    other = constant("test-weights", (1.0, 2.0), torch.device("cpu"), torch.float64)
+    assert other is not first and other.dtype == torch.float64
+
+
+def test_hand_offs_of_host_images_need_no_event() -> None:
+    frame = np.zeros((4, 4, 3), np.uint8)
+    assert mark_ready(frame) is None and mark_ready(torch.zeros(1, 4, 4, 3)) is None
+    wait_ready(torch.zeros(1, 4, 4, 3), None)  # nothing to wait for on the CPU

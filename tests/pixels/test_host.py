@@ -8,7 +8,8 @@ import av
 import numpy as np
 import torch
 
-from livediff.frames import Frame, image_size, resize, to_rgb_array, to_video_frame
+from livediff.frames import Frame, image_size
+from livediff.pixels import resize, to_rgb_array, to_video_frame
 
 
 def test_numpy_images_resize_and_convert() -> None:

@@ -1,0 +1,82 @@
+"""Pixels: every conversion and copy of an image between its forms, in one room.
+
+An image (:data:`livediff.frames.Image`) is an ``av.VideoFrame``, an RGB ``numpy`` array or a
+float RGB ``torch.Tensor``. The helpers here read and convert any of them; nothing else in
+livediff converts pixels. The host side (PyAV, numpy) is in this module and imports no torch;
+the device side (pinned staging, uploads and downloads, YUV <-> RGB on the device) is
+:mod:`livediff.pixels.device`, imported only when a tensor is at hand.
+
+Conversions that copy or convert run on the worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import av
+import numpy as np
+
+from livediff.frames import Image, RgbArray, image_size, is_tensor
+
+__all__ = ["mark_ready", "resize", "to_rgb_array", "to_video_frame", "wait_ready"]
+
+
+def to_rgb_array(image: Image) -> RgbArray:
+    """RGB uint8 (H, W, 3) on the host. Runs a colour conversion or a device copy: worker only."""
+    if isinstance(image, av.VideoFrame):
+        return cast(RgbArray, image.to_ndarray(format="rgb24"))
+    if isinstance(image, np.ndarray):
+        return image
+    from livediff.pixels.device import tensor_to_rgb_array
+
+    return tensor_to_rgb_array(image)
+
+
+def to_video_frame(image: Image) -> av.VideoFrame:
+    """An ``av.VideoFrame`` of the image; an existing one is returned as it is.
+
+    A CUDA tensor of even size becomes yuv420p on the device (half the bytes to copy back, and
+    no colour conversion left for the encoders' threads); other tensors become rgb24.
+    """
+    if isinstance(image, av.VideoFrame):
+        return image
+    if isinstance(image, np.ndarray):
+        return av.VideoFrame.from_ndarray(image, format="rgb24")
+    from livediff.pixels.device import tensor_to_video_frame
+
+    return tensor_to_video_frame(image)
+
+
+def resize(image: Image, width: int, height: int) -> Image:
+    """The image at width x height, in its own form; unchanged when the size already fits."""
+    if image_size(image) == (width, height):
+        return image
+    if isinstance(image, av.VideoFrame):
+        return image.reformat(width=width, height=height)
+    if isinstance(image, np.ndarray):
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        resized = frame.reformat(width=width, height=height, format="rgb24")
+        return cast(RgbArray, resized.to_ndarray())
+    assert is_tensor(image)
+    from livediff.pixels.device import resize_tensor
+
+    return resize_tensor(image, width, height)
+
+
+def mark_ready(image: Image) -> Any:
+    """The event a consumer on another stream waits for before reading ``image`` (a CUDA
+    tensor made on this thread's stream); None for other images (see pixels.device, rule 2)."""
+    if not is_tensor(image):
+        return None
+    from livediff.pixels.device import mark_ready as mark_tensor_ready
+
+    return mark_tensor_ready(image)
+
+
+def wait_ready(image: Image, ready: Any) -> None:
+    """Order this thread's stream after ``ready`` before it reads ``image`` (rule 2)."""
+    if ready is None or not is_tensor(image):
+        return
+    from livediff.pixels.device import wait_ready as wait_tensor_ready
+
+    wait_tensor_ready(image, ready)
