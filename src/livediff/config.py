@@ -70,6 +70,9 @@ class Settings(BaseSettings):
         30.0, gt=0, description="A peer not connected within this time is closed."
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+    max_json_depth: int = Field(
+        32, ge=2, le=128, description="JSON bodies nesting arrays and objects deeper get 400."
+    )
     body_drain_factor: int = Field(
         16, ge=1, description="An oversized body is read and dropped up to this many limits."
     )

@@ -11,7 +11,8 @@ import asyncio
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from aiortc import (
@@ -25,6 +26,7 @@ from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcdatachannel import RTCDataChannel
 from aiortc.sdp import candidate_from_sdp
+from pydantic_core import to_json
 
 from livediff.config import Settings
 from livediff.engine.session import Session
@@ -78,16 +80,11 @@ class Peer(ABC):
     async def accept(self, offer: Offer) -> str:
         """Answer ``offer``; returns the answer SDP (with candidates)."""
         transceivers = self._prepare(offer)
-        try:
+        with _refused_by_aiortc():
             await self.pc.setRemoteDescription(RTCSessionDescription(offer.sdp, "offer"))
-        except (ValueError, KeyError, AttributeError) as exc:
-            raise OfferError(f"the offer was refused: {exc}") from exc
-        except Exception as exc:
-            if type(exc).__module__.startswith("aiortc"):
-                raise OfferError(f"the offer was refused: {exc}") from exc
-            raise
         self._after_remote_description()
-        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        with _refused_by_aiortc():
+            await self.pc.setLocalDescription(await self.pc.createAnswer())
         encoder_settings = EncoderSettings.from_settings(self.settings)
         for transceiver in transceivers:
             if transceiver.kind == "video" and transceiver.sender.track is not None:
@@ -220,7 +217,7 @@ class PublisherPeer(Peer):
         async def _on_message(message: str | bytes) -> None:
             reply = await _params_reply(handler, message)
             if channel.readyState == "open":
-                channel.send(json.dumps(reply))
+                channel.send(_encode_reply(reply))
 
 
 class ViewerPeer(Peer):
@@ -247,6 +244,24 @@ class ViewerPeer(Peer):
         return transceivers
 
 
+#: What aiortc raises on an offer that parses but that it cannot take or answer.
+_AIORTC_REFUSALS = (ValueError, LookupError, AttributeError, TypeError, AssertionError)
+
+
+@contextmanager
+def _refused_by_aiortc() -> Iterator[None]:
+    """aiortc's errors on an offer it cannot take or answer, as OfferError (HTTP 400)."""
+    try:
+        yield
+    except OfferError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, _AIORTC_REFUSALS) or type(exc).__module__.startswith("aiortc"):
+            detail = str(exc) or type(exc).__name__
+            raise OfferError(f"the offer was refused: {detail}") from exc
+        raise
+
+
 async def _drain(track: MediaStreamTrack) -> None:
     while True:
         try:
@@ -255,10 +270,19 @@ async def _drain(track: MediaStreamTrack) -> None:
             return
 
 
+def _encode_reply(reply: dict[str, Any]) -> str:
+    """The reply as strict JSON: non-finite numbers echoed from a message become strings."""
+    try:
+        return to_json(reply, inf_nan_mode="strings", fallback=repr).decode()
+    except ValueError as exc:  # e.g. an input echoed back that nests too deep
+        detail = f"the reply could not be encoded: {exc}"
+        return json.dumps({"type": "error", "status": 400, "detail": detail})
+
+
 async def _params_reply(handler: ParamsHandler, message: str | bytes) -> dict[str, Any]:
     try:
         patch = json.loads(message)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         return {"type": "error", "status": 400, "detail": f"params message is not JSON: {exc}"}
     if not isinstance(patch, dict):
         return {"type": "error", "status": 400, "detail": "params message must be a JSON object"}

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from collections.abc import Awaitable, Callable, Iterable
+from itertools import accumulate
 from typing import Any
 
 from fastapi import HTTPException, Request
 from pydantic import ValidationError
+from pydantic_core import to_json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from livediff.config import Settings
@@ -124,12 +127,47 @@ def require_media_type(request: Request, expected: str) -> None:
         )
 
 
-async def read_json_object(request: Request) -> dict[str, Any]:
-    """The body as a JSON object (415 for another content type, 400 for broken JSON)."""
+#: A JSON string (its closing quote optional, so that a match never fails and the scan stays
+#: linear even on an unterminated one) and the runs of anything but brackets.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def json_depth(text: str) -> int:
+    """How deep arrays and objects nest in the JSON ``text``, found without parsing it (and so
+    without recursion): brackets inside strings do not count. Meant for text that is then
+    parsed; on broken JSON the figure is a bound, not an exact depth."""
+    brackets = _NOT_BRACKETS.sub("", _JSON_STRING.sub("", text))
+    return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets.encode())), default=0)
+
+
+class JSONDepthError(ValueError):
+    """JSON nesting arrays and objects deeper than the limit."""
+
+
+def load_json(raw: bytes, max_depth: int) -> Any:
+    """Parse ``raw`` (UTF-8, -16 or -32, like :func:`json.loads`); ValueError when it is not
+    JSON, JSONDepthError when it nests deeper than ``max_depth`` (checked before parsing)."""
+    text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise JSONDepthError(
+            f"nests arrays and objects {depth} levels deep; at most {max_depth} are accepted"
+            " (max_json_depth)"
+        )
+    return json.loads(text)
+
+
+async def read_json_object(request: Request, max_depth: int) -> dict[str, Any]:
+    """The body as a JSON object (415 for another content type, 400 for broken JSON or JSON
+    nested deeper than ``max_depth``)."""
     require_media_type(request, "application/json")
     try:
-        value = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError) as exc:
+        value = load_json(await request.body(), max_depth)
+    except JSONDepthError as exc:
+        raise HTTPException(status_code=400, detail=f"the body {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise HTTPException(status_code=400, detail=f"the body is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise HTTPException(status_code=400, detail="the body must be a JSON object")
@@ -147,7 +185,13 @@ async def read_text(request: Request, expected: str) -> str:
 
 def validation_error(exc: ValidationError, prefix: tuple[str, ...] = ()) -> HTTPException:
     """422 with pydantic's errors, each naming its field (``loc``) under ``prefix``."""
-    return HTTPException(status_code=422, detail=error_detail(exc, prefix))
+    return HTTPException(status_code=422, detail=json_safe(error_detail(exc, prefix)))
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as plain JSON data, with the non-finite numbers that JSON lacks (NaN, Infinity,
+    which a refused input may echo) as strings."""
+    return json.loads(to_json(value, inf_nan_mode="strings", fallback=repr))
 
 
 def bearer_auth(settings: Settings) -> Callable[[Request], Awaitable[None]]:

@@ -60,7 +60,8 @@ def sessions_router(service: LivediffService) -> APIRouter:
     )
     async def create_session(request: Request, response: Response) -> SessionAnswer:
         """Open a session from a WebRTC offer; the processed video comes back on the same peer."""
-        record, answer = await _open_session(service, await read_json_object(request))
+        body = await read_json_object(request, service.settings.max_json_depth)
+        record, answer = await _open_session(service, body)
         response.headers["Location"] = f"{router.prefix}/sessions/{record.id}"
         return SessionAnswer(sdp=answer, session_id=record.id)
 
@@ -87,7 +88,7 @@ def sessions_router(service: LivediffService) -> APIRouter:
     async def update_params(session_id: str, request: Request) -> dict[str, Any]:
         """Merge a partial params update, validate it, apply it from the next frame."""
         service.get(session_id)
-        patch = await read_json_object(request)
+        patch = await read_json_object(request, service.settings.max_json_depth)
         try:
             params = await service.update_params(session_id, patch)
         except ValidationError as exc:

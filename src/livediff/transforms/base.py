@@ -22,7 +22,7 @@ from livediff.frames import Frame, Image
 class TransformParams(BaseModel):
     """Params every transform takes: the output size. Subclasses add their own fields."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     width: int = Field(512, ge=64, le=2048, multiple_of=8, description="Output width in pixels.")
     height: int = Field(512, ge=64, le=2048, multiple_of=8, description="Output height in pixels.")
