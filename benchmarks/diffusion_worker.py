@@ -16,7 +16,12 @@ Models are random-weight builds of the published configs (``--preset sd-turbo``:
 sd-turbo UNet + TAESD + CLIP architecture, so the speed is the real one) or the tiny test
 preset; ``--model``/``--vae`` take real weights instead where they are on disk.
 
+Like every benchmark here it prints a table and writes ``benchmarks/results/<name>.json``
+(machine, config, results) and ``<name>.png`` (fps of both sides, livediff's stages per batch),
+the name made of the preset, the size and the device.
+
     python benchmarks/diffusion_worker.py                        # CPU, tiny, ~1 minute
+    livediff bench worker                                        # the same, from a checkout
     python benchmarks/diffusion_worker.py --preset sd-turbo --size 512 --steps 1 2 4 \
         --batch 1 4 --compile off on --frames 100                # the GPU run (docs/diffusion.md)
 """
@@ -24,23 +29,23 @@ preset; ``--model``/``--vae`` take real weights instead where they are on disk.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import platform
 import re
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import av
 import diffusers
 import numpy as np
 import torch
+from common import Column, Table, load_json, machine, pyplot, resolve, save_json, save_plot
 
-from livediff.frames import Frame, to_video_frame
+from livediff.frames import Frame
+from livediff.testing.models import build_components, parameter_count
+from livediff.testing.reference import diffusers_img2img
 from livediff.transforms.base import Job
 from livediff.transforms.diffusion.bundle import (
     ModelBundle,
@@ -49,14 +54,16 @@ from livediff.transforms.diffusion.bundle import (
     prepare,
     uses_cuda_graphs,
 )
-from livediff.testing.models import build_components, parameter_count
 from livediff.transforms.diffusion.models import ModelChoice, locate
 from livediff.transforms.diffusion.params import DiffusionParams
-from livediff.testing.reference import diffusers_img2img
-from livediff.transforms.diffusion.stream import StreamEngine
 from livediff.transforms.diffusion.transform import resolve_device, resolve_dtype
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Names the engine refactor moves: where they are now, then where they were.
+StreamEngine = resolve(
+    "livediff.transforms.diffusion.stream:StreamBatch",
+    "livediff.transforms.diffusion.stream:StreamEngine",
+)
+to_video_frame = resolve("livediff.pixels:to_video_frame", "livediff.frames:to_video_frame")
 STAGES = ("upload", "encode", "unet", "decode", "download")
 NEGATIVE_PROMPT = "blurry, low quality"
 
@@ -137,7 +144,7 @@ def synchronize(device: torch.device) -> None:
 
 
 # -- livediff ---------------------------------------------------------------------------------
-def run_livediff(engine: StreamEngine, args: argparse.Namespace, case: Case) -> dict[str, Any]:
+def run_livediff(engine: Any, args: argparse.Namespace, case: Case) -> dict[str, Any]:
     size = (args.width, args.height)
     frames = camera_frames(size, 1 if args.still else 4)
     sessions = []
@@ -164,7 +171,10 @@ def run_livediff(engine: StreamEngine, args: argparse.Namespace, case: Case) -> 
     engine.decode = clock.wrap("decode", engine.decode)  # type: ignore[method-assign]
     download = clock.wrap("download", to_video_frame)
 
+    skipped = 0  # frames the similarity filter skipped (the engine marks their jobs)
+
     def one_batch(iteration: int) -> None:
+        nonlocal skipped
         jobs = [
             Job(str(k), Frame(frames[(iteration + k) % len(frames)], pts=iteration), p, s)
             for k, (p, s) in enumerate(sessions)
@@ -172,6 +182,7 @@ def run_livediff(engine: StreamEngine, args: argparse.Namespace, case: Case) -> 
         for image in engine.process(jobs):
             if image is not None:
                 download(image)
+        skipped += sum(bool(getattr(job, "skipped", False)) for job in jobs)
 
     try:
         started = time.perf_counter()
@@ -189,7 +200,6 @@ def run_livediff(engine: StreamEngine, args: argparse.Namespace, case: Case) -> 
         elapsed = time.perf_counter() - started
     finally:
         engine.upload, engine.encode, engine.unet, engine.decode = original  # type: ignore[method-assign]
-        skipped = sum(state.filter.skipped for _, state in sessions)
         for _, state in sessions:
             state.release()
     return {
@@ -270,9 +280,7 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
-def measure(
-    engine: StreamEngine, pipe: Any, args: argparse.Namespace, case: Case
-) -> dict[str, Any]:
+def measure(engine: Any, pipe: Any, args: argparse.Namespace, case: Case) -> dict[str, Any]:
     """``--repeats`` alternating runs of both sides; the best run of each is reported (on a
     shared machine the fastest run is the one least disturbed by others)."""
     ours: list[dict[str, Any]] = []
@@ -300,7 +308,8 @@ def cases(args: argparse.Namespace) -> list[Case]:
     ]
 
 
-def run_all(args: argparse.Namespace) -> dict[str, Any]:
+def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(the setup both sides ran with, one result per case)."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     bundle = build_bundle(args, device, dtype)
@@ -320,11 +329,9 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         for case in cases(args):
             run = measure(engine, baseline, args, case)
             run["compile"] = compiled
-            print_run(run)
+            print(TABLE.row(table_row(run)), flush=True)
             runs.append(run)
-    return {
-        "benchmark": "diffusion_worker",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    config = {
         "device": device_name(device),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
@@ -341,21 +348,82 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "guidance_scale": args.guidance if args.cfg != ["none"] else None,
         "similarity_threshold": args.similarity,
         "still_camera": args.still,
-        "runs": runs,
+    }
+    return config, runs
+
+
+TABLE = Table(
+    [
+        Column("steps", "steps", "d"),
+        Column("batch", "batch", "d"),
+        Column("cfg", "cfg"),
+        Column("compile", "compile"),
+        Column("livediff fps", "livediff_fps", ".2f"),
+        Column("diffusers fps", "diffusers_fps", ".2f"),
+        Column("speedup", "speedup", ".2f"),
+        Column("ms/batch", "ms_per_batch", ".2f"),
+        *(Column(f"{stage} ms", stage, ".2f") for stage in STAGES),
+    ]
+)
+
+
+def table_row(run: dict[str, Any]) -> dict[str, Any]:
+    ours = run["livediff"]
+    return {
+        **run,
+        "livediff_fps": ours["fps"],
+        "diffusers_fps": run.get("diffusers", {}).get("fps", "-"),
+        "speedup": run.get("speedup", "-"),
+        "ms_per_batch": ours["ms_per_batch"],
+        **ours["stages_ms_per_batch"],
     }
 
 
-def print_run(run: dict[str, Any]) -> None:
-    ours = run["livediff"]
-    stages = " ".join(f"{k} {v:.2f}" for k, v in ours["stages_ms_per_batch"].items())
-    line = (
-        f"steps {run['steps']} batch {run['batch']} cfg {run['cfg']:>10} compile"
-        f" {run['compile']:>3}:"
-        f" livediff {ours['fps']:8.2f} fps ({ours['ms_per_batch']:.2f} ms/batch; {stages})"
+def case_label(run: dict[str, Any]) -> str:
+    label = f"{run['steps']} step{'s' if run['steps'] > 1 else ''}\nbatch {run['batch']}"
+    if run["cfg"] != "none":
+        label += f"\ncfg {run['cfg']}"
+    return label + ("\ncompiled" if run["compile"] == "on" else "")
+
+
+def plot(
+    runs: list[dict[str, Any]], config: dict[str, Any], info: dict[str, Any], name: str
+) -> None:
+    plt = pyplot()
+    figure, (rates, stages) = plt.subplots(1, 2, figsize=(12, 4.4))
+    xs = range(len(runs))
+    ours = [run["livediff"]["fps"] for run in runs]
+    theirs = [run.get("diffusers", {}).get("fps", 0.0) for run in runs]
+    rates.bar([x - 0.2 for x in xs], ours, 0.4, color="tab:blue", label="livediff stream engine")
+    rates.bar([x + 0.2 for x in xs], theirs, 0.4, color="tab:orange", label="diffusers img2img")
+    for x, run in zip(xs, runs, strict=True):
+        top = max(run["livediff"]["fps"], run.get("diffusers", {}).get("fps", 0.0))
+        if "speedup" in run:
+            rates.text(x, top * 1.02, f"x{run['speedup']:.2f}", ha="center", fontsize=7)
+    rates.set_ylim(top=max(ours + theirs) * 1.25)
+    rates.set_ylabel("frames per second (all sessions)")
+    rates.set_title("Throughput, same components, same run")
+    rates.legend(loc="upper left", fontsize=7)
+    colours = ("#a0cbe8", "#f28e2b", "#59a14f", "#e15759", "#b07aa1")
+    bottom = [0.0] * len(runs)
+    for stage, colour in zip(STAGES, colours, strict=True):
+        heights = [run["livediff"]["stages_ms_per_batch"][stage] for run in runs]
+        stages.bar(xs, heights, 0.6, bottom=bottom, color=colour, label=stage)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    stages.set_ylabel("ms per batch (livediff)")
+    stages.set_title("livediff: where a batch's time goes")
+    stages.legend(loc="upper left", fontsize=7, ncols=len(STAGES))
+    stages.set_ylim(top=max(bottom) * 1.2)
+    for axes in (rates, stages):
+        axes.set_xticks(list(xs), [case_label(run) for run in runs], fontsize=7)
+        axes.grid(axis="y", alpha=0.3)
+    figure.suptitle(
+        f"Diffusion worker: {config['model']}, {config['width']}x{config['height']},"
+        f" {config['dtype']}, {config['device']}",
+        fontsize=10,
     )
-    if "diffusers" in run:
-        line += f" | diffusers {run['diffusers']['fps']:.2f} fps | x{run['speedup']}"
-    print(line, flush=True)
+    figure.tight_layout(rect=(0, 0.02, 1, 1))
+    save_plot(figure, name, info)
 
 
 def parse_args() -> argparse.Namespace:
@@ -385,7 +453,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--baseline-divisor", type=int, default=3, help="baseline runs frames/N")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/...)")
+    parser.add_argument("--name", help="result name (default: from preset, size and device)")
+    parser.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -394,18 +463,28 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def result_name(args: argparse.Namespace) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name(resolve_device(args.device)).lower()).strip("-")
+    return f"diffusion_worker-{args.preset if not args.model else 'model'}-{args.width}-{slug}"
+
+
 def main() -> None:
     args = parse_args()
-    result = run_all(args)
-    slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
-    name = f"diffusion_worker-{args.preset if not args.model else 'model'}-{args.width}-{slug}.json"
-    out = args.out or RESULTS / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    best = max(result["runs"], key=lambda run: run["livediff"]["fps"])
+    name = args.name or result_name(args)
+    if args.replot:
+        saved = load_json(name)
+        plot(saved["results"], saved["config"], saved["machine"], name)
+        return
+    print("livediff's stream engine against diffusers' img2img; stage ms are livediff's per batch")
+    print(TABLE.header(), flush=True)
+    config, runs = run_all(args)
+    info = machine()
+    path = save_json(name, info, config, runs, benchmark="diffusion_worker")
+    plot(runs, config, info, name)
+    best = max(runs, key=lambda run: run["livediff"]["fps"])
     print(
         f"best: {best['livediff']['fps']} fps ({best['steps']} steps, batch {best['batch']},"
-        f" compile {best['compile']}); wrote {out}"
+        f" compile {best['compile']}); saved {path} and {path.with_suffix('.png').name}"
     )
 
 

@@ -1,19 +1,22 @@
-"""Glass-to-glass transport latency: livediff (passthrough) against an aiortc-example baseline.
+"""Glass-to-glass transport latency and server CPU: livediff (passthrough) against an
+aiortc-example baseline.
 
-A real aiortc client streams 512x512 frames at 30 fps, each carrying its number drawn in the
-pixels (livediff.testing.framecode), to a real server process, and reads the numbers back from
-the returned video. Per frame: latency from handing the frame to the client's encoder to the
-decoded frame arriving back. Both servers run as separate processes on this machine, one after
-the other, with the same client, in one run.
+A real aiortc client streams frames at 30 fps, each carrying its number drawn in the pixels
+(livediff.testing.framecode), to a real server process, and reads the numbers back from the
+returned video. Per frame: latency from handing the frame to the client's encoder to the
+decoded frame arriving back. Both servers run as processes of their own on this machine, at the
+same time, and every scenario runs on livediff and then on the baseline (side by side, so both
+see the same load from whatever else shares the machine). Each server's CPU time over the
+measured window (user + system, all its threads, from the operating system) gives its CPU
+milliseconds per input frame.
 
-Scenarios
-- normal: passthrough. p50/p95/p99 latency, output fps, frames lost.
-- slow: the transform takes 100 ms per frame (fed at 30 fps). Latency in the first and the
-  last two seconds shows whether it stays flat (livediff sheds frames) or grows (a queue).
-Each runs with the client's stock aiortc receiver, and with livediff's marker-aware receiver
-(as a browser's would behave: libwebrtc releases a frame on its marker bit).
+Scenarios, each with the client's stock aiortc receiver and with livediff's marker-aware one
+(as a browser's would behave: libwebrtc releases a frame on its marker bit):
+- passthrough at 512x512 and 1280x720: p50/p95/p99 latency, output fps, frames lost, CPU.
+- slow (512x512): the transform takes 100 ms per frame (fed at 30 fps). Latency in the first
+  and the last two seconds shows whether it stays flat (livediff sheds frames) or grows (a queue).
 
-    python benchmarks/transport.py                      # ~2 minutes, writes benchmarks/results/
+    python benchmarks/transport.py                      # ~3 minutes, writes benchmarks/results/
     python benchmarks/transport.py --seconds 5 --slow-seconds 5 --codec h264
 """
 
@@ -21,272 +24,228 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
-import os
-import platform
-import socket
-import statistics
-import subprocess
-import sys
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import aiortc
-import av
-import httpx
-from aiortc.mediastreams import MediaStreamTrack
-
-from livediff.testing.peers import (
-    FrameRecorder,
-    NumberedVideoTrack,
-    accept_answer,
-    add_camera,
-    client_peer,
-    local_offer,
+from common import (
+    Column,
+    ServerProcess,
+    Table,
+    baseline_server,
+    cpu_fields,
+    edge_fields,
+    latency_fields,
+    livediff_server,
+    load_json,
+    machine,
+    parse_size,
+    pyplot,
+    ratio,
+    run_streams,
+    running,
+    save_json,
+    save_plot,
+    stream_stats,
 )
 
-HERE = Path(__file__).resolve().parent
-WARMUP_S = 1.0
-EDGE_S = 2.0
+SLOW_MS = 100.0
 
 
-@dataclass
-class Server:
-    name: str
-    command: list[str]
-    port: int
-    process: subprocess.Popen[bytes] | None = None
+@dataclass(frozen=True)
+class Scenario:
+    size: tuple[int, int]
+    delay_ms: float
+    marker: bool
+    seconds: float
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def name(self) -> str:
+        return f"slow ({self.delay_ms:g} ms/frame)" if self.delay_ms else "passthrough"
 
-    def start(self) -> None:
-        self.process = subprocess.Popen(self.command, cwd=HERE.parent)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if self.name == "baseline" or httpx.get(f"{self.url}/health").json()["status"] in (
-                    "IDLE",
-                    "OK",
-                ):
-                    with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                        return
-            except (OSError, httpx.TransportError, ValueError):
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.name} did not start")
+    @property
+    def size_name(self) -> str:
+        return f"{self.size[0]}x{self.size[1]}"
 
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(30)
-
-    async def offer(self, http: httpx.AsyncClient, sdp: str, delay_ms: float) -> str:
-        if self.name == "baseline":
-            body = {"sdp": sdp, "type": "offer", "delay_ms": delay_ms}
-            response = await http.post(f"{self.url}/offer", json=body)
-        else:
-            body = {"sdp": sdp, "type": "offer", "params": {"delay_ms": delay_ms}}
-            response = await http.post(f"{self.url}/v1/sessions", json=body)
-        response.raise_for_status()
-        return str(response.json()["sdp"])
+    @property
+    def receiver(self) -> str:
+        return "marker" if self.marker else "stock"
 
 
-@dataclass
-class Result:
-    server: str
-    scenario: str
-    client_receiver: str
-    codec: str
-    seconds: float
-    frames_sent: int
-    frames_received: int
-    frames_lost: int
-    fps_out: float
-    latency_ms_p50: float
-    latency_ms_p95: float
-    latency_ms_p99: float
-    latency_ms_first_2s: float  # median latency of frames arriving in the first 2 s
-    latency_ms_last_2s: float  # ... and in the last 2 s (growth = a queue somewhere)
+def scenarios(args: argparse.Namespace) -> list[Scenario]:
+    chosen = []
+    for index, size in enumerate(args.sizes):
+        for marker in (False, True):
+            chosen.append(Scenario(size, 0.0, marker, args.seconds))
+            if index == 0 and args.slow_seconds > 0:
+                chosen.append(Scenario(size, SLOW_MS, marker, args.slow_seconds))
+    return chosen
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def pct(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))] if ordered else 0.0
-
-
-async def stream(
-    server: Server, *, seconds: float, delay_ms: float, codec: str, marker: bool, size: int
-) -> Result:
-    pc = client_peer()
-    source = NumberedVideoTrack(size, size, fps=30)
-    recorder = FrameRecorder()
-    tasks: list[asyncio.Task[None]] = []
-
-    @pc.on("track")
-    def on_track(track: MediaStreamTrack) -> None:
-        tasks.append(asyncio.ensure_future(recorder.consume(track)))
-
-    add_camera(pc, source, codec=codec, marker_buffer=marker)
-    async with httpx.AsyncClient(timeout=30) as http:
-        answer = await server.offer(http, await local_offer(pc), delay_ms)
-    await accept_answer(pc, answer)
-    await asyncio.sleep(seconds + WARMUP_S + 0.5)
-    await pc.close()
-    for task in tasks:
-        task.cancel()
-    return summarise(
-        server.name,
-        source=source,
-        recorder=recorder,
-        seconds=seconds,
-        delay_ms=delay_ms,
+async def measure(server: ServerProcess, scenario: Scenario, codec: str) -> dict[str, Any]:
+    width, height = scenario.size
+    params: dict[str, Any] = {"delay_ms": scenario.delay_ms}
+    if server.kind == "livediff":
+        params.update(width=width, height=height)
+    streams, window = await run_streams(
+        server,
+        1,
+        size=scenario.size,
+        seconds=scenario.seconds,
         codec=codec,
-        marker=marker,
+        marker=scenario.marker,
+        params=params,
     )
+    stats = stream_stats(streams[0], window)
+    return {
+        "server": server.kind,
+        "scenario": scenario.name,
+        "size": scenario.size_name,
+        "client_receiver": scenario.receiver,
+        "codec": codec,
+        "seconds": scenario.seconds,
+        "frames_sent": stats.frames_sent,
+        "frames_received": stats.frames_received,
+        "frames_lost": stats.frames_lost,
+        "fps_out": round(stats.frames_received / window.seconds, 2),
+        **latency_fields(stats.latencies_ms),
+        **edge_fields(stats.arrivals, window),
+        **cpu_fields(window, stats.frames_sent),
+    }
 
 
-def summarise(
-    name: str,
-    *,
-    source: NumberedVideoTrack,
-    recorder: FrameRecorder,
-    seconds: float,
-    delay_ms: float,
-    codec: str,
-    marker: bool,
-) -> Result:
-    start = min(source.sent_at.values()) + WARMUP_S
-    end = start + seconds
-    sent = [n for n, at in source.sent_at.items() if start <= at < end]
-    measured = [
-        (n, lat) for n, lat in recorder.latencies(source) if start <= source.sent_at[n] < end
+TABLE = Table(
+    [
+        Column("server", "server"),
+        Column("size", "size", width=9),
+        Column("scenario", "scenario", width=19),
+        Column("client rx", "client_receiver"),
+        Column("p50 ms", "latency_ms_p50", ".1f"),
+        Column("p95 ms", "latency_ms_p95", ".1f"),
+        Column("p99 ms", "latency_ms_p99", ".1f"),
+        Column("first 2s", "latency_ms_first_2s", ".1f"),
+        Column("last 2s", "latency_ms_last_2s", ".1f"),
+        Column("fps out", "fps_out", ".1f"),
+        Column("lost", "frames_lost", "d"),
+        Column("CPU ms/frame", "server_cpu_ms_per_frame", ".2f"),
+        Column("CPU %", "server_cpu_percent", ".0f"),
     ]
-    latencies = [lat * 1000 for _, lat in measured]
-    unique = {n for n, _ in measured}
-    # By arrival time: a queue shows as frames arriving later and later.
-    arrivals = [(source.sent_at[n] + lat, lat * 1000) for n, lat in recorder.latencies(source)]
-    first = [ms for at, ms in arrivals if start <= at < start + EDGE_S]
-    last = [ms for at, ms in arrivals if end - EDGE_S <= at < end]
-    return Result(
-        server=name,
-        scenario="slow (100 ms/frame)" if delay_ms else "passthrough",
-        client_receiver="marker" if marker else "stock",
-        codec=codec,
-        seconds=seconds,
-        frames_sent=len(sent),
-        frames_received=len(unique),
-        frames_lost=len(set(sent) - unique),
-        fps_out=round(len(unique) / seconds, 2),
-        latency_ms_p50=round(pct(latencies, 0.50), 1),
-        latency_ms_p95=round(pct(latencies, 0.95), 1),
-        latency_ms_p99=round(pct(latencies, 0.99), 1),
-        latency_ms_first_2s=round(statistics.median(first), 1) if first else 0.0,
-        latency_ms_last_2s=round(statistics.median(last), 1) if last else 0.0,
-    )
-
-
-def servers(size: int) -> list[Server]:
-    livediff_port, baseline_port = free_port(), free_port()
-    livediff = [
-        sys.executable,
-        "-m",
-        "livediff",
-        "serve",
-        "--port",
-        str(livediff_port),
-        "--width",
-        str(size),
-        "--height",
-        str(size),
-        "--log-level",
-        "warning",
-    ]
-    baseline = [sys.executable, str(HERE / "baseline_server.py"), "--port", str(baseline_port)]
-    return [
-        Server("livediff", livediff, livediff_port),
-        Server("baseline", baseline, baseline_port),
-    ]
-
-
-async def run(args: argparse.Namespace) -> list[Result]:
-    results = []
-    for server in servers(args.size):
-        server.start()
-        try:
-            for marker in (False, True):
-                for delay_ms, seconds in ((0.0, args.seconds), (100.0, args.slow_seconds)):
-                    result = await stream(
-                        server,
-                        seconds=seconds,
-                        delay_ms=delay_ms,
-                        codec=args.codec,
-                        marker=marker,
-                        size=args.size,
-                    )
-                    print_row(result)
-                    results.append(result)
-        finally:
-            server.stop()
-    return results
-
-
-HEADER = (
-    f"{'server':9} {'scenario':20} {'client rx':9} {'p50':>7} {'p95':>7} {'p99':>7} "
-    f"{'first2s':>8} {'last2s':>8} {'fps':>6} {'lost':>5}"
 )
 
 
-def print_row(r: Result) -> None:
-    print(
-        f"{r.server:9} {r.scenario:20} {r.client_receiver:9} {r.latency_ms_p50:7.1f} "
-        f"{r.latency_ms_p95:7.1f} {r.latency_ms_p99:7.1f} {r.latency_ms_first_2s:8.1f} "
-        f"{r.latency_ms_last_2s:8.1f} {r.fps_out:6.1f} {r.frames_lost:5d}",
-        flush=True,
-    )
+async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with running(livediff_server(), baseline_server()) as servers:
+        print(TABLE.header(), flush=True)
+        for scenario in scenarios(args):
+            for server in servers:
+                await server.settle()
+                row = await measure(server, scenario, args.codec)
+                print(TABLE.row(row), flush=True)
+                rows.append(row)
+    return rows
 
 
-def environment() -> dict[str, Any]:
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "aiortc": aiortc.__version__,
-        "av": av.__version__,
-        "note": "one machine, both servers and the client sharing its cores",
-    }
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """livediff / baseline per scenario (below 1: livediff is lower)."""
+    pairs: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        key = (row["size"], row["scenario"], row["client_receiver"])
+        pairs.setdefault(key, {})[row["server"]] = row
+    found = []
+    for (size, scenario, receiver), both in pairs.items():
+        ours, theirs = both.get("livediff"), both.get("baseline")
+        if ours is None or theirs is None:
+            continue
+        found.append(
+            {
+                "size": size,
+                "scenario": scenario,
+                "client_receiver": receiver,
+                **{
+                    f"{key}_ratio": ratio(ours[key], theirs[key])
+                    for key in ("latency_ms_p50", "latency_ms_p99", "server_cpu_ms_per_frame")
+                },
+            }
+        )
+    return found
+
+
+def plot(rows: list[dict[str, Any]], info: dict[str, Any], name: str) -> None:
+    plt = pyplot()
+    figure, (latency, cpu) = plt.subplots(1, 2, figsize=(12, 4.4))
+    keys = list(dict.fromkeys((r["size"], r["scenario"], r["client_receiver"]) for r in rows))
+    labels = [f"{size}\n{scen.split(' (')[0]}\n{rx} rx" for size, scen, rx in keys]
+    colours = {"livediff": "tab:blue", "baseline": "tab:orange"}
+    for offset, server in ((-0.2, "livediff"), (0.2, "baseline")):
+        found = {
+            (r["size"], r["scenario"], r["client_receiver"]): r
+            for r in rows
+            if r["server"] == server
+        }
+        xs = [i + offset for i, key in enumerate(keys) if key in found]
+        chosen = [found[key] for key in keys if key in found]
+        p50 = [r["latency_ms_p50"] for r in chosen]
+        above = [r["latency_ms_p99"] - r["latency_ms_p50"] for r in chosen]
+        latency.bar(xs, p50, 0.4, color=colours[server], label=f"{server} p50 (bar), p99 (tick)")
+        latency.errorbar(xs, p50, yerr=[[0] * len(p50), above], fmt="none", ecolor="0.2", capsize=3)
+        for x, r in zip(xs, chosen, strict=True):
+            top = r["latency_ms_p99"] * 1.12
+            latency.text(x, top, f"{r['latency_ms_p50']:.0f}", ha="center", fontsize=7)
+        cpu_ms = [r["server_cpu_ms_per_frame"] for r in chosen]
+        cpu.bar(xs, cpu_ms, 0.4, color=colours[server], label=server)
+        for x, value in zip(xs, cpu_ms, strict=True):
+            cpu.text(x, value + 0.1, f"{value:.1f}", ha="center", fontsize=7)
+    for axes in (latency, cpu):
+        axes.set_xticks(range(len(keys)), labels, fontsize=7)
+        axes.grid(axis="y", alpha=0.3)
+    latency.set_yscale("log")
+    latency.set_ylim(top=max(r["latency_ms_p99"] for r in rows) * 6)
+    cpu.set_ylim(top=max(r["server_cpu_ms_per_frame"] for r in rows) * 1.3)
+    latency.set_ylabel("glass-to-glass latency, ms (log)")
+    latency.set_title(f"Latency at 30 fps in ({rows[0]['codec'].upper()}; slow = 100 ms/frame)")
+    latency.legend(loc="upper left", ncols=2)
+    cpu.set_ylabel("server CPU ms per input frame")
+    cpu.set_title("Server CPU per frame (whole process)")
+    cpu.legend(loc="upper left", ncols=2)
+    figure.tight_layout(rect=(0, 0.02, 1, 1))
+    save_plot(figure, name, info)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time per run")
-    parser.add_argument("--slow-seconds", type=float, default=10.0)
+    parser.add_argument("--slow-seconds", type=float, default=10.0, help="0: no slow scenario")
     parser.add_argument("--codec", choices=["vp8", "h264"], default="vp8")
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "transport.json")
+    parser.add_argument(
+        "--sizes",
+        type=parse_size,
+        nargs="+",
+        default=[(512, 512), (1280, 720)],
+        help="WxH sizes (the slow scenario runs at the first)",
+    )
+    parser.add_argument("--name", help="result name (default transport, transport-h264)")
+    parser.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON")
     args = parser.parse_args()
-    print("latency in ms, glass to glass; fps and lost over the measured window")
-    print(HEADER)
-    results = asyncio.run(run(args))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "environment": environment(),
-        "config": {**vars(args), "out": str(args.out)},
-        "results": [asdict(r) for r in results],
-    }
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"saved {args.out}")
+    name = args.name or ("transport" if args.codec == "vp8" else f"transport-{args.codec}")
+    if args.replot:
+        saved = load_json(name)
+        plot(saved["results"], saved["machine"], name)
+        return
+    print("latency in ms, glass to glass; fps, lost and server CPU over the measured window")
+    rows = asyncio.run(run(args))
+    info = machine()
+    found = ratios(rows)
+    for r in found:
+        print(
+            f"livediff/baseline {r['size']} {r['scenario']} {r['client_receiver']} rx:"
+            f" p50 x{r['latency_ms_p50_ratio']}, p99 x{r['latency_ms_p99_ratio']},"
+            f" CPU/frame x{r['server_cpu_ms_per_frame_ratio']}"
+        )
+    config = {**vars(args), "sizes": [f"{w}x{h}" for w, h in args.sizes], "fps_in": 30}
+    note = "one machine: both servers and the client share its cores"
+    path = save_json(name, info, config, rows, ratios=found, note=note)
+    plot(rows, info, name)
+    print(f"saved {path} and {path.with_suffix('.png').name}")
 
 
 if __name__ == "__main__":
