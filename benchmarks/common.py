@@ -327,11 +327,12 @@ class ServerProcess(Server):
     """A server in a process of its own, whose CPU time is read from the operating system."""
 
     command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
     process: subprocess.Popen[bytes] | None = None
     _ps: psutil.Process | None = None
 
     def start(self, timeout: float = 120.0) -> None:
-        self.process = subprocess.Popen(self.command, cwd=REPO)
+        self.process = subprocess.Popen(self.command, cwd=REPO, env={**os.environ, **self.env})
         self._ps = psutil.Process(self.process.pid)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -379,12 +380,27 @@ class ServerProcess(Server):
                 return
 
 
-def livediff_server(*options: str) -> ServerProcess:
-    """``livediff serve`` on a free port (``options`` added to its command line)."""
+def livediff_server(*options: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """``livediff serve`` on a free port (``options`` added to its command line, ``env`` to its
+    environment: ``LIVEDIFF_*`` settings)."""
     port = free_port()
     command = [sys.executable, "-m", "livediff", "serve", "--port", str(port)]
     command += ["--log-level", "warning", *options]
-    return ServerProcess("livediff", f"http://127.0.0.1:{port}", command=command)
+    return ServerProcess("livediff", f"http://127.0.0.1:{port}", command=command, env=env or {})
+
+
+def baseline_bitrates(codec: str) -> dict[str, str]:
+    """livediff settings that make its encoders use the bitrates aiortc's own encoders (the
+    baseline's) use: for CPU and saturation compared at the same bits per frame. livediff's
+    defaults are higher (better pictures, more work for both ends)."""
+    from aiortc.codecs import h264, vpx
+
+    module = vpx if codec == "vp8" else h264
+    return {
+        "LIVEDIFF_VIDEO_BITRATE_MIN": str(module.MIN_BITRATE),
+        "LIVEDIFF_VIDEO_BITRATE_START": str(module.DEFAULT_BITRATE),
+        "LIVEDIFF_VIDEO_BITRATE_MAX": str(module.MAX_BITRATE),
+    }
 
 
 def baseline_server() -> ServerProcess:

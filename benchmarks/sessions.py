@@ -22,6 +22,7 @@ from common import (
     Column,
     ServerProcess,
     Table,
+    baseline_bitrates,
     baseline_server,
     cpu_fields,
     latency_fields,
@@ -86,7 +87,8 @@ TABLE = Table(
 
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
-    livediff = livediff_server("--max-sessions", str(max(args.counts)))
+    env = baseline_bitrates(args.codec) if args.baseline_bitrates else None
+    livediff = livediff_server("--max-sessions", str(max(args.counts)), env=env)
     with running(livediff, baseline_server()) as servers:
         print(TABLE.header(), flush=True)
         for size in args.sizes:
@@ -118,7 +120,9 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return found
 
 
-def plot(rows: list[dict[str, Any]], info: dict[str, Any], config: dict[str, Any]) -> None:
+def plot(
+    rows: list[dict[str, Any]], info: dict[str, Any], config: dict[str, Any], name: str
+) -> None:
     plt = pyplot()
     figure, panels = plt.subplots(1, 3, figsize=(13, 4.2))
     panes = (
@@ -157,13 +161,14 @@ def plot(rows: list[dict[str, Any]], info: dict[str, Any], config: dict[str, Any
     panels[0].set_ylim(bottom=0)
     panels[2].set_ylim(bottom=0)
     panels[0].legend(loc="lower left")
+    bitrates = ", livediff at aiortc's bitrates" if config.get("baseline_bitrates") else ""
     figure.suptitle(
-        f"Sessions on one server, passthrough, 30 fps each ({config['codec'].upper()},"
+        f"Sessions on one server, passthrough, 30 fps each ({config['codec'].upper()}{bitrates},"
         " client and server on the same cores)",
         fontsize=10,
     )
     figure.tight_layout(rect=(0, 0.02, 1, 1))
-    save_plot(figure, NAME, info)
+    save_plot(figure, name, info)
 
 
 def main() -> None:
@@ -172,11 +177,17 @@ def main() -> None:
     parser.add_argument("--sizes", type=parse_size, nargs="+", default=[(256, 256), (512, 512)])
     parser.add_argument("--seconds", type=float, default=5.0, help="measured time per run")
     parser.add_argument("--codec", choices=["vp8", "h264"], default="vp8")
+    parser.add_argument(
+        "--baseline-bitrates",
+        action="store_true",
+        help="livediff's encoders at aiortc's bitrates (as the baseline's); result sessions-*",
+    )
     parser.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON")
     args = parser.parse_args()
+    name = NAME + ("-baseline-bitrates" if args.baseline_bitrates else "")
     if args.replot:
-        saved = load_json(NAME)
-        plot(saved["results"], saved["machine"], saved["config"])
+        saved = load_json(name)
+        plot(saved["results"], saved["machine"], saved["config"], name)
         return
     print("per-session fps and glass-to-glass latency (ms); server CPU over the window")
     rows = asyncio.run(run(args))
@@ -194,8 +205,10 @@ def main() -> None:
         "client_receiver": "marker",
         "pipeline": "passthrough",
     }
-    path = save_json(NAME, info, config, rows, ratios=found)
-    plot(rows, info, config)
+    if args.baseline_bitrates:
+        config["livediff_env"] = baseline_bitrates(args.codec)
+    path = save_json(name, info, config, rows, ratios=found)
+    plot(rows, info, config, name)
     print(f"saved {path} and {path.with_suffix('.png').name}")
 
 

@@ -556,37 +556,58 @@ def glass(row: dict[str, Any]) -> str:
     return f"g2g p50 {row['client']['latency_ms_p50']:.0f} ms"
 
 
-def plot(rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
-    plt = pyplot()
-    figure, axes = plt.subplots(figsize=(10, 2.2 + 0.7 * len(rows)))
-    labels = [row["case"].replace(" ", "\n", 1) for row in rows]
+def _bars(axes: Any, rows: list[dict[str, Any]], label_from: float, notes: bool) -> None:
     for y, row in enumerate(rows):
         left = 0.0
         for name, colour in zip(STAGES, COLOURS, strict=True):
             width = row["stages_ms"][name]["mean"]
             axes.barh(y, width, 0.6, left=left, color=colour, label=name if y == 0 else None)
-            if width >= 3:
+            if width >= label_from:
                 axes.text(left + width / 2, y, f"{width:.1f}", ha="center", va="center", fontsize=7)
             left += width
-        note = f"{left:.1f} ms in the server; {glass(row)}"
-        axes.text(left + 0.5, y, note, va="center", fontsize=7)
-    axes.set_yticks(range(len(rows)), labels)
+        note = f"{left:.1f} ms" + (f" in the server; {glass(row)}" if notes else "")
+        axes.text(left * 1.01 + 0.1, y, note, va="center", fontsize=7)
+    axes.set_yticks(range(len(rows)), [row["case"].replace(" ", "\n", 1) for row in rows])
     axes.invert_yaxis()
     most = max(sum(r["stages_ms"][n]["mean"] for n in STAGES) for r in rows)
-    axes.set_xlim(0, most * 1.45)
-    axes.set_xlabel("ms per frame (mean), first RTP packet in -> last RTP packet out")
-    axes.set_title("Where a frame's time goes inside the server (30 fps in, marker-aware client)")
-    axes.legend(ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=7)
+    axes.set_xlim(0, most * (1.45 if notes else 1.2))
     axes.grid(axis="x", alpha=0.3)
+
+
+def plot(rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
+    plt = pyplot()
+    totals = [sum(r["stages_ms"][n]["mean"] for n in STAGES) for r in rows]
+    fast = [row for row, total in zip(rows, totals, strict=True) if total <= max(totals) / 4]
+    zoom = 0 < len(fast) < len(rows)
+    figure, panels = plt.subplots(
+        1,
+        2 if zoom else 1,
+        figsize=(13 if zoom else 10, 2.2 + 0.7 * len(rows)),
+        width_ratios=[3, 2] if zoom else None,
+        squeeze=False,
+    )
+    whole = panels[0][0]
+    _bars(whole, rows, 3.0, notes=True)
+    whole.set_xlabel("ms per frame (mean), first RTP packet in -> last RTP packet out")
+    whole.set_title("Where a frame's time goes inside the server (30 fps in)")
+    if zoom:
+        close = panels[0][1]
+        slowest = max(sum(r["stages_ms"][n]["mean"] for n in STAGES) for r in fast)
+        _bars(close, fast, slowest / 10, notes=False)
+        close.set_xlabel("ms per frame (mean)")
+        close.set_title("The faster cases, closer")
+    handles, labels = whole.get_legend_handles_labels()
+    figure.legend(handles, labels, ncols=8, loc="lower center", fontsize=7, frameon=False)
     if any(not r["client"]["frames_received"] for r in rows):
         figure.text(
             0.005,
-            0.005,
-            "* the random-weight model's output keeps no readable frame number",
+            0.995,
+            "* g2g n/a: the random-weight model's output keeps no readable frame number",
             fontsize=7,
             color="0.4",
+            va="top",
         )
-    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    figure.tight_layout(rect=(0, 0.06, 1, 0.97))
     save_plot(figure, NAME, info)
 
 

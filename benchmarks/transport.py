@@ -31,6 +31,7 @@ from common import (
     Column,
     ServerProcess,
     Table,
+    baseline_bitrates,
     baseline_server,
     cpu_fields,
     edge_fields,
@@ -134,7 +135,8 @@ TABLE = Table(
 
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    with running(livediff_server(), baseline_server()) as servers:
+    env = baseline_bitrates(args.codec) if args.baseline_bitrates else None
+    with running(livediff_server(env=env), baseline_server()) as servers:
         print(TABLE.header(), flush=True)
         for scenario in scenarios(args):
             for server in servers:
@@ -223,6 +225,11 @@ def main() -> None:
         default=[(512, 512), (1280, 720)],
         help="WxH sizes (the slow scenario runs at the first)",
     )
+    parser.add_argument(
+        "--baseline-bitrates",
+        action="store_true",
+        help="livediff's encoders at aiortc's bitrates (as the baseline's)",
+    )
     parser.add_argument("--name", help="result name (default transport, transport-h264)")
     parser.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON")
     args = parser.parse_args()
@@ -242,6 +249,8 @@ def main() -> None:
             f" CPU/frame x{r['server_cpu_ms_per_frame_ratio']}"
         )
     config = {**vars(args), "sizes": [f"{w}x{h}" for w, h in args.sizes], "fps_in": 30}
+    if args.baseline_bitrates:
+        config["livediff_env"] = baseline_bitrates(args.codec)
     note = "one machine: both servers and the client share its cores"
     path = save_json(name, info, config, rows, ratios=found, note=note)
     plot(rows, info, name)
