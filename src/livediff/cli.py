@@ -1,6 +1,7 @@
-"""The ``livediff`` command: ``livediff serve`` runs the service; ``livediff prepare-models``
-downloads the diffusion model that ``serve`` will need; ``livediff bench NAME`` runs a
-benchmark of a source checkout.
+"""The ``livediff`` command: ``livediff serve`` runs the service; ``livediff runner`` answers
+go-livepeer's live runner contract itself (trickle in and out, no ai-runner);
+``livediff prepare-models`` downloads the diffusion model that ``serve`` will need;
+``livediff bench NAME`` runs a benchmark of a source checkout.
 
 Every option falls back to its ``LIVEDIFF_<NAME>`` environment variable, then to the default in
 :class:`~livediff.config.Settings`.
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the service (HTTP API, WebRTC, WHIP, page)")
     for flag, field, kwargs in SERVE_OPTIONS:
         serve.add_argument(flag, dest=field, default=None, **with_default(field, kwargs))
+    add_runner_parser(commands)
     prepare = commands.add_parser(
         "prepare-models", help="download the diffusion model and VAE that serve will load"
     )
@@ -120,6 +122,34 @@ def serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+# -- livediff runner: the native runner contract (livediff.orchestrator) ------------------------
+def add_runner_parser(commands: Any) -> None:
+    runner_parser = commands.add_parser(
+        "runner",
+        help="answer go-livepeer's live runner contract (trickle media, no ai-runner)",
+        description="Serve GET /health, /hardware/info, /version and POST /live-video-to-video "
+        "for a go-livepeer orchestrator; media and params travel over the stream's trickle "
+        "channels. Also LIVEDIFF_RUNNER_* and the orchestrator's PIPELINE, MODEL_ID, AUTH_TOKEN.",
+    )
+    for flag, field, kwargs in SERVE_OPTIONS:
+        runner_parser.add_argument(flag, dest=field, default=None, **with_default(field, kwargs))
+
+
+def runner(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from livediff.orchestrator.app import create_runner_app
+
+    settings = settings_from_args(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per trickle request
+    app = create_runner_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     return 0
 
@@ -194,6 +224,7 @@ def bench(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": serve,
+    "runner": runner,
     "prepare-models": prepare_models,
     "bench": bench,
 }

@@ -122,6 +122,44 @@ class Settings(BaseSettings):
         10, ge=1, description="Most frames in a row the similarity filter may skip."
     )
 
+    # -- orchestrator runner contract (livediff runner; livediff.orchestrator) ----------------
+    runner_pipeline: str = Field(
+        "live-video-to-video",
+        validation_alias=AliasChoices("runner_pipeline", "LIVEDIFF_RUNNER_PIPELINE", "PIPELINE"),
+        description="Pipeline name /version and /hardware/info report (go-livepeer's PIPELINE).",
+    )
+    runner_model_id: str = Field(
+        "livediff",
+        validation_alias=AliasChoices("runner_model_id", "LIVEDIFF_RUNNER_MODEL_ID", "MODEL_ID"),
+        description="model_id a stream request must name (go-livepeer's MODEL_ID).",
+    )
+    runner_auth_token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "runner_auth_token", "LIVEDIFF_RUNNER_AUTH_TOKEN", "AUTH_TOKEN"
+        ),
+        description="When set, stream requests need 'Authorization: Bearer <it>' (AUTH_TOKEN).",
+    )
+    runner_status_interval_s: float = Field(
+        10.0, gt=0, le=25, description="Seconds between status events (gateways stop at 30)."
+    )
+    runner_input_timeout_s: float = Field(
+        60.0, gt=0, description="A stream whose input sends nothing for this long is stopped."
+    )
+    trickle_retries: int = Field(
+        5, ge=0, le=100, description="Tries again a failed trickle request before giving up."
+    )
+    trickle_retry_delay_s: float = Field(
+        0.5, ge=0, le=30, description="Seconds between tries of a failed trickle request."
+    )
+    trickle_wait_s: float = Field(
+        20.0, gt=0, description="A trickle GET waiting longer for its segment is made again."
+    )
+    trickle_verify_tls: bool = Field(
+        False,
+        description="Verify trickle servers' TLS certificates (orchestrators use self-signed).",
+    )
+
     @model_validator(mode="after")
     def _check_bitrates(self) -> Settings:
         if not self.video_bitrate_min <= self.video_bitrate_start <= self.video_bitrate_max:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -80,12 +82,15 @@ def test_serve_mode_loads_the_pipeline_and_reports_idle(tmp_path: Path) -> None:
     env = runner_env(HOST="127.0.0.1", PORT=str(port), LIVEDIFF_PIPELINE="passthrough")
     log = tmp_path / "runner.log"
     with log.open("w") as sink:
-        process = subprocess.Popen(runner_command(), env=env, stdout=sink, stderr=sink)
+        # its own process group: the real ai-runner serves the pipeline from a child process
+        # (infer.py on port 8888), which must end with it
+        process = subprocess.Popen(
+            runner_command(), env=env, stdout=sink, stderr=sink, start_new_session=True
+        )
         try:
             statuses = poll_health(f"http://127.0.0.1:{port}/health", process)
         finally:
-            process.send_signal(signal.SIGTERM)
-            returncode = process.wait(60)
+            returncode = end_group(process)
     output = log.read_text()
     assert statuses[-1] == "IDLE", output
     assert set(statuses) <= {"LOADING", "IDLE"}, output
@@ -95,16 +100,40 @@ def test_serve_mode_loads_the_pipeline_and_reports_idle(tmp_path: Path) -> None:
         assert "livediff pipeline stopped" in output
 
 
+def end_group(process: subprocess.Popen[bytes], timeout: float = 60) -> int:
+    """SIGTERM to the process's whole group, then SIGKILL to whatever is left; its exit code."""
+    group = os.getpgid(process.pid)
+    os.killpg(group, signal.SIGTERM)
+    try:
+        returncode = process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(group, signal.SIGKILL)
+        returncode = process.wait(10)
+    with contextlib.suppress(ProcessLookupError):  # children that outlived the runner
+        os.killpg(group, signal.SIGKILL)
+    return returncode
+
+
+#: ai-runner's /health answer while its pipeline process is not answering yet.
+NOT_UP_YET = {"detail": {"msg": "Failed to retrieve pipeline status."}}
+
+
 def poll_health(url: str, process: subprocess.Popen[bytes], timeout: float = 120) -> list[str]:
-    """Statuses seen until IDLE (or the process ends, or time runs out)."""
+    """Statuses seen until IDLE (or the process ends, or time runs out). Connection errors and
+    ai-runner's 500 "Failed to retrieve pipeline status." mean it is not up yet."""
     seen: list[str] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
         try:
-            status = str(httpx.get(url, timeout=5).json()["status"])
+            response = httpx.get(url, timeout=5)
         except httpx.TransportError:
             time.sleep(0.1)
             continue
+        if response.status_code == 500 and response.json() == NOT_UP_YET:
+            time.sleep(0.1)
+            continue
+        assert response.status_code == 200, response.text
+        status = str(response.json()["status"])
         seen.append(status)
         if status == "IDLE":
             break
