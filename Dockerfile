@@ -1,9 +1,12 @@
-# livediff as a Livepeer live pipeline: ai-runner hosting livediff's diffusion transform.
+# livediff as a Livepeer live pipeline, in one of two modes (LIVEDIFF_RUNNER, read by
+# docker/entrypoint.sh): "ai-runner" (default), ai-runner hosting livediff's diffusion transform,
+# or "native", livediff answering go-livepeer's live runner contract itself (trickle in and out).
 # Build, prepare models, list in aiModels.json and check it: docs/orchestrator.md.
 #
 #   docker build -t livediff-runner .
 #   docker run --rm --gpus all -v ./models:/models -e PREPARE_MODELS=1 livediff-runner
 #   docker run --rm --gpus all -v ./models:/models -p 8000:8000 livediff-runner
+#   docker run --rm --gpus all -v ./models:/models -p 8000:8000 -e LIVEDIFF_RUNNER=native livediff-runner
 #   docker run --rm --gpus all -v ./models:/models --network host livediff-runner livediff serve
 #
 # The base image brings CUDA 12.8, FFmpeg 7.1 (NVENC/NVDEC) under /usr/local, uv, git and a C
@@ -50,7 +53,10 @@ COPY pyproject.toml README.md ./
 COPY src/ src/
 COPY web/ web/
 RUN uv pip install --no-cache --no-deps . \
-    && python -c "import livediff.runner.pipeline, runner.app"
+    && python -c "import livediff.runner.pipeline, livediff.orchestrator.app, runner.app"
+
+# 5. The entry point that picks the mode (LIVEDIFF_RUNNER); executable in the repository.
+COPY docker/entrypoint.sh /usr/local/bin/livediff-entrypoint
 
 # Orchestrators mount the models at /models and run this image offline; prepare mode
 # (PREPARE_MODELS=1) goes online by itself. LIVEDIFF_* settings configure the transform,
@@ -64,6 +70,8 @@ ENV MODEL_DIR=/models \
     LIVEDIFF_PIPELINE=diffusion \
     LIVEDIFF_DEVICE=cuda \
     LIVEDIFF_HOST=0.0.0.0 \
+    LIVEDIFF_H264_PRESET=superfast \
+    LIVEDIFF_RUNNER=ai-runner \
     PIPELINE=live-video-to-video \
     MODEL_ID=livediff
 
@@ -71,4 +79,5 @@ ARG VERSION=undefined
 ENV VERSION=${VERSION}
 
 EXPOSE 8000
+ENTRYPOINT ["/usr/local/bin/livediff-entrypoint"]
 CMD ["livediff-runner"]
