@@ -141,3 +141,14 @@ def test_viewers_encoding_one_shared_frame_at_once_do_not_disturb_it(name: str) 
     assert timestamps == [[3000] * 15] * 4
     assert shared.format.name == "rgb24" and shared.pts == 3000
     assert shared.pict_type == av.video.frame.PictureType.NONE
+
+
+@pytest.mark.parametrize("codec", ["vp8", "h264"])
+def test_encoding_leaves_the_shared_frame_as_it_was(codec: str) -> None:
+    """Viewers' encoders share one frame: none may rewrite its pts or time base."""
+    encoder = encoder_for(codec)
+    frame = numbered_frame(7, Scene(64, 64))
+    frame.pts, frame.time_base = 2999, fractions.Fraction(1, 90_000)
+    for _ in range(2):
+        encoder.encode(frame)
+    assert (frame.pts, frame.time_base) == (2999, fractions.Fraction(1, 90_000))

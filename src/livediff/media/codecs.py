@@ -63,8 +63,8 @@ class EncoderSettings:
         pixels = width * height
         if pixels >= 1920 * 1080:
             return min(8, max(1, cpus // 2))
-        if pixels > 640 * 480:
-            return min(2, cpus)
+        if pixels > 640 * 480:  # two threads only where two cores are left for the rest
+            return min(2, max(1, cpus // 2))
         return 1
 
 
@@ -74,7 +74,9 @@ class ConfiguredEncoder(Encoder):
     One frame may be encoded by several encoders at once (a session's viewers share it), each
     on its own executor thread, so an encoder never changes the frame it is given: a colour
     conversion goes through the encoder's own reformatter (a shared frame's cached one is not
-    thread-safe), and a forced keyframe is marked on a private copy.
+    thread-safe), a forced keyframe is marked on a private copy, and the codec's time base is
+    the frames' own RTP clock (1/90000), because PyAV rewrites a frame's pts and time base into
+    the codec's when they differ, and another encoder could read them half rewritten.
     """
 
     def __init__(self, settings: EncoderSettings) -> None:
@@ -145,6 +147,7 @@ class ConfiguredVp8Encoder(ConfiguredEncoder):
         codec.width, codec.height = width, height
         codec.bit_rate = bitrate
         codec.pix_fmt = "yuv420p"
+        codec.time_base = VIDEO_TIME_BASE  # the frames' own: see ConfiguredEncoder
         codec.gop_size = self.settings.gop_frames
         codec.qmin, codec.qmax = 2, 56
         codec.thread_count = self.settings.threads_for(width, height)
@@ -177,7 +180,7 @@ class ConfiguredH264Encoder(ConfiguredEncoder):
         codec.bit_rate = self._target_bitrate
         codec.pix_fmt = "yuv420p"
         codec.framerate = fractions.Fraction(self.settings.fps, 1)
-        codec.time_base = fractions.Fraction(1, self.settings.fps)
+        codec.time_base = VIDEO_TIME_BASE  # the frames' own: see ConfiguredEncoder
         codec.gop_size = self.settings.gop_frames
         codec.max_b_frames = 0
         codec.thread_count = self.settings.threads_for(width, height)
