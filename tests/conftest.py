@@ -6,15 +6,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
 from livediff.config import Settings
-from livediff.server.app import create_app
-from livediff.server.service import LivediffService
+
+if TYPE_CHECKING:  # the server's packages load only where a test starts one (the GPU machine
+    import uvicorn  # runs the gpu-marked tests with the diffusion packages alone)
+    from fastapi import FastAPI
+
+    from livediff.server.service import LivediffService
 
 
 def cuda_available() -> bool:
@@ -59,6 +61,10 @@ def start_server(
 ) -> LiveServer:
     """Run ``create_app(settings)`` under uvicorn on 127.0.0.1 (an ephemeral port) until HTTP is
     up and, with ``wait_for_model``, the transform has loaded (/health no longer LOADING)."""
+    import uvicorn
+
+    from livediff.server.app import create_app
+
     app = create_app(settings)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)

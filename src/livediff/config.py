@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 H264Preset = Literal[
@@ -115,12 +115,39 @@ class Settings(BaseSettings):
         "max-autotune", description="torch.compile mode (max-autotune uses CUDA graphs)."
     )
     prompt_cache_size: int = Field(64, ge=1, description="Prompt embeddings kept per worker.")
+    compile_backend: str = Field(
+        "inductor",
+        description="torch.compile backend: inductor (kernels, CUDA graphs) or e.g. eager/aot_eager"
+        " (tracing only: checks shapes and graph breaks fast, on any machine).",
+    )
+    compile_cache_dir: str | None = Field(
+        None,
+        description="Where compiled kernels are kept across restarts; default: MODEL_DIR/"
+        "livediff-compile-cache when a model dir is set (else torch's own cache).",
+    )
+    batch_buckets: list[int] = Field(
+        default_factory=lambda: [1, 2, 4, 8],
+        description="Batch sizes (UNet rows, VAE frames) every call is padded to: each compiles"
+        " once at load, and sessions joining or leaving pick one instead of recompiling.",
+    )
+    vae_dtype: DiffusionDtype = Field(
+        "auto",
+        description="VAE dtype; auto = the model dtype, but bfloat16 (or float32 where the device"
+        " lacks bf16) for a full VAE that overflows in float16.",
+    )
     compile_cache_size: int = Field(
         64, ge=8, description="Compiled graphs torch keeps per function (dynamo cache limit)."
     )
     similarity_max_skip: int = Field(
         10, ge=1, description="Most frames in a row the similarity filter may skip."
     )
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _check_buckets(cls, buckets: list[int]) -> list[int]:
+        if not buckets or any(size < 1 or size > 256 for size in buckets):
+            raise ValueError("batch_buckets must be 1 to 256 rows each, and at least one")
+        return sorted(set(buckets))
 
     # -- orchestrator runner contract (livediff runner; livediff.orchestrator) ----------------
     runner_pipeline: str = Field(

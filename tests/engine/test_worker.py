@@ -222,3 +222,44 @@ async def test_passthrough_resizes_to_the_session_size(metrics: Metrics) -> None
         assert isinstance(out.image, np.ndarray) and out.image.shape == (72, 96, 3)
     finally:
         running.stop()
+
+
+class StagingTransform(RecordingTransform):
+    """Records when each job was staged: the batch in flight at that moment."""
+
+    name = "staging"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.staged_during: list[tuple[str, object]] = []
+
+    def stage(self, jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            job.staged = len(self.staged_during)  # jobs already in process (the last computing)
+
+    def process(self, jobs: Sequence[Job]) -> list[Image | None]:
+        self.staged_during.extend((job.session_id, job.staged) for job in jobs)
+        return super().process(jobs)
+
+
+async def test_the_next_batch_is_staged_while_the_current_one_computes(metrics: Metrics) -> None:
+    transform = StagingTransform()
+    running = Worker(transform, metrics, max_batch=4)
+    running.start().result(10)
+    try:
+        session = make_session("a", running, metrics)
+        slot = session.subscribe(asyncio.get_running_loop())
+        transform.gate.clear()
+        session.submit(frame(1, 0))
+        while not transform.staged_during:  # until batch 1 is computing (held in process)
+            await asyncio.sleep(0.01)
+        session.submit(frame(2, 3000))  # waits; taken and staged when batch 1 is done computing
+        transform.gate.set()
+        async with asyncio.timeout(10):
+            while len(transform.staged_during) < 2:
+                await asyncio.sleep(0.01)
+            newest = await slot.get()  # newest wins: the second frame's output
+    finally:
+        running.stop()
+    assert newest.pts == 3000
+    assert transform.staged_during == [("a", None), ("a", 1)]  # staged during batch 1

@@ -79,6 +79,8 @@ class Session:
             on_put=on_input, on_drop=lambda _frame: stats.on_dropped("input")
         )
         self.adapt_output = adapt_output
+        #: The consumer encodes video frames: CUDA outputs come back as yuv420p with the batch.
+        self.wants_video_frames = bool(getattr(adapt_output, "wants_video_frames", False))
         self.transform_state: Any = None
         self.failures = FailureBurst(session_id, error_limit)
         self.on_end: Callable[[str], None] | None = None

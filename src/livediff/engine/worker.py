@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from livediff.engine.session import Session
 from livediff.engine.stats import Metrics
 from livediff.frames import Image, now
+from livediff.pixels import finish_downloads, start_downloads
 from livediff.transforms.base import Job, Transform
 
 logger = logging.getLogger(__name__)
@@ -185,22 +186,38 @@ class Worker:
         return True
 
     def _serve(self) -> None:
+        staged: list[tuple[Session, Job]] = []  # the next batch, its inputs already moving
         while True:
-            calls, batch = self._wait_for_work()
+            calls, batch = self._wait_for_work(ready=bool(staged))
             for pending in calls:
                 self._run_call(pending)
-            if batch:
-                self._run_batch(batch)
-            elif self._stopping and not calls:
+            batch = [item for item in staged if item[0] in self._sessions] + batch
+            staged = self._run_batch(batch) if batch else []
+            if not batch and self._stopping and not calls:
                 return
 
-    def _wait_for_work(self) -> tuple[list[_Call], list[tuple[Session, Job]]]:
+    def _wait_for_work(self, ready: bool) -> tuple[list[_Call], list[tuple[Session, Job]]]:
+        """Pending calls, and a batch unless ``ready`` (one was staged already)."""
         with self._cond:
-            while not (self._stopping or self._calls or self._any_ready()):
+            while not (ready or self._stopping or self._calls or self._any_ready()):
                 self._cond.wait()
             calls, self._calls = self._calls, []
-            batch = [] if self._stopping else self._take_batch()
+            batch = [] if self._stopping or ready else self._take_batch()
         return calls, batch
+
+    def _stage_next(self) -> list[tuple[Session, Job]]:
+        """Take the frames already waiting and let the transform start moving them onto the
+        device (on its copy stream) while the batch in flight computes."""
+        with self._cond:
+            batch = [] if self._stopping else self._take_batch()
+        if batch:
+            try:
+                self.transform.stage([job for _, job in batch])
+            except Exception:  # staging is an optimisation: process() uploads them itself
+                logger.exception("staging the next batch failed; it is uploaded when it runs")
+                for _, job in batch:
+                    job.staged = None
+        return batch
 
     def _any_ready(self) -> bool:
         return any(session.input.ready() for session in self._sessions)
@@ -228,11 +245,22 @@ class Worker:
         except Exception as exc:
             pending.future.set_exception(exc)
 
-    def _run_batch(self, batch: list[tuple[Session, Job]]) -> None:
+    def _run_batch(self, batch: list[tuple[Session, Job]]) -> list[tuple[Session, Job]]:
+        """Process ``batch``; returns the next batch, staged while this one computed.
+
+        The device is waited for once per batch: after the outputs' downloads are queued and
+        the next batch's uploads are on their way, so ``finished`` is when the device finished.
+        """
         started = now()
         for _, job in batch:
             job.frame.times.started = started
         outcomes = self._process([job for _, job in batch])
+        images = [outcome.image for outcome in outcomes]
+        wanted = [session.wants_video_frames for session, _ in batch]
+        downloads = start_downloads(images, wanted)
+        staged = self._stage_next()
+        for outcome, image in zip(outcomes, finish_downloads(downloads), strict=True):
+            outcome.image = image
         finished = now()
         self._metrics.batch_size.observe(len(batch))
         for (session, job), outcome in zip(batch, outcomes, strict=True):
@@ -242,6 +270,7 @@ class Worker:
                 session.complete(job, outcome.image, finished)
             else:
                 session.fail(job, outcome.error, finished)
+        return staged
 
     def _process(self, jobs: list[Job]) -> list[_Outcome]:
         """Run the batch; when it raises, run its jobs one by one to find whose frame failed."""

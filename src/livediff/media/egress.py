@@ -21,6 +21,9 @@ class EncoderFrames:
     is: the colour conversion is neither repeated per viewer nor run on the event loop.
     """
 
+    #: CUDA outputs come back as yuv420p video frames with their batch (one wait for all).
+    wants_video_frames = True
+
     def __init__(self) -> None:
         self._reformatter = VideoReformatter()  # used by the worker thread only
 

@@ -11,6 +11,7 @@ Conversions that copy or convert run on the worker thread, never on the event lo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 
 import av
@@ -18,7 +19,15 @@ import numpy as np
 
 from livediff.frames import Image, RgbArray, image_size, is_tensor
 
-__all__ = ["mark_ready", "resize", "to_rgb_array", "to_video_frame", "wait_ready"]
+__all__ = [
+    "finish_downloads",
+    "mark_ready",
+    "resize",
+    "start_downloads",
+    "to_rgb_array",
+    "to_video_frame",
+    "wait_ready",
+]
 
 
 def to_rgb_array(image: Image) -> RgbArray:
@@ -80,3 +89,22 @@ def wait_ready(image: Image, ready: Any) -> None:
     from livediff.pixels.device import wait_ready as wait_tensor_ready
 
     wait_tensor_ready(image, ready)
+
+
+def start_downloads(images: Sequence[Image | None], wanted: Sequence[bool]) -> Any:
+    """Worker thread, after a batch: queue the copies back of the outputs that will be encoded
+    (``wanted``) and are CUDA tensors; nothing waits yet. Pass the result to
+    :func:`finish_downloads`, which waits once for the lot."""
+    if not any(is_tensor(image) for image in images):
+        return list(images)
+    from livediff.pixels.device import start_downloads as start_tensor_downloads
+
+    return start_tensor_downloads(list(images), list(wanted))
+
+
+def finish_downloads(started: Any) -> list[Image | None]:
+    """The batch's outputs, the downloaded ones as yuv420p video frames, after one wait for the
+    device (when anything is on it)."""
+    if isinstance(started, list):
+        return started
+    return cast("list[Image | None]", started.finish())

@@ -31,6 +31,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, cast
 
 import av
@@ -47,6 +48,8 @@ FULL_RANGE = 2
 BT709 = 1
 #: Pinned buffers a thread keeps when no worker configured its pool (tests, tools).
 DEFAULT_PINNED_BUFFERS = 8
+#: Most buffers of one shape in flight at once (more outputs of one size per batch wait).
+MAX_IN_FLIGHT = 8
 
 #: (R from V, G from U, G from V, B from U) for the colour matrices in use.
 YUV_TO_RGB = {
@@ -86,16 +89,25 @@ class PinnedPool:
 
 
 class _Ring:
+    """The buffers of one key, used in turn; a new one is added (up to ``MAX_IN_FLIGHT``)
+    rather than waiting when the next one's copy is still queued (a batch of several outputs
+    of one size)."""
+
     def __init__(self, shape: tuple[int, ...]) -> None:
-        self._slots = [
-            (torch.empty(shape, dtype=torch.uint8, pin_memory=True), torch.cuda.Event())  # type: ignore[no-untyped-call]
-            for _ in range(2)
-        ]
+        self._shape = shape
+        self._slots: list[tuple[torch.Tensor, Any]] = [self._new() for _ in range(2)]
         self._turn = 0
+
+    def _new(self) -> tuple[torch.Tensor, Any]:
+        buffer = torch.empty(self._shape, dtype=torch.uint8, pin_memory=True)
+        return buffer, torch.cuda.Event()  # type: ignore[no-untyped-call]
 
     def next(self) -> tuple[torch.Tensor, Any]:
         buffer, event = self._slots[self._turn]
-        self._turn = 1 - self._turn
+        if not event.query() and len(self._slots) < MAX_IN_FLIGHT:
+            self._slots.insert(self._turn, self._new())
+            buffer, event = self._slots[self._turn]
+        self._turn = (self._turn + 1) % len(self._slots)
         event.synchronize()  # the last copy that used this buffer has finished
         return buffer, event
 
@@ -137,15 +149,65 @@ def constant(name: str, values: Any, device: torch.device, dtype: torch.dtype) -
 
 
 # -- host -> device ---------------------------------------------------------------------------
+@dataclass
+class StagedUpload:
+    """Pixels already copied (or being copied) onto the device on the uploader's copy stream."""
+
+    planes: torch.Tensor
+    ready: Any  # the copy's event: the compute stream waits for it (rule 2)
+    width: int
+    height: int
+    yuv: bool
+    full_range: bool = False
+    matrix: str = "bt601"
+
+
 class FrameUploader:
-    """Any supported image -> (1, 3, height, width) tensor in [-1, 1] on the device."""
+    """Any supported image -> (1, 3, height, width) tensor in [-1, 1] on the device.
+
+    :meth:`stage` starts the copy of the next batch's pixels on a copy stream of its own, so
+    that it overlaps the batch in flight; the call then only converts on the compute stream.
+    """
 
     def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
         self.device = device
         self.dtype = dtype
+        self._copy_stream: Any = None
 
-    def __call__(self, image: Image, width: int, height: int) -> torch.Tensor:
-        rgb = self.rgb(image)
+    def stage(self, image: Image) -> StagedUpload | None:
+        """Queue ``image``'s copy to the device on the copy stream; None where there is
+        nothing to overlap (the CPU, or a tensor already on the device)."""
+        if self.device.type != "cuda" or not isinstance(image, av.VideoFrame | np.ndarray):
+            return None
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        if isinstance(image, np.ndarray):
+            planes = upload_array(image, self.device, self._copy_stream)
+            return StagedUpload(
+                planes, planes_ready(self._copy_stream), image.shape[1], image.shape[0], yuv=False
+            )
+        if not _is_even_yuv420(image):
+            rgb = cast(RgbArray, image.to_ndarray(format="rgb24"))
+            planes = upload_array(rgb, self.device, self._copy_stream)
+            return StagedUpload(
+                planes, planes_ready(self._copy_stream), image.width, image.height, yuv=False
+            )
+        planes = upload_yuv420(image, self.device, self._copy_stream)
+        full_range, matrix = _colour(image)
+        return StagedUpload(
+            planes,
+            planes_ready(self._copy_stream),
+            image.width,
+            image.height,
+            True,
+            full_range,
+            matrix,
+        )
+
+    def __call__(
+        self, image: Image, width: int, height: int, staged: StagedUpload | None = None
+    ) -> torch.Tensor:
+        rgb = self.rgb(image) if staged is None else self._staged_rgb(staged)
         if rgb.shape[-2:] != (height, width):
             rgb = F.interpolate(
                 rgb, size=(height, width), mode="bilinear", align_corners=False, antialias=True
@@ -164,12 +226,20 @@ class FrameUploader:
         tensor = tensor.to(self.device, torch.float32, non_blocking=True)
         return tensor.permute(0, 3, 1, 2).clamp(0, 1)
 
+    def _staged_rgb(self, staged: StagedUpload) -> torch.Tensor:
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(staged.ready)
+        staged.planes.record_stream(current)
+        if not staged.yuv:
+            return _uint8_hwc_to_float(staged.planes)
+        return yuv420_to_rgb(
+            staged.planes, staged.width, staged.height, staged.full_range, staged.matrix
+        )
+
     def _video_frame(self, frame: av.VideoFrame) -> torch.Tensor:
-        name = frame.format.name
-        if name in ("yuv420p", "yuvj420p") and frame.width % 2 == 0 and frame.height % 2 == 0:
+        if _is_even_yuv420(frame):
             planes = upload_yuv420(frame, self.device)
-            full_range = name == "yuvj420p" or frame.color_range == FULL_RANGE
-            matrix = "bt709" if frame.colorspace == BT709 else "bt601"
+            full_range, matrix = _colour(frame)
             return yuv420_to_rgb(planes, frame.width, frame.height, full_range, matrix)
         rgb = cast(RgbArray, frame.to_ndarray(format="rgb24"))
         return _uint8_hwc_to_float(upload_array(rgb, self.device))
@@ -191,8 +261,27 @@ def copy_yuv420_planes(frame: av.VideoFrame, out: npt.NDArray[np.uint8]) -> None
         offset += size
 
 
-def upload_yuv420(frame: av.VideoFrame, device: torch.device) -> torch.Tensor:
-    """A yuv420p frame's planes as a (H * 3 / 2, W) uint8 tensor on ``device`` (queued)."""
+def _is_even_yuv420(frame: av.VideoFrame) -> bool:
+    name = frame.format.name
+    return name in ("yuv420p", "yuvj420p") and frame.width % 2 == 0 and frame.height % 2 == 0
+
+
+def _colour(frame: av.VideoFrame) -> tuple[bool, str]:
+    """(full range, matrix) of a yuv frame, as its tags say (untagged: limited BT.601)."""
+    full_range = frame.format.name == "yuvj420p" or frame.color_range == FULL_RANGE
+    return full_range, "bt709" if frame.colorspace == BT709 else "bt601"
+
+
+def planes_ready(stream: Any) -> Any:
+    """An event recorded on ``stream`` now (after the copies queued on it)."""
+    event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    event.record(stream)
+    return event
+
+
+def upload_yuv420(frame: av.VideoFrame, device: torch.device, stream: Any = None) -> torch.Tensor:
+    """A yuv420p frame's planes as a (H * 3 / 2, W) uint8 tensor on ``device`` (queued on
+    ``stream``, default the current one)."""
     shape = (frame.height * 3 // 2, frame.width)
     if device.type != "cuda":
         host = np.empty(shape, dtype=np.uint8)
@@ -200,22 +289,28 @@ def upload_yuv420(frame: av.VideoFrame, device: torch.device) -> torch.Tensor:
         return torch.from_numpy(host)
     pinned, copied = pinned_pool().take("upload", shape)
     copy_yuv420_planes(frame, pinned.numpy())
-    return _to_device(pinned, copied, device)
+    return _to_device(pinned, copied, device, stream)
 
 
-def upload_array(array: npt.NDArray[np.uint8], device: torch.device) -> torch.Tensor:
-    """A uint8 array as a tensor on ``device`` (queued, not waited for)."""
+def upload_array(
+    array: npt.NDArray[np.uint8], device: torch.device, stream: Any = None
+) -> torch.Tensor:
+    """A uint8 array as a tensor on ``device`` (queued on ``stream``, not waited for)."""
     if device.type != "cuda":
         return torch.from_numpy(np.ascontiguousarray(array))
     pinned, copied = pinned_pool().take("upload", tuple(array.shape))
     pinned.numpy()[...] = array
-    return _to_device(pinned, copied, device)
+    return _to_device(pinned, copied, device, stream)
 
 
-def _to_device(pinned: torch.Tensor, copied: Any, device: torch.device) -> torch.Tensor:
-    on_device = torch.empty(pinned.shape, dtype=torch.uint8, device=device)
-    on_device.copy_(pinned, non_blocking=True)
-    copied.record()
+def _to_device(
+    pinned: torch.Tensor, copied: Any, device: torch.device, stream: Any = None
+) -> torch.Tensor:
+    on = stream if stream is not None else torch.cuda.current_stream(device)
+    with torch.cuda.stream(on):
+        on_device = torch.empty(pinned.shape, dtype=torch.uint8, device=device)
+        on_device.copy_(pinned, non_blocking=True)
+        copied.record(on)
     return on_device
 
 
@@ -343,3 +438,47 @@ def wait_ready(image: Image, ready: Any) -> None:
     stream = torch.cuda.current_stream(image.device)
     stream.wait_event(ready)
     image.record_stream(stream)
+
+
+class BatchDownloads:
+    """A batch's outputs on their way back: yuv420p planes copied into pinned buffers, and one
+    event after everything the batch queued (compute and copies alike)."""
+
+    def __init__(self, images: list[Image | None], pending: list[tuple[int, torch.Tensor]]) -> None:
+        self.images = images
+        self.pending = pending
+        self.done: Any = None
+        devices = {
+            image.device for image in images if isinstance(image, torch.Tensor) and image.is_cuda
+        }
+        if devices:
+            self.done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self.done.record(torch.cuda.current_stream(next(iter(devices))))
+
+    def finish(self) -> list[Image | None]:
+        """Wait once (rule 4), then make the video frames (``from_ndarray`` copies the pixels
+        out of the pinned buffers, which may then be reused)."""
+        if self.done is not None:
+            self.done.synchronize()
+        images = list(self.images)
+        for index, host in self.pending:
+            images[index] = av.VideoFrame.from_ndarray(host.numpy(), format="yuv420p")
+        return images
+
+
+def start_downloads(images: list[Image | None], wanted: list[bool]) -> BatchDownloads:
+    """Queue the download of every CUDA tensor output of even size whose consumer ``wanted``
+    video frames, as yuv420p made on the device (half the bytes of RGB)."""
+    pending: list[tuple[int, torch.Tensor]] = []
+    for index, (image, wants) in enumerate(zip(images, wanted, strict=True)):
+        if not (wants and isinstance(image, torch.Tensor) and image.is_cuda):
+            continue
+        width, height = image_size(image)
+        if width % 2 or height % 2:
+            continue
+        planes = rgb_to_yuv420(image)
+        host, copied = pinned_pool().take("download", tuple(planes.shape))
+        host.copy_(planes, non_blocking=True)
+        copied.record()
+        pending.append((index, host))
+    return BatchDownloads(images, pending)

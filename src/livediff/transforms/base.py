@@ -39,6 +39,9 @@ class Job:
     #: Set by a transform that repeated an earlier output instead of processing this frame
     #: (e.g. the similarity filter); the engine counts it with the dropped frames.
     skipped: bool = False
+    #: The transform's own: what :meth:`Transform.stage` started for this job (e.g. pixels
+    #: already on their way to the device).
+    staged: Any = None
 
 
 class Transform(ABC):
@@ -89,6 +92,10 @@ class Transform(ABC):
 
     def reload(self, params: TransformParams) -> None:  # noqa: B027 - optional hook
         """Reload weights for ``params`` (only called when :meth:`requires_reload` said so)."""
+
+    def stage(self, jobs: Sequence[Job]) -> None:  # noqa: B027 - optional hook
+        """Start moving the inputs of ``jobs`` (the next batch) onto the device, while the batch
+        in flight still computes; store what :meth:`process` needs in ``job.staged``."""
 
     @abstractmethod
     def process(self, jobs: Sequence[Job]) -> list[Image | None]:

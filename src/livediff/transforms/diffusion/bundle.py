@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,25 +105,39 @@ def load_scheduler(folder: Path) -> Any:
     return scheduler_class.from_config(config)
 
 
+@dataclass(frozen=True)
+class CompileOptions:
+    """How ``torch.compile`` runs: mode and backend, graphs kept per function, and where its
+    caches live (``cache_dir``: a restart or a new container finds what was compiled before)."""
+
+    mode: str
+    backend: str = "inductor"
+    cache_size: int = 64
+    cache_dir: Path | None = None
+
+
 def prepare(
     bundle: ModelBundle,
     device: torch.device,
     dtype: torch.dtype,
     *,
-    compile_mode: str | None = None,
-    compile_cache_size: int = 64,
+    compile_options: CompileOptions | None = None,
+    vae_dtype: torch.dtype | None = None,
     channels_last: bool = True,
 ) -> ModelBundle:
     """Move to ``device`` for inference: eval, no grads, SDPA attention, channels_last weights
     (faster convolutions with cuDNN and with oneDNN on the CPU alike),
-    and ``torch.compile`` of the UNet and the VAE halves when ``compile_mode`` is given.
-    Modules in another floating dtype than ``dtype`` are cast (a float32 VAE that asks for it,
-    ``force_upcast``, stays float32 under float16)."""
-    for module in (bundle.unet, bundle.text_encoder, bundle.vae):
-        module_dtype = next(module.parameters()).dtype
-        keep_upcast = module is bundle.vae and module.config.get("force_upcast", False)
-        if module_dtype != dtype and not (keep_upcast and dtype == torch.float16):
-            module.to(dtype=dtype)
+    and ``torch.compile`` of the UNet and the VAE halves with ``compile_options``.
+    The UNet and text encoder take ``dtype``; the VAE takes ``vae_dtype`` (default: see
+    :func:`choose_vae_dtype`)."""
+    vae_target = vae_dtype or choose_vae_dtype(bundle.vae, dtype, device)
+    for module, target in (
+        (bundle.unet, dtype),
+        (bundle.text_encoder, dtype),
+        (bundle.vae, vae_target),
+    ):
+        if next(module.parameters()).dtype != target:
+            module.to(dtype=target)
         module.to(device=device)
         module.eval()
         module.requires_grad_(False)
@@ -131,10 +146,21 @@ def prepare(
         bundle.unet.to(memory_format=torch.channels_last)
         bundle.vae.to(memory_format=torch.channels_last)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # few shapes, each autotuned once (warm-up)
-    if compile_mode is not None:
-        compile_modules(bundle, compile_mode, compile_cache_size)
+        torch.backends.cudnn.benchmark = True  # few shapes (the buckets), each autotuned once
+    if compile_options is not None:
+        compile_modules(bundle, compile_options)
     return bundle
+
+
+def choose_vae_dtype(vae: Any, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The VAE's dtype: ``dtype``, except for a VAE that overflows in float16 (the SD full VAE,
+    ``force_upcast``) under float16: bfloat16 where the device has it (same range as float32,
+    about 3.6 TFLOP a 512x512 frame at bf16 speed), else float32."""
+    if dtype != torch.float16 or not vae.config.get("force_upcast", False):
+        return dtype
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 def _use_sdpa(unet: Any) -> None:
@@ -142,19 +168,44 @@ def _use_sdpa(unet: Any) -> None:
     unet.set_attn_processor(processors.AttnProcessor2_0())
 
 
-def compile_modules(bundle: ModelBundle, mode: str, cache_size: int) -> None:
-    """``torch.compile`` the UNet and both VAE halves in place (first calls compile);
-    ``cache_size`` graphs are kept per function (shapes differ with sizes, steps and CFG)."""
+def compile_modules(bundle: ModelBundle, options: CompileOptions) -> None:
+    """``torch.compile`` the UNet and both VAE halves in place, with static shapes.
+
+    Every call comes padded to one of the planned batch sizes (the shape buckets, see
+    ``stream.PaddedCall``), so each bucket compiles once, at load, and a session joining or
+    leaving picks another bucket instead of recompiling; ``dynamic=False`` keeps torch from
+    turning the batch size symbolic (a recompile, under max-autotune minutes on a GPU).
+    """
     import torch._dynamo
 
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, cache_size)
-    logger.info("compiling the UNet and the VAE with torch.compile(mode=%r)", mode)
-    # dynamic=None: the first batch shape compiles static, a second one recompiles with a
-    # symbolic batch size that serves every later session count (CUDA graphs still record
-    # one graph per concrete shape, which is cheap)
-    bundle.unet = torch.compile(bundle.unet, mode=mode, dynamic=None)
-    bundle.vae.encoder = torch.compile(bundle.vae.encoder, mode=mode, dynamic=None)
-    bundle.vae.decoder = torch.compile(bundle.vae.decoder, mode=mode, dynamic=None)
+    use_cache_dir(options.cache_dir)
+    torch._dynamo.config.cache_size_limit = max(
+        torch._dynamo.config.cache_size_limit, options.cache_size
+    )
+    logger.info(
+        "compiling the UNet and the VAE with torch.compile(mode=%r, backend=%r)",
+        options.mode,
+        options.backend,
+    )
+    settings: dict[str, Any] = {"dynamic": False, "backend": options.backend}
+    if options.backend == "inductor":
+        settings["mode"] = options.mode
+    bundle.unet = torch.compile(bundle.unet, **settings)
+    bundle.vae.encoder = torch.compile(bundle.vae.encoder, **settings)
+    bundle.vae.decoder = torch.compile(bundle.vae.decoder, **settings)
+
+
+def use_cache_dir(folder: Path | None) -> None:
+    """Point inductor's and Triton's on-disk caches (FX graphs, kernels, autotuning) at
+    ``folder``, unless the environment already chose (the orchestrator image does)."""
+    if folder is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+    import torch._inductor.config
+
+    torch._inductor.config.fx_graph_cache = True
 
 
 def uses_cuda_graphs(device: torch.device, compile_mode: str | None) -> bool:

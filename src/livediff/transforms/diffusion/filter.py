@@ -33,16 +33,30 @@ class SimilarityFilter:
         self._random = random.Random(seed)
         self.skipped_in_a_row = 0
 
-    def skip(
-        self, image: torch.Tensor, threshold: float, max_skip: int, *, allowed: bool = True
-    ) -> bool:
-        """True when ``image`` may be skipped; otherwise it becomes the new reference.
-
-        ``allowed`` False (nothing to show instead yet) only records the frame.
-        """
+    def compares(self, image: torch.Tensor, threshold: float, allowed: bool) -> bool:
+        """Whether deciding on ``image`` needs its similarity to the reference (filter on, a
+        reference of that shape, and something to show instead: ``allowed``)."""
         previous = self._previous
-        if allowed and threshold > 0 and previous is not None and previous.shape == image.shape:
-            similarity = self.similarity(previous, image)
+        return allowed and threshold > 0 and previous is not None and previous.shape == image.shape
+
+    def similarity_to(self, image: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of ``image`` to the reference, as a 0-d tensor on the device
+        (read back for a whole batch at once: see ``stream.similarities_of``)."""
+        assert self._previous is not None
+        return F.cosine_similarity(
+            self._previous.reshape(1, -1).to(torch.float32),
+            image.reshape(1, -1).to(torch.float32),
+            eps=1e-6,
+        )[0]
+
+    def decide(
+        self, image: torch.Tensor, threshold: float, max_skip: int, similarity: float | None
+    ) -> bool:
+        """True when ``image`` is skipped; otherwise it becomes the new reference.
+
+        ``similarity`` is None when :meth:`compares` said no: the frame is then only recorded.
+        """
+        if similarity is not None:
             chance = skip_chance(similarity, threshold)
             if self.skipped_in_a_row < max_skip and self._random.random() < chance:
                 self.skipped_in_a_row += 1
@@ -50,17 +64,6 @@ class SimilarityFilter:
         self._previous = image if threshold > 0 else None
         self.skipped_in_a_row = 0
         return False
-
-    @staticmethod
-    def similarity(first: torch.Tensor, second: torch.Tensor) -> float:
-        """Cosine similarity of two images (computed in float32; one device sync)."""
-        return float(
-            F.cosine_similarity(
-                first.reshape(1, -1).to(torch.float32),
-                second.reshape(1, -1).to(torch.float32),
-                eps=1e-6,
-            ).item()
-        )
 
     def forget(self) -> None:
         self._previous = None

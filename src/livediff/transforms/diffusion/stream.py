@@ -26,12 +26,14 @@ from itertools import accumulate
 import torch
 
 from livediff.frames import Image
-from livediff.pixels.device import FrameUploader, to_output_images
+from livediff.pixels.device import FrameUploader, StagedUpload, to_output_images
 from livediff.transforms.base import Job
 from livediff.transforms.diffusion.bundle import ModelBundle
+from livediff.transforms.diffusion.clock import StageClock
 from livediff.transforms.diffusion.params import DiffusionParams
 from livediff.transforms.diffusion.prompts import PromptEncoder
 from livediff.transforms.diffusion.schedule import Schedule
+from livediff.transforms.diffusion.shapes import PaddedCall
 from livediff.transforms.diffusion.state import LatentShape, SessionCache, follow_params
 
 
@@ -62,6 +64,7 @@ class StreamBatch:
         max_skip: int = 10,
         cuda_graphs: bool = False,
         channels_last: bool = True,
+        buckets: Sequence[int] | None = None,
     ) -> None:
         self.bundle = bundle
         self.device = device
@@ -76,6 +79,17 @@ class StreamBatch:
         )
         self.upload = FrameUploader(device, dtype)
         self.generation = 0
+        #: Stage timings for benchmarks (None: off, no cost).
+        self.clock: StageClock | None = None
+        self._unet_call = PaddedCall(
+            self._unet_forward, buckets, static_buffers=cuda_graphs, name="unet"
+        )
+        self._encode_call = PaddedCall(
+            self._encode_forward, buckets, static_buffers=cuda_graphs, name="vae-encode"
+        )
+        self._decode_call = PaddedCall(
+            self._decode_forward, buckets, static_buffers=cuda_graphs, name="vae-decode"
+        )
 
     # -- sessions ---------------------------------------------------------------------------------
     def open_session(self) -> SessionCache:
@@ -97,6 +111,11 @@ class StreamBatch:
         follow_params(state, params, self.prompts, self.schedule, self.latent_shape(params))
 
     # -- frames -----------------------------------------------------------------------------------
+    def stage(self, jobs: Sequence[Job]) -> None:
+        """Start the next batch's uploads on the copy stream (see :meth:`FrameUploader.stage`)."""
+        for job in jobs:
+            job.staged = self.upload.stage(job.frame.image)
+
     @torch.inference_mode()
     def process(self, jobs: Sequence[Job]) -> list[Image | None]:
         """One output per job: the session's newest finished frame, or None while filling."""
@@ -104,21 +123,41 @@ class StreamBatch:
             torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
         outputs: list[Image | None] = [None] * len(jobs)
         groups: dict[tuple[int, int], list[_Entry]] = {}
-        for index, job in enumerate(jobs):
-            entry = self._admit(index, job)
-            last = entry.state.last_output
-            threshold = entry.params.similarity_threshold
-            if entry.state.filter.skip(
-                entry.image, threshold, self.max_skip, allowed=last is not None
-            ):
-                outputs[index] = last
-                job.skipped = True
+        self._mark(None)
+        entries = [self._admit(index, job) for index, job in enumerate(jobs)]
+        self._mark("upload")
+        for entry, skip in zip(entries, self._skips(entries), strict=True):
+            if skip:
+                outputs[entry.index] = entry.state.last_output
+                jobs[entry.index].skipped = True
                 continue
             groups.setdefault((entry.params.width, entry.params.height), []).append(entry)
         for group in groups.values():
             for entry, image in self._run(group):
                 outputs[entry.index] = entry.state.last_output = image
         return outputs
+
+    def _skips(self, entries: list[_Entry]) -> list[bool]:
+        """The similarity filter's decision for each entry: the similarities of every session
+        that filters are computed together and read back with one device sync (none when no
+        session filters, the default)."""
+        asking = [
+            entry
+            for entry in entries
+            if entry.state.filter.compares(
+                entry.image, entry.params.similarity_threshold, entry.state.last_output is not None
+            )
+        ]
+        similarities = dict(zip(map(id, asking), similarities_of(asking), strict=True))
+        return [
+            entry.state.filter.decide(
+                entry.image,
+                entry.params.similarity_threshold,
+                self.max_skip,
+                similarities.get(id(entry)),
+            )
+            for entry in entries
+        ]
 
     def _admit(self, index: int, job: Job) -> _Entry:
         params = job.params
@@ -128,16 +167,19 @@ class StreamBatch:
         if not isinstance(state, SessionCache):
             raise TypeError("the job carries no diffusion session state (open_session first)")
         self._follow(state, params)
-        image = self.upload(job.frame.image, params.width, params.height)
+        staged = job.staged if isinstance(job.staged, StagedUpload) else None
+        image = self.upload(job.frame.image, params.width, params.height, staged)
         return _Entry(index, state, params, image)
 
     def _run(self, group: list[_Entry]) -> list[tuple[_Entry, torch.Tensor]]:
         """Encode, denoise and decode one batch of same-size frames."""
         sources = self.encode(torch.cat([entry.image for entry in group]))
+        self._mark("encode")
         for entry, source in zip(group, sources.tensor_split(len(group)), strict=True):
             entry.source = source
         x_t, timesteps, embeddings = self._unet_inputs(group)
         output = self.unet(x_t, timesteps, embeddings)
+        self._mark("unet")
         finished: list[_Entry] = []
         finished_latents: list[torch.Tensor] = []
         bounds = list(accumulate(entry.rows for entry in group))[:-1]
@@ -149,7 +191,16 @@ class StreamBatch:
         if not finished:
             return []
         images = to_output_images(self.decode(torch.cat(finished_latents)))
+        self._mark("decode")
         return list(zip(finished, images, strict=True))
+
+    def _mark(self, stage: str | None) -> None:
+        if self.clock is None:
+            return
+        if stage is None:
+            self.clock.begin()
+        else:
+            self.clock.mark(stage)
 
     # -- the stream batch -------------------------------------------------------------------------
     def _unet_inputs(self, group: list[_Entry]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -227,24 +278,59 @@ class StreamBatch:
     # -- the models -------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/8, W/8)."""
-        vae = self.bundle.vae
         pixels = images.to(self.bundle.vae_dtype).contiguous(memory_format=self.memory_format)
-        encoded = vae.encode(pixels)
-        latents = getattr(encoded, "latents", None)
-        if latents is None:
-            latents = encoded.latent_dist.mode()
-        return (latents * self.bundle.vae_scaling).to(self.dtype)  # type: ignore[no-any-return]
+        return self._encode_call(pixels)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images (B, 3, H, W) in [-1, 1]."""
         scaled = (latents / self.bundle.vae_scaling).to(self.bundle.vae_dtype)
-        scaled = scaled.contiguous(memory_format=self.memory_format)
-        return self.bundle.vae.decode(scaled, return_dict=False)[0].to(self.dtype)  # type: ignore[no-any-return]
+        return self._decode_call(scaled.contiguous(memory_format=self.memory_format))
 
     def unet(
         self, x_t: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor
     ) -> torch.Tensor:
         x_t = x_t.contiguous(memory_format=self.memory_format)
+        return self._unet_call(x_t, timesteps, embeddings)
+
+    @torch.inference_mode()
+    def precompile(self, width: int, height: int) -> None:
+        """Run the UNet and both VAE halves at every bucket for ``width`` x ``height`` frames
+        (see :mod:`.shapes`): compiling, autotuning and graph capture happen here, at load."""
+        factor = self.bundle.vae_scale_factor
+        latent = torch.zeros(
+            (1, self.bundle.latent_channels, height // factor, width // factor),
+            device=self.device,
+            dtype=self.dtype,
+        ).contiguous(memory_format=self.memory_format)
+        pixels = torch.zeros((1, 3, height, width), device=self.device, dtype=self.bundle.vae_dtype)
+        embedding = self.prompts.encode("")
+        timestep = self.schedule.table((self.schedule.train_steps // 2,)).timesteps[:1]
+        # inference tensors, like the ones served (dynamo guards on the difference)
+        self._unet_call.precompile(latent, timestep, embedding)
+        self._encode_call.precompile(pixels.contiguous(memory_format=self.memory_format))
+        self._decode_call.precompile(latent.to(self.bundle.vae_dtype))
+
+    def _encode_forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        encoded = self.bundle.vae.encode(pixels)
+        latents = getattr(encoded, "latents", None)
+        if latents is None:
+            latents = encoded.latent_dist.mode()
+        return (latents * self.bundle.vae_scaling).to(self.dtype)  # type: ignore[no-any-return]
+
+    def _decode_forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.bundle.vae.decode(latents, return_dict=False)[0].to(self.dtype)  # type: ignore[no-any-return]
+
+    def _unet_forward(
+        self, x_t: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor
+    ) -> torch.Tensor:
         return self.bundle.unet(  # type: ignore[no-any-return]
             x_t, timesteps, encoder_hidden_states=embeddings, return_dict=False
         )[0]
+
+
+def similarities_of(entries: list[_Entry]) -> list[float]:
+    """Cosine similarity of each entry's frame to its filter's reference, one sync for all."""
+    if not entries:
+        return []
+    values = [entry.state.filter.similarity_to(entry.image) for entry in entries]
+    return [float(value) for value in torch.stack(values).tolist()]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,13 @@ from pydantic_core import ValidationError
 from livediff.config import Settings
 from livediff.frames import Image
 from livediff.transforms.base import Job, Transform, TransformParams
-from livediff.transforms.diffusion.bundle import load_bundle, prepare, uses_cuda_graphs
+from livediff.transforms.diffusion.bundle import (
+    CompileOptions,
+    ModelBundle,
+    load_bundle,
+    prepare,
+    uses_cuda_graphs,
+)
 from livediff.transforms.diffusion.models import (
     ModelChoice,
     ModelUnavailableError,
@@ -57,6 +64,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def compile_options(settings: Settings) -> CompileOptions:
+    """torch.compile as configured; its caches under the model dir unless one is named."""
+    cache_dir = settings.compile_cache_dir
+    if cache_dir is None and settings.model_dir is not None:
+        cache_dir = str(Path(settings.model_dir) / "livediff-compile-cache")
+    return CompileOptions(
+        mode=settings.compile_mode,
+        backend=settings.compile_backend,
+        cache_size=settings.compile_cache_size,
+        cache_dir=Path(cache_dir) if cache_dir else None,
+    )
+
+
 class DiffusionTransform(Transform):
     """Realtime img2img with a diffusion model, several sessions batched on one device."""
 
@@ -67,7 +87,8 @@ class DiffusionTransform(Transform):
         super().__init__(settings)
         self._device = resolve_device(settings.device)
         self._dtype = resolve_dtype(settings.dtype, self._device)
-        self._compile_mode = settings.compile_mode if settings.compile else None
+        self._compile = compile_options(settings) if settings.compile else None
+        self._vae_dtype = None if settings.vae_dtype == "auto" else DTYPES[settings.vae_dtype]
         self.choice = ModelChoice(settings.model, settings.vae, settings.model_dir)
         self.stream: StreamBatch | None = None
         self.check_available(settings)
@@ -99,15 +120,18 @@ class DiffusionTransform(Transform):
         self.stream = self._load_stream(self.choice, generation=0)
 
     def _load_stream(self, choice: ModelChoice, generation: int) -> StreamBatch:
-        bundle = load_bundle(locate(choice, download=True), choice, self._dtype)
+        bundle = self.load_bundle(choice)
         if self.stream is not None:  # free the old model before the new one moves in
             self._drop_stream()
         prepare(
             bundle,
             self._device,
             self._dtype,
-            compile_mode=self._compile_mode,
-            compile_cache_size=self.settings.compile_cache_size,
+            compile_options=self._compile,
+            vae_dtype=self._vae_dtype,
+        )
+        compile_mode = (
+            self._compile.mode if self._compile and self._compile.backend == "inductor" else None
         )
         stream = StreamBatch(
             bundle,
@@ -115,13 +139,21 @@ class DiffusionTransform(Transform):
             self._dtype,
             prompt_cache_size=self.settings.prompt_cache_size,
             max_skip=self.settings.similarity_max_skip,
-            cuda_graphs=uses_cuda_graphs(self._device, self._compile_mode),
+            cuda_graphs=uses_cuda_graphs(self._device, compile_mode),
+            buckets=self.settings.batch_buckets if self._compile is not None else None,
         )
         stream.generation = generation
+        if self._compile is not None:  # every bucket compiles now, never while serving
+            stream.precompile(self.settings.width, self.settings.height)
         logger.info(
             "diffusion model %s (vae %s) loaded on %s", choice.model, choice.vae, self._device
         )
         return stream
+
+    def load_bundle(self, choice: ModelChoice) -> ModelBundle:
+        """The model's components on the CPU, from its folders (downloaded if need be); a
+        benchmark builds random-weight ones from published configs instead."""
+        return load_bundle(locate(choice, download=True), choice, self._dtype)
 
     def synchronize(self) -> None:
         if self._device.type == "cuda":
@@ -156,6 +188,9 @@ class DiffusionTransform(Transform):
     def close_session(self, state: Any) -> None:
         if isinstance(state, SessionCache):
             state.release()
+
+    def stage(self, jobs: Sequence[Job]) -> None:
+        self._stream().stage(jobs)
 
     def process(self, jobs: Sequence[Job]) -> list[Image | None]:
         return self._stream().process(jobs)

@@ -1,0 +1,103 @@
+"""The shape plan: every UNet and VAE call runs at one of a few planned batch sizes.
+
+A live server's batch changes whenever a session joins or leaves, changes its step count or its
+CFG type. Compiled code (``torch.compile``, CUDA graphs) is specialised to shapes, and a new
+shape means a recompile that freezes every stream (under max-autotune, minutes on a GPU). So
+calls are padded up to a *bucket* (``Settings.batch_buckets``, e.g. 1, 2, 4, 8 rows), and a
+batch larger than the largest bucket runs in pieces of that size. Each bucket compiles once, at
+load (:meth:`PaddedCall.precompile`); serving only picks one.
+
+The padded inputs are kept in static buffers, one per bucket and input: CUDA graphs replay from
+fixed addresses, so the rows are copied into the same tensors call after call (and marked as
+static addresses for the graph), instead of fresh tensors that the graph would copy again.
+Padding rows are independent samples (no op mixes rows: group norm and attention work per
+sample), so they never change the real rows; their results are dropped.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+
+import torch
+
+Forward = Callable[..., torch.Tensor]
+
+
+class PaddedCall:
+    """``forward(*inputs)`` on inputs whose first dimension is padded to a planned bucket."""
+
+    def __init__(
+        self, forward: Forward, buckets: Sequence[int] | None, *, static_buffers: bool, name: str
+    ) -> None:
+        """``buckets`` None: no plan (eager code runs any shape as well as another), calls
+        pass straight through."""
+        self.forward = forward
+        self.buckets = sorted(set(buckets or ()))
+        self.static_buffers = static_buffers
+        self.name = name
+        self._buffers: dict[tuple[object, ...], torch.Tensor] = {}
+
+    def bucket(self, rows: int) -> int:
+        """The smallest planned size that holds ``rows`` (at most the largest bucket)."""
+        index = bisect.bisect_left(self.buckets, min(rows, self.buckets[-1]))
+        return self.buckets[index]
+
+    def pieces(self, rows: int) -> list[tuple[int, int]]:
+        """(start, stop) of the pieces a batch of ``rows`` runs in."""
+        largest = self.buckets[-1]
+        return [(start, min(start + largest, rows)) for start in range(0, rows, largest)]
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if not self.buckets:
+            return self.forward(*inputs)
+        rows = inputs[0].shape[0]
+        outputs = []
+        for start, stop in self.pieces(rows):
+            size = self.bucket(stop - start)
+            padded = [
+                self._padded(slot, tensor[start:stop], size) for slot, tensor in enumerate(inputs)
+            ]
+            result = self.forward(*padded)[: stop - start]
+            # a graph's outputs are overwritten by its next replay: keep a copy of our rows
+            outputs.append(result.clone() if self.static_buffers else result)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _padded(self, slot: int, rows: torch.Tensor, size: int) -> torch.Tensor:
+        count = rows.shape[0]
+        if count == size and not self.static_buffers:
+            return rows
+        key = (slot, size, tuple(rows.shape[1:]), rows.dtype, rows.device, _layout(rows))
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = _new_buffer(rows, size)
+            if self.static_buffers:
+                torch._dynamo.mark_static_address(buffer)
+        buffer[:count].copy_(rows)
+        return buffer
+
+    def precompile(self, *examples: torch.Tensor) -> None:
+        """Run every bucket once with inputs shaped like ``examples`` (one row each): the
+        compile, the autotuning and the CUDA graph capture of each bucket happen now."""
+        for size in self.buckets:
+            self(
+                *(
+                    example[:1]
+                    .expand(size, *example.shape[1:])
+                    .contiguous(memory_format=_layout(example))
+                    for example in examples
+                )
+            )
+
+
+def _layout(tensor: torch.Tensor) -> torch.memory_format:
+    if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _new_buffer(rows: torch.Tensor, size: int) -> torch.Tensor:
+    shape = (size, *rows.shape[1:])
+    return torch.zeros(shape, dtype=rows.dtype, device=rows.device).contiguous(
+        memory_format=_layout(rows)
+    )
