@@ -174,7 +174,7 @@ async def stream_through(
             "gateway_request_id": "bench",
         }
         (await client.post(f"{runner.url}/live-video-to-video", json=body)).raise_for_status()
-        await asyncio.sleep(1.0)  # the runner subscribes from the live edge: start after it
+        await subscribed(trickle, channels.names[0])  # it reads from the live edge: wait for it
         cpu_before = runner.cpu_seconds()
         await publisher.publish(clip)
         cpu_after = runner.cpu_seconds()
@@ -193,6 +193,17 @@ async def stream_through(
             (cpu_after - cpu_before) * 1000 / max(1, clip.frames), 2
         )
     return rows
+
+
+async def subscribed(trickle: FakeTrickleServer, channel: str, timeout: float = 30.0) -> None:
+    """Until the runner's GET for the input's next segment waits on the server (beside the
+    relay reader's)."""
+    deadline = time.monotonic() + timeout
+    while trickle.in_flight("GET", channel) < 2:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the runner never subscribed to its input")
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.5)  # its other channels and threads settle
 
 
 async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -239,6 +239,10 @@ class FakeTrickleServer:
     def records(self, method: str, channel: str) -> list[RequestRecord]:
         return [r for r in list(self.requests) if r.method == method and r.channel == channel]
 
+    def in_flight(self, method: str, channel: str) -> int:
+        """``method`` requests for ``channel`` not answered yet (e.g. subscribers waiting)."""
+        return sum(1 for record in self.records(method, channel) if not record.ended)
+
     # -- channel lifecycle (server loop) -----------------------------------------------------
     async def _delete(self, name: str) -> bool:
         channel = self.channels.pop(name, None)
