@@ -183,6 +183,7 @@ class Engine:
         sent back to back all count), reload when the change needs it (alone only), swap in."""
         new = self.validate(patch, base=session.params)
         self._reload_if_needed(session.params, new, others)
+        self.transform.validate_params(new)
         session.set_params(new)
         return new
 
@@ -252,6 +253,7 @@ class Engine:
     def _attach(self, session: Session, others: int) -> None:
         """Worker thread: load the session's model if it asks for another, then serve it."""
         self._reload_if_needed(self._loaded_params(), session.params, others)
+        self.transform.validate_params(session.params)
         self.worker.attach_here(session)
 
     def _loaded_params(self) -> TransformParams:

@@ -86,6 +86,10 @@ class Transform(ABC):
     def close_session(self, state: Any) -> None:  # noqa: B027 - optional hook
         """Release what :meth:`open_session` made."""
 
+    def validate_params(self, params: TransformParams) -> None:  # noqa: B027 - optional hook
+        """Refuse params the loaded model cannot serve (raise pydantic's ValidationError, which
+        the faces answer with a 422); called before a session takes them."""
+
     def requires_reload(self, old: TransformParams, new: TransformParams) -> bool:
         """True when moving from ``old`` to ``new`` params means reloading weights."""
         return False

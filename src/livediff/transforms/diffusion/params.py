@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 
 from livediff.config import DEFAULT_MODEL, DEFAULT_VAE
 from livediff.transforms.base import TransformParams
+from livediff.transforms.diffusion.control_params import MAX_CONTROLNETS, ControlNetSpec
 
 #: The timestep grid ``t_index_list`` indexes: this many steps, 'trailing' spacing over the
 #: model's training timesteps (index 0 = the noisiest step, t = 999 for 1000 train steps).
@@ -90,6 +91,12 @@ class DiffusionParams(TransformParams):
         lt=1,
         description="Skip a frame this similar (cosine) to the last one processed and repeat"
         " the last output; 0 = off, 0.98 is a good start.",
+    )
+    controlnets: list[ControlNetSpec] = Field(
+        default_factory=list,
+        max_length=MAX_CONTROLNETS,
+        description="ControlNets that steer every frame with its edges, depth or own map;"
+        " several combine (their residuals add up). Changes apply live, no reload.",
     )
     model: str = Field(
         DEFAULT_MODEL,

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-Forward = Callable[..., torch.Tensor]
+Forward = Callable[..., Any]
 
 
 class PaddedCall:
@@ -48,20 +49,29 @@ class PaddedCall:
         largest = self.buckets[-1]
         return [(start, min(start + largest, rows)) for start in range(0, rows, largest)]
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        """The forward's output (a tensor, or a tuple of tensors) for the real rows only."""
         if not self.buckets:
             return self.forward(*inputs)
         rows = inputs[0].shape[0]
-        outputs = []
+        pieces = []
         for start, stop in self.pieces(rows):
             size = self.bucket(stop - start)
-            padded = [
-                self._padded(slot, tensor[start:stop], size) for slot, tensor in enumerate(inputs)
-            ]
-            result = self.forward(*padded)[: stop - start]
-            # a graph's outputs are overwritten by its next replay: keep a copy of our rows
-            outputs.append(result.clone() if self.static_buffers else result)
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+            padded = [self._padded(slot, t[start:stop], size) for slot, t in enumerate(inputs)]
+            pieces.append(self._ours(self.forward(*padded), stop - start))
+        if len(pieces) == 1:
+            return pieces[0]
+        if isinstance(pieces[0], tuple):
+            return tuple(torch.cat(parts) for parts in zip(*pieces, strict=True))
+        return torch.cat(pieces)
+
+    def _ours(self, result: Any, count: int) -> Any:
+        """The first ``count`` rows of ``result``; copied when a graph's outputs are reused
+        buffers (its next replay overwrites them)."""
+        if isinstance(result, tuple):
+            return tuple(self._ours(part, count) for part in result)
+        rows = result[:count]
+        return rows.clone() if self.static_buffers else rows
 
     def _padded(self, slot: int, rows: torch.Tensor, size: int) -> torch.Tensor:
         count = rows.shape[0]

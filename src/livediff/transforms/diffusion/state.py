@@ -47,12 +47,25 @@ class SessionCache:
     sources: torch.Tensor | None = None
     #: Frames that entered the stream batch since it last (re)started.
     filled: int = 0
+    #: Control images of the frames in flight (N, 3, H, W), newest first, per preprocessor key.
+    controls: dict[tuple[object, ...], torch.Tensor] = field(default_factory=dict)
     last_output: torch.Tensor | None = None
 
     def restart(self) -> None:
         """Empty the stream batch (the next N - 1 frames refill it)."""
         self.latents = self.sources = None
         self.filled = 0
+        self.controls = {}
+
+    def push_control(self, key: tuple[object, ...], image: torch.Tensor) -> None:
+        """The newest frame's control image for ``key``: the frames in flight move one step on
+        (a key new to the session fills its earlier frames with this image)."""
+        steps = self.table.steps if self.table is not None else 1
+        earlier = self.controls.get(key)
+        if earlier is None or earlier.shape[1:] != image.shape[1:]:
+            self.controls[key] = image.expand(steps, -1, -1, -1).contiguous()
+            return
+        self.controls[key] = torch.cat((image, earlier[: steps - 1]))
 
     def release(self) -> None:
         """Drop every tensor (the session is closing)."""

@@ -19,9 +19,11 @@ filled, it has no output (None).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from itertools import accumulate
+from typing import Any, cast
 
 import torch
 
@@ -30,11 +32,21 @@ from livediff.pixels.device import FrameUploader, StagedUpload, to_output_images
 from livediff.transforms.base import Job
 from livediff.transforms.diffusion.bundle import ModelBundle
 from livediff.transforms.diffusion.clock import StageClock
+from livediff.transforms.diffusion.control import ControlNetPool, RowControl, residuals
+from livediff.transforms.diffusion.control_params import ControlNetSpec
 from livediff.transforms.diffusion.params import DiffusionParams
 from livediff.transforms.diffusion.prompts import PromptEncoder
 from livediff.transforms.diffusion.schedule import Schedule
 from livediff.transforms.diffusion.shapes import PaddedCall
 from livediff.transforms.diffusion.state import LatentShape, SessionCache, follow_params
+
+#: Frames (B, 3, H, W) in [0, 1] -> control images of the same shape, by preprocessor and params.
+Preprocess = Callable[[str, torch.Tensor, Mapping[str, Any]], torch.Tensor]
+
+
+def control_key(spec: ControlNetSpec) -> tuple[Any, ...]:
+    """What a control image depends on: the preprocessor and its params (not the model)."""
+    return (spec.preprocessor, tuple(sorted(spec.preprocessor_params.items())))
 
 
 @dataclass
@@ -49,6 +61,8 @@ class _Entry:
     x_t: torch.Tensor | None = None
     sources: torch.Tensor | None = None
     rows: int = 0
+    #: The denoising step of each of the entry's UNet rows (guidance rows repeat their step).
+    row_steps: list[int] = field(default_factory=list)
 
 
 class StreamBatch:
@@ -65,7 +79,11 @@ class StreamBatch:
         cuda_graphs: bool = False,
         channels_last: bool = True,
         buckets: Sequence[int] | None = None,
+        controlnets: ControlNetPool | None = None,
+        preprocess: Preprocess | None = None,
     ) -> None:
+        """``controlnets`` and ``preprocess`` (frames -> control images) serve sessions whose
+        params name ControlNets; without them such entries are ignored."""
         self.bundle = bundle
         self.device = device
         self.dtype = dtype
@@ -81,6 +99,13 @@ class StreamBatch:
         self.generation = 0
         #: Stage timings for benchmarks (None: off, no cost).
         self.clock: StageClock | None = None
+        self.controlnets = controlnets
+        self.preprocess = preprocess
+        #: A ControlNet no frame used for this long is freed.
+        self.controlnet_idle_s = 30.0
+        self._unet_control_call = PaddedCall(
+            self._unet_forward, buckets, static_buffers=cuda_graphs, name="unet+controlnet"
+        )
         self._unet_call = PaddedCall(
             self._unet_forward, buckets, static_buffers=cuda_graphs, name="unet"
         )
@@ -124,6 +149,8 @@ class StreamBatch:
         outputs: list[Image | None] = [None] * len(jobs)
         groups: dict[tuple[int, int], list[_Entry]] = {}
         self._mark(None)
+        if self.controlnets is not None:
+            self.controlnets.release_idle(self.controlnet_idle_s)
         entries = [self._admit(index, job) for index, job in enumerate(jobs)]
         self._mark("upload")
         for entry, skip in zip(entries, self._skips(entries), strict=True):
@@ -178,7 +205,9 @@ class StreamBatch:
         for entry, source in zip(group, sources.tensor_split(len(group)), strict=True):
             entry.source = source
         x_t, timesteps, embeddings = self._unet_inputs(group)
-        output = self.unet(x_t, timesteps, embeddings)
+        extra = self._control_residuals(group, x_t, timesteps, embeddings)
+        self._mark("controlnet")
+        output = self.unet(x_t, timesteps, embeddings, extra)
         self._mark("unet")
         finished: list[_Entry] = []
         finished_latents: list[torch.Tensor] = []
@@ -231,16 +260,19 @@ class StreamBatch:
             entry.x_t, entry.sources = newest, entry.source
         cond = state.cond.expand(steps, -1, -1)
         x_t, timesteps, embeddings = entry.x_t, table.timesteps, cond
+        entry.row_steps = list(range(steps))
         if entry.params.guided() and entry.params.cfg_type == "full":
             assert state.uncond is not None
             x_t = torch.cat((x_t, x_t))
             timesteps = torch.cat((timesteps, timesteps))
             embeddings = torch.cat((cond, state.uncond.expand(steps, -1, -1)))
+            entry.row_steps += list(range(steps))
         elif entry.params.guided() and entry.params.cfg_type == "initialize":
             assert state.uncond is not None
             x_t = torch.cat((x_t, x_t[:1]))
             timesteps = torch.cat((timesteps, timesteps[:1]))
             embeddings = torch.cat((cond, state.uncond))
+            entry.row_steps.append(0)
         return x_t, timesteps, embeddings
 
     def _advance(self, entry: _Entry, output: torch.Tensor) -> torch.Tensor | None:
@@ -279,18 +311,27 @@ class StreamBatch:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/8, W/8)."""
         pixels = images.to(self.bundle.vae_dtype).contiguous(memory_format=self.memory_format)
-        return self._encode_call(pixels)
+        return cast(torch.Tensor, self._encode_call(pixels))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images (B, 3, H, W) in [-1, 1]."""
         scaled = (latents / self.bundle.vae_scaling).to(self.bundle.vae_dtype)
-        return self._decode_call(scaled.contiguous(memory_format=self.memory_format))
+        return cast(
+            torch.Tensor, self._decode_call(scaled.contiguous(memory_format=self.memory_format))
+        )
 
     def unet(
-        self, x_t: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor
+        self,
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeddings: torch.Tensor,
+        residuals: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
+        """The UNet's noise estimate; ``residuals`` (ControlNets' down blocks..., mid) added."""
         x_t = x_t.contiguous(memory_format=self.memory_format)
-        return self._unet_call(x_t, timesteps, embeddings)
+        if residuals is None:
+            return cast(torch.Tensor, self._unet_call(x_t, timesteps, embeddings))
+        return cast(torch.Tensor, self._unet_control_call(x_t, timesteps, embeddings, *residuals))
 
     @torch.inference_mode()
     def precompile(self, width: int, height: int) -> None:
@@ -321,11 +362,57 @@ class StreamBatch:
         return self.bundle.vae.decode(latents, return_dict=False)[0].to(self.dtype)  # type: ignore[no-any-return]
 
     def _unet_forward(
-        self, x_t: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor
+        self,
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeddings: torch.Tensor,
+        *residuals: torch.Tensor,
     ) -> torch.Tensor:
+        extra: dict[str, Any] = {}
+        if residuals:
+            extra["down_block_additional_residuals"] = residuals[:-1]
+            extra["mid_block_additional_residual"] = residuals[-1]
         return self.bundle.unet(  # type: ignore[no-any-return]
-            x_t, timesteps, encoder_hidden_states=embeddings, return_dict=False
+            x_t, timesteps, encoder_hidden_states=embeddings, return_dict=False, **extra
         )[0]
+
+    # -- ControlNets ------------------------------------------------------------------------------
+    def _control_residuals(
+        self,
+        group: list[_Entry],
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeddings: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...] | None:
+        """The summed residuals of the ControlNets the group's sessions use (None: none)."""
+        pool = self.controlnets
+        if pool is None or self.preprocess is None:
+            return None
+        if not any(entry.params.controlnets for entry in group):
+            return None
+        self._update_control_images(group)
+        uses: dict[str, list[RowControl]] = defaultdict(list)
+        offset = 0
+        for entry in group:
+            for spec in entry.params.controlnets:
+                uses[spec.model_id] += _row_controls(entry, spec, offset)
+            offset += entry.rows
+        return residuals(uses, pool, x_t, timesteps, embeddings)
+
+    def _update_control_images(self, group: list[_Entry]) -> None:
+        """Each new frame's control images, one preprocessor call per kind and params for the
+        whole group; kept per session with its frames in flight (newest first)."""
+        assert self.preprocess is not None
+        wanted: dict[tuple[Any, ...], list[_Entry]] = defaultdict(list)
+        for entry in group:
+            for key in {control_key(spec) for spec in entry.params.controlnets}:
+                wanted[key].append(entry)
+        for key, entries in wanted.items():
+            kind, params = key[0], dict(key[1])
+            frames = torch.cat([(entry.image.to(torch.float32) + 1) / 2 for entry in entries])
+            images = self.preprocess(kind, frames, params)
+            for entry, image in zip(entries, images.tensor_split(len(entries)), strict=True):
+                entry.state.push_control(key, image)
 
 
 def similarities_of(entries: list[_Entry]) -> list[float]:
@@ -334,3 +421,14 @@ def similarities_of(entries: list[_Entry]) -> list[float]:
         return []
     values = [entry.state.filter.similarity_to(entry.image) for entry in entries]
     return [float(value) for value in torch.stack(values).tolist()]
+
+
+def _row_controls(entry: _Entry, spec: ControlNetSpec, offset: int) -> list[RowControl]:
+    """The entry's UNet rows (from ``offset`` in the batch) that ``spec`` acts on."""
+    images = entry.state.controls[control_key(spec)]
+    steps = images.shape[0]
+    return [
+        RowControl(offset + row, spec.conditioning_scale, images[step : step + 1])
+        for row, step in enumerate(entry.row_steps)
+        if spec.active(step, steps)
+    ]

@@ -1,0 +1,243 @@
+"""ControlNets for the stream batch: loaded while the stream goes on, residuals for every row.
+
+Sessions name ControlNets in their params (``controlnets``: Livepeer's shape). The pool loads
+each model id once, in a background thread (from disk to the device, then a sync on that
+thread), while the worker keeps serving: a new ControlNet joins the frames once it is ready, and
+one no session names any more is freed. A ControlNet that does not fit the base model (another
+family or cross-attention size) or that is not downloaded while ``HF_HUB_OFFLINE`` is set is
+refused when the params arrive, with a 422 on ``controlnets.N.model_id`` that says why.
+
+Residuals: for each ControlNet in use, the UNet rows of the sessions whose entry acts at that
+row's step (``ControlNetSpec.active``) go through it in one call, each with its own frame's
+control image (a frame's rows, its guidance rows too, share one), are scaled by the entry's
+``conditioning_scale`` and added into the batch's residuals; several ControlNets add up (what
+diffusers' multi-ControlNet does).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic_core import ValidationError
+
+from livediff.transforms.diffusion.control_params import ControlNetSpec
+from livediff.transforms.diffusion.models import ModelUnavailableError, hub_offline
+from livediff.transforms.diffusion.shapes import PaddedCall
+
+logger = logging.getLogger(__name__)
+
+Locate = Callable[[str, bool], Path]
+
+
+class ControlNetPool:
+    """The ControlNets that sessions name, by model id, on the worker's device."""
+
+    def __init__(
+        self,
+        unet_config: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        locate: Locate,
+        *,
+        buckets: Sequence[int] | None = None,
+        static_buffers: bool = False,
+    ) -> None:
+        self._unet_config = unet_config
+        self._device = device
+        self._dtype = dtype
+        self._locate = locate
+        self._buckets = buckets
+        self._static = static_buffers
+        self._ready: dict[str, PaddedCall] = {}
+        self._last_used: dict[str, float] = {}
+        self._loading: dict[str, concurrent.futures.Future[Any]] = {}
+        self._failed: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._loader = concurrent.futures.ThreadPoolExecutor(1, "livediff-controlnet")
+
+    # -- params (worker thread) ---------------------------------------------------------------
+    def check(self, specs: Sequence[ControlNetSpec]) -> None:
+        """Refuse (422 on the entry's model_id) a ControlNet that cannot serve this model."""
+        for index, spec in enumerate(specs):
+            reason = self._refusal(spec.model_id)
+            if reason is not None:
+                raise _model_id_error(index, spec.model_id, reason)
+
+    def _refusal(self, model_id: str) -> str | None:
+        if model_id in self._ready:
+            return None
+        if model_id in self._failed:
+            return self._failed[model_id]
+        try:
+            folder = self._locate(model_id, False)
+        except ModelUnavailableError as exc:
+            if hub_offline() or _names_a_folder(model_id):
+                return str(exc)
+            return None  # fetched by the background load
+        return self._misfit(folder)
+
+    def _misfit(self, folder: Path) -> str | None:
+        """Why the ControlNet in ``folder`` does not fit the base UNet, or None."""
+        return self._misfit_config(json.loads((folder / "config.json").read_text()))
+
+    def _misfit_config(self, config: Any) -> str | None:
+        unet = self._unet_config
+        wanted = {
+            "cross_attention_dim": unet.cross_attention_dim,
+            "block_out_channels": list(unet.block_out_channels),
+            "in_channels": unet.in_channels,
+        }
+        for key, value in wanted.items():
+            found = config.get(key)
+            found = list(found) if isinstance(found, list | tuple) else found
+            if found != value:
+                return (
+                    f"this ControlNet is for another model family: its {key} is {found}, the"
+                    f" loaded model's is {value} (use a ControlNet trained for this base model)"
+                )
+        return None
+
+    # -- frames (worker thread) ---------------------------------------------------------------
+    def get(self, model_id: str) -> PaddedCall | None:
+        """The ControlNet's call when it is loaded; else its load starts (None meanwhile)."""
+        self._last_used[model_id] = time.monotonic()
+        found = self._ready.get(model_id)
+        if found is not None:
+            return found
+        with self._lock:
+            future = self._loading.get(model_id)
+            if future is None and model_id not in self._failed:
+                self._loading[model_id] = self._loader.submit(self._load, model_id)
+                return None
+        if future is None or not future.done():
+            return None
+        return self._settle(model_id, future)
+
+    def _settle(self, model_id: str, future: concurrent.futures.Future[Any]) -> PaddedCall | None:
+        with self._lock:
+            self._loading.pop(model_id, None)
+        try:
+            model = future.result()
+        except Exception as exc:
+            self._failed[model_id] = f"could not load it: {exc}"
+            logger.error("ControlNet %s could not be loaded: %s", model_id, exc)
+            return None
+        self.add(model_id, model)
+        logger.info("ControlNet %s joined", model_id)
+        return self._ready[model_id]
+
+    def add(self, model_id: str, model: Any) -> None:
+        """Serve ``model`` (a ControlNetModel already on the device) as ``model_id`` (worker
+        thread): a ControlNet built or loaded elsewhere, as the benchmarks do."""
+        if misfit := self._misfit_config(model.config):
+            raise ValueError(misfit)
+        self._ready[model_id] = PaddedCall(
+            _controlnet_forward(model),
+            self._buckets,
+            static_buffers=self._static,
+            name=f"controlnet {model_id}",
+        )
+        self._last_used[model_id] = time.monotonic()
+
+    def _load(self, model_id: str) -> Any:
+        """Loader thread: read, check, move to the device, and wait for the copies there."""
+        diffusers = __import__("diffusers")
+        folder = self._locate(model_id, True)
+        misfit = self._misfit(folder)
+        if misfit is not None:
+            raise ValueError(misfit)
+        model = diffusers.ControlNetModel.from_pretrained(folder, torch_dtype=self._dtype)
+        model.to(self._device).eval().requires_grad_(False)
+        if self._device.type == "cuda":
+            torch.cuda.current_stream(self._device).synchronize()  # the loader thread's stream
+        return model
+
+    def release_idle(self, idle_s: float) -> None:
+        """Free the ControlNets no frame used for ``idle_s`` (worker thread, at the start of a
+        batch: the previous batch's wait has passed, so no kernel still reads their weights)."""
+        cutoff = time.monotonic() - idle_s
+        for model_id in [known for known in self._ready if self._last_used[known] < cutoff]:
+            del self._ready[model_id]
+            self._failed.pop(model_id, None)
+            logger.info("ControlNet %s freed (unused for %g s)", model_id, idle_s)
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=True, cancel_futures=True)
+        self._ready.clear()
+
+
+def _controlnet_forward(model: Any) -> Callable[..., tuple[torch.Tensor, ...]]:
+    def forward(
+        x_t: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor, cond: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        down, mid = model(
+            x_t,
+            timesteps,
+            encoder_hidden_states=embeddings,
+            controlnet_cond=cond,
+            return_dict=False,
+        )
+        return (*down, mid)
+
+    return forward
+
+
+@dataclass
+class RowControl:
+    """What one UNet row needs from one ControlNet entry."""
+
+    row: int
+    scale: float
+    image: torch.Tensor  # (1, 3, H, W) in [0, 1]: the row's frame's control image
+
+
+def residuals(
+    uses: dict[str, list[RowControl]],
+    pool: ControlNetPool,
+    x_t: torch.Tensor,
+    timesteps: torch.Tensor,
+    embeddings: torch.Tensor,
+) -> tuple[torch.Tensor, ...] | None:
+    """The summed, scaled residuals (down blocks..., mid) for every row; None if no loaded
+    ControlNet acts on any row."""
+    total: list[torch.Tensor] | None = None
+    for model_id, rows in uses.items():
+        call = pool.get(model_id)
+        if call is None or not rows:
+            continue
+        index = torch.tensor([use.row for use in rows], device=x_t.device)
+        scale = torch.tensor([use.scale for use in rows], device=x_t.device, dtype=x_t.dtype)
+        cond = torch.cat([use.image for use in rows]).to(x_t.dtype)
+        outputs = call(x_t[index], timesteps[index], embeddings[index], cond)
+        if total is None:
+            total = [x_t.new_zeros((x_t.shape[0], *out.shape[1:])) for out in outputs]
+        for summed, out in zip(total, outputs, strict=True):
+            summed.index_add_(0, index, out * scale.view(-1, 1, 1, 1))
+    return None if total is None else tuple(total)
+
+
+def _names_a_folder(model_id: str) -> bool:
+    return model_id.startswith((".", "/", "~"))
+
+
+def _model_id_error(index: int, model_id: str, reason: str) -> ValidationError:
+    return ValidationError.from_exception_data(
+        "DiffusionParams",
+        [
+            {
+                "type": "value_error",
+                "loc": ("controlnets", index, "model_id"),
+                "input": model_id,
+                "ctx": {"error": reason},
+            }
+        ],
+    )
