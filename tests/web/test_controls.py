@@ -72,6 +72,7 @@ def test_diffusion_params_get_their_controls(
         "cfg_type",
         "seed",
         "similarity_threshold",
+        "controlnets",
         "width",
         "height",
         "model",

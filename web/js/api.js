@@ -19,11 +19,16 @@ export class ApiError extends Error {
   }
 }
 
-/** {field, message} for one pydantic error ({loc, msg}) whatever prefix the route gave its loc. */
+/** {field, path, message} for one pydantic error ({loc, msg}) whatever prefix the route gave its
+ * loc; ``path`` is the rest of the loc inside the field (e.g. [0, "model_id"] in a list). */
 export function fieldError(error) {
   const loc = Array.isArray(error.loc) ? error.loc : [];
   const path = loc.filter((part) => !["body", "params", "query"].includes(part));
-  return { field: path.length ? String(path[0]) : "", message: String(error.msg ?? error) };
+  return {
+    field: path.length ? String(path[0]) : "",
+    path: path.slice(1),
+    message: String(error.msg ?? error).replace(/^Value error, /, ""),
+  };
 }
 
 /** One line of text for an error detail: a string, or pydantic's list of field errors. */
@@ -31,8 +36,8 @@ export function formatDetail(detail) {
   if (Array.isArray(detail)) {
     return detail
       .map((error) => {
-        const { field, message } = fieldError(error);
-        return field ? `${field}: ${message}` : message;
+        const { field, path, message } = fieldError(error);
+        return field ? `${[field, ...path].join(".")}: ${message}` : message;
       })
       .join("; ");
   }

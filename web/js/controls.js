@@ -1,15 +1,12 @@
 // The params panel: only the controls the running pipeline takes (read from its JSON schema),
 // edits coalesced and debounced into one patch, the server's answer shown next to each control.
 
-import { buildField, element } from "./fields.js";
+import { buildEntries } from "./entries.js";
+import { buildField, element, same } from "./fields.js";
 import { GROUP_ORDER, fieldSpecs } from "./schema.js";
 
 const STORAGE_PREFIX = "livediff.params.";
-const OPEN_GROUPS = ["Style", "Generation"];
-
-function same(a, b) {
-  return JSON.stringify(a) === JSON.stringify(b);
-}
+const OPEN_GROUPS = ["Style", "Generation", "Control"];
 
 /** Event "change" (detail: a patch object) after edits settle; ``values`` holds the current set. */
 export class ParamsForm extends EventTarget {
@@ -23,7 +20,8 @@ export class ParamsForm extends EventTarget {
     this.timer = null;
     this.values = { ...this.defaults, ...this._restore() };
     for (const spec of fieldSpecs(pipeline.params_schema)) {
-      this.fields.set(spec.name, buildField(spec, (name, commit) => this._edited(name, commit)));
+      const build = spec.widget === "entries" ? buildEntries : buildField;
+      this.fields.set(spec.name, build(spec, (name, commit) => this._edited(name, commit)));
     }
     this._render();
   }
@@ -62,7 +60,8 @@ export class ParamsForm extends EventTarget {
     const field = this.fields.get(name);
     const read = field.read();
     if ("error" in read) {
-      field.setError(read.error);
+      field.setError("");
+      field.setError(read.error, read.path);
       this.pending.delete(name);
       return;
     }
@@ -94,17 +93,19 @@ export class ParamsForm extends EventTarget {
       if (!field) continue;
       field.setError("");
       this.values[name] = value;
-      if (!this.pending.has(name) && document.activeElement !== field.control) field.write(value);
+      const editing = field.editing ? field.editing() : document.activeElement === field.control;
+      if (!this.pending.has(name) && !editing) field.write(value);
     }
     this._save();
   }
 
-  /** Field errors [{field, message}] shown next to their controls; the rest are returned. */
+  /** Field errors [{field, path, message}] shown next to their controls (a list's item's error
+   * next to that item's control); the rest are returned. */
   showErrors(errors) {
     const unplaced = [];
-    for (const { field: name, message } of errors) {
+    for (const { field: name, path, message } of errors) {
       const field = this.fields.get(name);
-      if (field) field.setError(message);
+      if (field) field.setError(message, path);
       else unplaced.push(name ? `${name}: ${message}` : message);
     }
     return unplaced;
@@ -115,7 +116,7 @@ export class ParamsForm extends EventTarget {
     for (const [name, field] of this.fields) {
       field.setError("");
       const value = this.defaults[name];
-      field.write(value);
+      field.write(value, { force: true });
       if (!same(value, this.values[name])) this.pending.set(name, value);
     }
     this.flush();

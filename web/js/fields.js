@@ -14,6 +14,20 @@ function element(tag, attributes = {}, children = []) {
   return node;
 }
 
+/** JSON with object keys sorted: the same value whatever order its keys came in. */
+function canonical(value) {
+  return JSON.stringify(value, (_key, item) =>
+    item && typeof item === "object" && !Array.isArray(item)
+      ? Object.fromEntries(Object.keys(item).sort().map((key) => [key, item[key]]))
+      : item,
+  );
+}
+
+/** Whether two param values are equal (as JSON, object keys in any order). */
+export function same(a, b) {
+  return canonical(a) === canonical(b);
+}
+
 function decimals(step) {
   const text = String(step ?? 1);
   return text.includes(".") ? text.split(".")[1].length : 0;
@@ -28,15 +42,21 @@ function numberOrNull(text, integer) {
 
 /** A field: {spec, root, control, read() -> {value} | {error}, write(value), setError(text)}. */
 export function buildField(spec, onEdit) {
-  const id = `param-${spec.name}`;
+  const key = spec.key ?? spec.name;
+  const id = `param-${key}`;
   const builder = BUILDERS[spec.widget] ?? BUILDERS.json;
   const parts = builder(spec, id, onEdit);
-  const error = element("p", { class: "field-error", id: `${id}-error`, "data-testid": `error-${spec.name}` });
+  const error = element("p", { class: "field-error", id: `${id}-error`, "data-testid": `error-${key}` });
   const help = spec.help ? element("p", { class: "field-help", id: `${id}-help`, text: spec.help }) : null;
   parts.control.setAttribute("aria-describedby", [help?.id, error.id].filter(Boolean).join(" "));
-  const label = element("label", { for: parts.control.id, text: spec.label });
+  // In a list's item the help is folded away (app.css): the label shows it on hover.
+  const title = spec.nested && spec.help ? spec.help : undefined;
+  const label = element("label", { for: parts.control.id, text: spec.label, title });
   const head = element("div", { class: "field-head" }, [label, ...(parts.head ?? [])]);
-  const root = element("div", { class: `field field-${spec.widget}`, dataset: { param: spec.name } }, [
+  // A list item's field is named by data-field; data-param marks the panel's own params.
+  const dataset = spec.nested ? { field: spec.name } : { param: spec.name };
+  const classes = ["field", `field-${spec.widget}`, spec.half ? "half" : ""].filter(Boolean).join(" ");
+  const root = element("div", { class: classes, dataset }, [
     head,
     parts.body ?? parts.control,
     ...(help ? [help] : []),

@@ -1,5 +1,39 @@
 // Reading the pipeline's params JSON schema (pydantic's output) into one control spec per field.
 
+/**
+ * The params each ControlNet preprocessor takes, as small JSON schemas (the server's schema
+ * leaves ``preprocessor_params`` an open object and checks it by the chosen preprocessor).
+ * A preprocessor missing here gets a JSON box.
+ */
+const PREPROCESSOR_PARAMS = {
+  canny: {
+    description:
+      "Canny edges of each frame steer the picture: weaker edges below Low go, edges above High stay.",
+    properties: {
+      low_threshold: { type: "number", title: "Low", minimum: 0, maximum: 255, default: 100 },
+      high_threshold: { type: "number", title: "High", minimum: 0, maximum: 255, default: 200 },
+    },
+    hints: { low_threshold: { step: 1, half: true }, high_threshold: { step: 1, half: true } },
+  },
+  depth: {
+    description: "A depth map of each frame (near is bright) steers the picture.",
+    properties: {
+      detect_resolution: {
+        type: "integer",
+        title: "Detect resolution",
+        minimum: 140,
+        maximum: 1036,
+        multipleOf: 14,
+        default: 518,
+      },
+    },
+  },
+  passthrough: {
+    description: "Each frame is the control image as it is (for a stream of ready-made maps).",
+    properties: {},
+  },
+};
+
 /** Presentation hints for params livediff's pipelines are known to take. */
 export const HINTS = {
   prompt: {
@@ -39,6 +73,28 @@ export const HINTS = {
     max: 1,
     step: 0.01,
   },
+  controlnets: {
+    label: "ControlNets",
+    group: "Control",
+    order: 20,
+    itemLabel: "ControlNet",
+    addLabel: "Add ControlNet",
+    items: {
+      model_id: { label: "Model", order: 0, placeholder: "hub id or folder" },
+      preprocessor: { label: "Preprocessor", order: 1 },
+      preprocessor_params: {
+        label: "Preprocessor settings",
+        widget: "variants",
+        by: "preprocessor",
+        order: 2,
+        variants: PREPROCESSOR_PARAMS,
+      },
+      conditioning_scale: { label: "Conditioning scale", order: 3, step: 0.05 },
+      control_guidance_start: { label: "Starts at", order: 4, step: 0.01, half: true },
+      control_guidance_end: { label: "Ends at", order: 5, step: 0.01, half: true },
+      enabled: { label: "Enabled", order: 6, inHead: true, enables: true },
+    },
+  },
   width: { label: "Output width", widget: "number", group: "Output", order: 30 },
   height: { label: "Output height", widget: "number", group: "Output", order: 31 },
   delay_ms: { label: "Simulated model delay (ms)", group: "Output", order: 32, step: 10 },
@@ -46,7 +102,7 @@ export const HINTS = {
   vae: { label: "VAE", group: "Model", order: 41 },
 };
 
-export const GROUP_ORDER = ["Style", "Generation", "Output", "Model", "More"];
+export const GROUP_ORDER = ["Style", "Generation", "Control", "Output", "Model", "More"];
 const SIMPLE_TYPES = new Set(["string", "number", "integer", "boolean", "array"]);
 
 function follow(node, root) {
@@ -86,6 +142,7 @@ function widgetFor(spec) {
   if (spec.type === "boolean") return "toggle";
   if (spec.type === "string") return "text";
   if (spec.type === "array" && ["number", "integer"].includes(spec.items?.type)) return "list";
+  if (spec.type === "array" && spec.items?.type === "object" && spec.items.properties) return "entries";
   if (spec.type === "number" || spec.type === "integer") {
     return Number.isFinite(spec.min) && Number.isFinite(spec.max) ? "slider" : "number";
   }
@@ -111,23 +168,33 @@ function chooseWidget(spec, hinted) {
   if (hinted === "seed" && spec.type === "integer") return "seed";
   if (hinted === "number" && !spec.enum && ["number", "integer"].includes(spec.type)) return "number";
   if (hinted === "textarea" && spec.type === "string" && !spec.enum) return "textarea";
+  if (hinted === "variants" && spec.type === "object" && spec.variants) return "variants";
   return widgetFor(spec);
 }
 
-/** One control spec per editable param, ordered by hint, then schema order. */
-export function fieldSpecs(schema) {
+/**
+ * One control spec per editable param, ordered by hint, then schema order. ``root`` is the schema
+ * that $refs point into (the params schema, for a nested object's fields too); ``hints`` the
+ * presentation table for this level (a list's item fields take their list's ``items`` hints).
+ */
+export function fieldSpecs(schema, { root = schema, hints = HINTS } = {}) {
   const properties = schema?.properties ?? {};
+  const required = new Set(schema?.required ?? []);
   const specs = Object.entries(properties).map(([name, node], index) => {
-    const type = simplest(node, schema);
-    const hint = HINTS[name] ?? {};
+    const type = simplest(node, root);
+    const hint = hints[name] ?? {};
     const spec = {
       name,
+      key: name,
       type: type.type,
       enum: type.enum ?? null,
-      items: type.items ? follow(type.items, schema) : null,
+      items: type.items ? follow(type.items, root) : null,
       nullable: type.nullable,
       union: Boolean(type.union),
+      required: required.has(name),
+      default: type.default,
       maxLength: type.maxLength,
+      maxItems: type.maxItems,
       label: hint.label ?? type.title ?? name,
       help: hint.help ?? type.description ?? "",
       group: hint.group ?? "More",
@@ -137,10 +204,56 @@ export function fieldSpecs(schema) {
       placeholder: hint.placeholder ?? "",
       testid: hint.testid ?? `param-${name}`,
       live: Boolean(hint.live),
+      half: Boolean(hint.half),
+      inHead: Boolean(hint.inHead),
+      enables: Boolean(hint.enables),
     };
     Object.assign(spec, range(type, hint));
+    if (hint.variants) Object.assign(spec, variantSpecs(hint, root));
+    if (spec.type === "array" && spec.items?.type === "object" && spec.items.properties) {
+      spec.item = itemSpec(spec.items, hint, root);
+    }
     spec.widget = chooseWidget(spec, hint.widget);
     return spec;
   });
   return specs.sort((a, b) => a.order - b.order);
+}
+
+/** What a list of objects needs: its item's field specs (with their defaults) and its names. */
+function itemSpec(items, hint, root) {
+  const fields = fieldSpecs(items, { root, hints: hint.items ?? {} });
+  return {
+    fields,
+    label: hint.itemLabel ?? items.title ?? "Item",
+    addLabel: hint.addLabel ?? `Add ${(hint.itemLabel ?? items.title ?? "item").toLowerCase()}`,
+  };
+}
+
+/** An object param whose keys depend on a sibling's value (``hint.by``): specs per value. */
+function variantSpecs(hint, root) {
+  const variants = Object.fromEntries(
+    Object.entries(hint.variants).map(([value, variant]) => [
+      value,
+      { help: variant.description ?? "", fields: fieldSpecs(variant, { root, hints: variant.hints ?? {} }) },
+    ]),
+  );
+  return { by: hint.by, variants };
+}
+
+/** The value a new item starts with for ``spec``: its default, else an empty one of its type. */
+export function startValue(spec) {
+  if (spec.default !== undefined) return structuredClone(spec.default);
+  if (spec.enum) return spec.enum[0];
+  if (spec.type === "boolean") return false;
+  if (spec.type === "string") return spec.nullable ? null : "";
+  if (spec.type === "number" || spec.type === "integer") return spec.min ?? 0;
+  if (spec.type === "array") return [];
+  if (spec.type === "object") return {};
+  return null;
+}
+
+/** ``spec`` for one item of a list: ids and test ids under ``prefix`` (e.g. controlnets-0). */
+export function scoped(spec, prefix) {
+  const key = `${prefix}-${spec.name}`;
+  return { ...spec, key, testid: `param-${key}`, nested: true };
 }
