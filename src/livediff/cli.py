@@ -98,6 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for flag, field, kwargs in MODEL_OPTIONS:
         prepare.add_argument(flag, dest=field, default=None, **with_default(field, kwargs))
+    prepare.add_argument(
+        "--controlnet",
+        dest="controlnets",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="also fetch this ControlNet (hub id; repeat for several) and the depth model",
+    )
+    prepare.add_argument(
+        "--depth-model",
+        dest="depth_model",
+        default=None,
+        help="the depth preprocessor's model to fetch (default "
+        f"{Settings.model_fields['depth_model'].default})",
+    )
     add_bench_parser(commands)
     return parser
 
@@ -155,12 +170,21 @@ def runner(args: argparse.Namespace) -> int:
 
 
 def prepare_models(args: argparse.Namespace) -> int:
-    from livediff.transforms.diffusion.models import download
+    from livediff.transforms.diffusion.models import (
+        download,
+        locate_controlnet,
+        locate_depth_model,
+    )
 
     settings = settings_from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     paths = download(settings.model, settings.vae, settings.model_dir)
     print(f"model: {paths.model}\nvae:   {paths.vae}")
+    for model_id in args.controlnets:
+        print(f"controlnet: {locate_controlnet(model_id, settings.model_dir, download=True)}")
+    if args.controlnets or args.depth_model:
+        depth = args.depth_model or settings.depth_model
+        print(f"depth: {locate_depth_model(depth, settings.model_dir, download=True)}")
     return 0
 
 

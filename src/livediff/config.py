@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     compile_mode: CompileMode = Field(
         "max-autotune", description="torch.compile mode (max-autotune uses CUDA graphs)."
     )
+    depth_model: str = Field(
+        "depth-anything/Depth-Anything-V2-Small-hf",
+        description="Depth model of the 'depth' ControlNet preprocessor (hub id or folder).",
+    )
     prompt_cache_size: int = Field(64, ge=1, description="Prompt embeddings kept per worker.")
     compile_backend: str = Field(
         "inductor",

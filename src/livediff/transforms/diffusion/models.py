@@ -197,3 +197,92 @@ def download(model: str, vae: str, model_dir: str | None = None) -> ModelPaths:
                 exc.role,
             ) from exc
     return locate(choice, download=True)
+
+
+#: What a ControlNet (or another single-model repo) folder holds.
+CONTROLNET_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
+
+
+def locate_repo(
+    name: str,
+    role: str,
+    patterns: list[str],
+    model_dir: str | None,
+    *,
+    download: bool = False,
+    fetch: str = "livediff prepare-models",
+) -> Path:
+    """A single-model folder (a ControlNet, the depth model): the folder itself, or a hub id
+    found in ``model_dir`` (downloaded when ``download`` and the hub may be used). Raises
+    ModelUnavailableError naming the command that fetches it."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        folder = path
+    elif name.startswith((".", "/", "~")) or not REPO_ID.fullmatch(name):
+        raise ModelUnavailableError(f"{role} {name!r} is neither a folder nor a hub id", role)
+    else:
+        folder = _hub_repo(name, role, patterns, model_dir, download=download, fetch=fetch)
+    _check_weights(folder, f"{role} {name!r}", role)
+    return folder
+
+
+def _hub_repo(
+    repo_id: str,
+    role: str,
+    patterns: list[str],
+    model_dir: str | None,
+    *,
+    download: bool,
+    fetch: str,
+) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    local_only = not download or hub_offline()
+    try:
+        folder = snapshot_download(
+            repo_id, cache_dir=model_dir, allow_patterns=patterns, local_files_only=local_only
+        )
+    except (LocalEntryNotFoundError, FileNotFoundError) as exc:
+        reason = " and HF_HUB_OFFLINE is set" if hub_offline() else ""
+        where = model_dir or "the Hugging Face cache"
+        raise ModelUnavailableError(
+            f"{role} {repo_id!r} is not downloaded (looked in {where}){reason};"
+            f" fetch it first with: {fetch}",
+            role,
+        ) from exc
+    except (HfHubHTTPError, OSError) as exc:
+        raise ModelUnavailableError(
+            f"cannot download {role} {repo_id!r}: {exc}; fetch it where the hub is reachable:"
+            f" {fetch}",
+            role,
+        ) from exc
+    return Path(str(folder))
+
+
+def locate_controlnet(model_id: str, model_dir: str | None, *, download: bool = False) -> Path:
+    """A ControlNet's diffusers folder (config.json + weights), as :func:`locate_repo`."""
+    return locate_repo(
+        model_id,
+        "ControlNet",
+        CONTROLNET_PATTERNS,
+        model_dir,
+        download=download,
+        fetch=f"livediff prepare-models --controlnet {model_id}",
+    )
+
+
+#: What the depth model's folder holds.
+DEPTH_PATTERNS = ["config.json", "model.safetensors", "preprocessor_config.json"]
+
+
+def locate_depth_model(name: str, model_dir: str | None, *, download: bool = False) -> Path:
+    """The depth preprocessor's model folder (Depth Anything, transformers layout)."""
+    return locate_repo(
+        name,
+        "depth model",
+        DEPTH_PATTERNS,
+        model_dir,
+        download=download,
+        fetch=f"livediff prepare-models --depth-model {name}",
+    )

@@ -28,13 +28,16 @@ from livediff.transforms.diffusion.bundle import (
     prepare,
     uses_cuda_graphs,
 )
+from livediff.transforms.diffusion.control import ControlNetPool
 from livediff.transforms.diffusion.models import (
     ModelChoice,
     ModelUnavailableError,
     hub_offline,
     locate,
+    locate_controlnet,
 )
 from livediff.transforms.diffusion.params import DiffusionParams
+from livediff.transforms.diffusion.preprocess import Preprocessors
 from livediff.transforms.diffusion.state import SessionCache
 from livediff.transforms.diffusion.stream import StreamBatch
 
@@ -133,14 +136,25 @@ class DiffusionTransform(Transform):
         compile_mode = (
             self._compile.mode if self._compile and self._compile.backend == "inductor" else None
         )
+        cuda_graphs = uses_cuda_graphs(self._device, compile_mode)
+        buckets = self.settings.batch_buckets if self._compile is not None else None
         stream = StreamBatch(
             bundle,
             self._device,
             self._dtype,
             prompt_cache_size=self.settings.prompt_cache_size,
             max_skip=self.settings.similarity_max_skip,
-            cuda_graphs=uses_cuda_graphs(self._device, compile_mode),
-            buckets=self.settings.batch_buckets if self._compile is not None else None,
+            cuda_graphs=cuda_graphs,
+            buckets=buckets,
+            controlnets=ControlNetPool(
+                bundle.unet.config,
+                self._device,
+                self._dtype,
+                self._locate_controlnet,
+                buckets=buckets,
+                static_buffers=cuda_graphs,
+            ),
+            preprocess=Preprocessors(self._device, self._dtype, self.settings),
         )
         stream.generation = generation
         if self._compile is not None:  # every bucket compiles now, never while serving
@@ -155,11 +169,26 @@ class DiffusionTransform(Transform):
         benchmark builds random-weight ones from published configs instead."""
         return load_bundle(locate(choice, download=True), choice, self._dtype)
 
+    def _locate_controlnet(self, model_id: str, download: bool) -> Path:
+        return locate_controlnet(model_id, self.settings.model_dir, download=download)
+
+    def validate_params(self, params: TransformParams) -> None:
+        """Refuse ControlNets that cannot serve the loaded model (422 on their model_id)."""
+        if isinstance(params, DiffusionParams) and params.controlnets:
+            pool = self._stream().controlnets
+            if pool is not None:
+                pool.check(params.controlnets)
+
     def synchronize(self) -> None:
         if self._device.type == "cuda":
             torch.cuda.current_stream(self._device).synchronize()
 
     def _drop_stream(self) -> None:
+        if self.stream is not None:
+            if self.stream.controlnets is not None:
+                self.stream.controlnets.close()
+            if isinstance(self.stream.preprocess, Preprocessors):
+                self.stream.preprocess.close()
         self.stream = None
         gc.collect()
         if self._device.type == "cuda":
