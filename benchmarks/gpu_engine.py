@@ -13,7 +13,10 @@ they pick a bucket and never recompile):
 - 1, 2 and 4 steps, one session: ms per frame (worker batch time), fps, and the stages inside
   the batch (upload + colour conversion, VAE encode, UNet, VAE decode) from CUDA events;
 - 1, 2, 4 and 8 sessions at 1 step: aggregate fps and each session's fps;
-- diffusers' ``AutoPipelineForImage2Image`` on the same components, same size and steps.
+- diffusers' ``AutoPipelineForImage2Image`` on the same components, same size and steps;
+- the cost of ControlNet per frame (``--controlnets``: none, canny, depth, canny+depth) at one
+  step, with random ControlNets of the base UNet's size (``ControlNetModel.from_unet``) and a
+  random Depth Anything V2 Small-sized depth model.
 
     python benchmarks/gpu_engine.py --compile-backend eager        # CPU dry run: tiny, 64 px
     python benchmarks/gpu_engine.py --preset sd-turbo --size 512   # the GPU run (device/run.sh)
@@ -30,6 +33,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -97,8 +101,62 @@ def camera(size: int, count: int = 4) -> list[av.VideoFrame]:
     return frames
 
 
+RANDOM_CONTROLNETS = ["random-canny", "random-depth"]
+
+
+def control_params(setting: str) -> dict[str, Any]:
+    """Params for a ControlNet setting: 'none', 'canny', 'depth' or 'canny+depth'."""
+    kinds = [] if setting == "none" else setting.split("+")
+    entries = [{"model_id": f"random-{kind}", "preprocessor": kind} for kind in kinds]
+    return {"t_index_list": STEP_INDICES[1], "controlnets": entries}
+
+
+def add_random_controlnets(engine: Engine) -> None:
+    """Worker thread: random ControlNets of the base UNet's architecture, one per preprocessor
+    (weights do not change the time; the zero convolutions are randomised all the same)."""
+    from diffusers import ControlNetModel
+
+    stream = engine.transform.stream  # type: ignore[attr-defined]
+    for kind in ("canny", "depth"):
+        controlnet = ControlNetModel.from_unet(stream.bundle.unet)
+        for name, parameter in controlnet.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
+                torch.nn.init.normal_(parameter, std=0.02)
+        controlnet.to(stream.device, stream.dtype).eval().requires_grad_(False)
+        stream.controlnets.add(f"random-{kind}", controlnet)
+
+
+def write_depth_model(folder: Path, preset: str) -> str:
+    """A random Depth Anything (V2 Small's shape for sd-turbo, a tiny one otherwise)."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+
+    small = preset == "sd-turbo"
+    backbone = Dinov2Config(
+        hidden_size=384 if small else 32,
+        num_hidden_layers=12 if small else 2,
+        num_attention_heads=6 if small else 2,
+        intermediate_size=1536 if small else 64,
+        patch_size=14,
+        image_size=518,
+        out_features=["stage3", "stage6", "stage9", "stage12"] if small else ["stage1", "stage2"],
+        reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=384 if small else 32,
+        neck_hidden_sizes=[48, 96, 192, 384] if small else [16, 32],
+        reassemble_factors=[4, 2, 1, 0.5] if small else [4, 2],
+        fusion_hidden_size=64 if small else 16,
+        head_hidden_size=32 if small else 8,
+    )
+    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
+    return str(folder)
+
+
 def engine_settings(args: argparse.Namespace, compiled: bool) -> Settings:
     return Settings(
+        depth_model=args.depth_model,
+        allow_models=[f"random:{args.preset}", f"random:{args.preset}-taesd", *RANDOM_CONTROLNETS],
         pipeline="diffusion",
         device=args.device,
         model=f"random:{args.preset}",
@@ -189,11 +247,17 @@ async def engine_runs(
     loading = time.perf_counter()
     await engine.start()
     load_s = time.perf_counter() - loading
+    if not compiled and args.controlnets:
+        await engine.on_worker(lambda: add_random_controlnets(engine))
     frames = camera(args.size)
     results = []
     for steps in args.steps:
         row = await measure(engine, {"t_index_list": STEP_INDICES[steps]}, 1, frames, args.frames)
         results.append({**row, "compiled": compiled, "load_s": round(load_s, 1)})
+        print(json.dumps(results[-1]), flush=True)
+    for setting in args.controlnets if not compiled else []:
+        row = await measure(engine, control_params(setting), 1, frames, args.frames)
+        results.append({**row, "compiled": compiled, "controlnets": setting})
         print(json.dumps(results[-1]), flush=True)
     for sessions in args.sessions:
         if sessions == 1:
@@ -253,7 +317,7 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
-STAGES = ("upload", "encode", "unet", "decode")
+STAGES = ("upload", "encode", "controlnet", "unet", "decode")
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -265,13 +329,15 @@ def print_table(report: dict[str, Any]) -> None:
     for row in report["livediff"]:
         stages = ", ".join(f"{row['stages_ms'].get(stage, 0):.2f}" for stage in STAGES)
         kind = "compiled" if row["compiled"] else "eager"
+        if "controlnets" in row:
+            kind = f"cn:{row['controlnets']}"
         print(
-            f"{kind:<9} {row['steps']:>5} {row['sessions']:>8} {row['ms_per_frame']:>9.2f}"
+            f"{kind:<15} {row['steps']:>5} {row['sessions']:>8} {row['ms_per_frame']:>9.2f}"
             f" {row['fps_total']:>8.1f} {row['fps_per_session']:>9.1f}  {stages}"
         )
     for row in report["diffusers"]:
         timing = f"{row['ms_per_frame']:>9.2f} {row['fps']:>8.1f}"
-        print(f"{'diffusers':<9} {row['steps']:>5} {1:>8} {timing}")
+        print(f"{'diffusers':<15} {row['steps']:>5} {1:>8} {timing}")
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -304,11 +370,20 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--buckets", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--frames", type=int, default=40)
     parser.add_argument("--no-diffusers", action="store_true")
+    parser.add_argument(
+        "--controlnets",
+        nargs="*",
+        default=["none", "canny", "depth", "canny+depth"],
+        choices=["none", "canny", "depth", "canny+depth"],
+        help="ControlNet settings measured at 1 step on the eager engine (none to skip all)",
+    )
     return parser.parse_args()
 
 
 if __name__ == "__main__":
     arguments = parse()
+    scratch = Path(tempfile.mkdtemp(prefix="livediff-bench-"))
+    arguments.depth_model = write_depth_model(scratch / "depth", arguments.preset)
     result = asyncio.run(main(arguments))
     print_table(result)
     label = result["machine"].get("gpu", "cpu").lower().replace(" ", "-")
