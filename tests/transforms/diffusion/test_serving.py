@@ -17,7 +17,7 @@ from tests.transforms.diffusion.conftest import SIZE, tiny_options
 async def test_a_webrtc_session_is_restyled_live_and_takes_params_without_reloading(
     serve: Callable[..., LiveServer], tiny_model: ModelFolders
 ) -> None:
-    server = serve(**tiny_options(tiny_model, SIZE))
+    server = serve(**tiny_options(tiny_model, SIZE), allow_models=["./no/such/model"])
     transform = server.service.engine.transform
     assert isinstance(transform, DiffusionTransform)
     engine = transform._stream()
