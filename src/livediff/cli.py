@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from livediff import __version__
 from livediff.config import Settings
+from livediff.logs import configure_logging
 
 
 def choices_of(field: str) -> list[str]:
@@ -74,13 +75,44 @@ SERVE_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ),
     ("--web-dir", "web_dir", {"help": "serve the demo page from this folder"}),
     ("--log-level", "log_level", {"choices": choices_of("log_level")}),
+    ("--log-format", "log_format", {"choices": choices_of("log_format")}),
+    (
+        "--debug-endpoints",
+        "debug_endpoints",
+        {"action": "store_true", "help": "serve GET /v1/debug/stats (memory, threads, tasks)"},
+    ),
+    (
+        "--allow-model",
+        "allow_models",
+        {
+            "action": "append",
+            "metavar": "MODEL",
+            "help": "a model id params may name besides --model and --vae (repeatable)",
+        },
+    ),
+    (
+        "--max-input-pixels",
+        "max_input_pixels",
+        {"type": int, "help": "larger input frames are scaled down before the transform"},
+    ),
+    ("--max-viewers", "max_viewers", {"type": int, "help": "WHEP viewers per session"}),
+    (
+        "--session-rate",
+        "session_rate_per_min",
+        {"type": float, "help": "sessions and viewers one client IP may open a minute (0: any)"},
+    ),
+    (
+        "--session-burst",
+        "session_burst",
+        {"type": int, "help": "sessions and viewers one client IP may open at once"},
+    ),
 ]
 
 
 def with_default(field: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` whose help ends with the Settings default (the environment may override it)."""
-    default = Settings.model_fields[field].default
-    if default in (None, False, "") or "help" not in kwargs:
+    default = Settings.model_fields[field].get_default(call_default_factory=True)
+    if default in (None, False, "", []) or "help" not in kwargs:
         return kwargs
     return {**kwargs, "help": f"{kwargs['help']} (default {default})"}
 
@@ -133,12 +165,23 @@ def serve(args: argparse.Namespace) -> int:
     from livediff.server.app import create_app
 
     settings = settings_from_args(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    app = create_app(settings)  # a bad pipeline fails here, before logging is taken over
+    configure_logging(settings.log_level, settings.log_format)
+    run_uvicorn(uvicorn, app, settings)
     return 0
+
+
+def run_uvicorn(uvicorn: Any, app: Any, settings: Settings) -> None:
+    """Serve ``app`` until SIGTERM or SIGINT; then open requests get ``shutdown_timeout_s`` and
+    the app's lifespan closes every session. uvicorn logs through livediff's handler."""
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+    )
 
 
 # -- livediff runner: the native runner contract (livediff.orchestrator) ------------------------
@@ -160,12 +203,10 @@ def runner(args: argparse.Namespace) -> int:
     from livediff.orchestrator.app import create_runner_app
 
     settings = settings_from_args(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per trickle request
     app = create_runner_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per trickle request
+    run_uvicorn(uvicorn, app, settings)
     return 0
 
 

@@ -18,6 +18,7 @@ VideoCodecName = Literal["vp8", "h264"]
 DiffusionDtype = Literal["auto", "float16", "bfloat16", "float32"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
 
 #: The diffusion model and VAE a fresh install serves (the one place these names are written).
 DEFAULT_MODEL = "stabilityai/sd-turbo"
@@ -50,6 +51,60 @@ class Settings(BaseSettings):
     ice_credential: SecretStr | None = None
     web_dir: str | None = Field(None, description="Folder of the demo page; default: bundled.")
     log_level: LogLevel = "info"
+    log_format: LogFormat = Field(
+        "text",
+        description="text, or json: one JSON object a line (ts, level, logger, msg, session_id).",
+    )
+    debug_endpoints: bool = Field(
+        False, description="Serve GET /v1/debug/stats (memory, threads, fds, tasks, sessions)."
+    )
+    shutdown_timeout_s: float = Field(
+        5.0, gt=0, le=600, description="On SIGTERM, open HTTP requests get this long to finish."
+    )
+
+    # -- limits (reliability and security) ---------------------------------------------------
+    max_input_pixels: int = Field(
+        1920 * 1080,
+        ge=64 * 64,
+        description="Input frames with more pixels are scaled down (aspect kept) on the worker"
+        " thread before the transform.",
+    )
+    max_sdp_bytes: int = Field(
+        64 * 1024, ge=1024, le=1 << 20, description="Larger SDP offers get 400."
+    )
+    max_sdp_media: int = Field(
+        3, ge=1, le=64, description="Offers with more m-lines get 400 (before they are parsed)."
+    )
+    session_rate_per_min: float = Field(
+        60.0,
+        ge=0,
+        description="Sessions and WHEP viewers one client IP may open per minute (token bucket"
+        " refill; 0 = no limit); more get 429 with Retry-After.",
+    )
+    session_burst: int = Field(
+        10, ge=1, description="Sessions and viewers one client IP may open at once (bucket size)."
+    )
+    max_viewers: int = Field(
+        8, ge=0, le=1000, description="WHEP viewers per session; more get 503 with Retry-After."
+    )
+    allow_models: list[str] = Field(
+        default_factory=list,
+        description="Model ids (hub ids or folders) params may name besides the configured"
+        " model and vae; any other gets 422.",
+    )
+    ended_session_ttl_s: float = Field(
+        60.0,
+        ge=0,
+        description="How long GET /v1/sessions/{id} still answers (state closed, end_reason)"
+        " for a session the server ended.",
+    )
+    worker_restarts: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="Restarts of a failed worker (out of memory, died) allowed in 10 minutes;"
+        " beyond them its sessions end and /health stays ERROR.",
+    )
 
     # -- engine ----------------------------------------------------------------------------
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
+from typing import ClassVar, Literal
 
+from pydantic import Field
 from pydantic_core import ValidationError
 
 from livediff.frames import Image
@@ -52,6 +55,10 @@ class ModelSwitchTransform(Transform):
     name = "model-switch"
     params_model = ModelParams
 
+    @classmethod
+    def model_ids(cls, params: TransformParams) -> dict[tuple[str | int, ...], str]:
+        return {("model",): str(getattr(params, "model", ""))}
+
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.loaded = "a"
@@ -82,3 +89,99 @@ class ModelSwitchTransform(Transform):
 
     def process(self, jobs: Sequence[Job]) -> list[Image | None]:
         return [job.frame.image for job in jobs]
+
+
+Fault = Literal["raise", "sleep", "oom", "cuda_oom", "die"]
+
+
+class WorkerKilled(BaseException):
+    """Not an Exception: it escapes the per-frame isolation and ends the worker thread."""
+
+
+class FaultyParams(TransformParams):
+    leak_mb: float = Field(
+        0.0, ge=0, le=4096, description="Fake memory each frame takes and keeps (of budget_mb)."
+    )
+
+
+class FaultyTransform(Transform):
+    """Passes frames through, and misbehaves on command.
+
+    Test servers run in the test's process, so commands are class attributes: ``arm(fault,
+    frames)`` makes the next ``frames`` calls of process() raise (``raise``), sleep
+    ``sleep_s`` (``sleep``), exhaust the fake memory budget (``oom``: MemoryError), raise
+    torch's CUDA OutOfMemoryError (``cuda_oom``) or kill the worker thread (``die``). From any
+    client, params ``leak_mb`` spends the fake budget frame by frame. Every load after the
+    first (a restart) waits for ``reload_gate`` and raises when ``fail_reloads`` is set.
+    ``reset()`` puts the commands back.
+    """
+
+    name = "faulty"
+    params_model = FaultyParams
+    budget_mb: ClassVar[float] = 100.0
+    sleep_s: ClassVar[float] = 0.5
+    fail_reloads: ClassVar[bool] = False
+    reload_gate: ClassVar[threading.Event] = threading.Event()
+    _armed: ClassVar[list[Fault]] = []
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.used_mb = 0.0
+        self.loads = 0
+        self.closes = 0
+
+    @classmethod
+    def arm(cls, fault: Fault, frames: int = 1) -> None:
+        with cls._lock:
+            cls._armed.extend([fault] * frames)
+
+    @classmethod
+    def reset(cls) -> None:
+        with cls._lock:
+            cls._armed.clear()
+        cls.fail_reloads = False
+        cls.reload_gate.set()
+
+    @classmethod
+    def _next_fault(cls) -> Fault | None:
+        with cls._lock:
+            return cls._armed.pop(0) if cls._armed else None
+
+    def load(self) -> None:
+        self.loads += 1
+        if self.loads == 1:
+            return
+        if not self.reload_gate.wait(30):
+            raise TimeoutError("the test never opened the reload gate")
+        if self.fail_reloads:
+            raise OSError("the weights are gone (injected)")
+
+    def close(self) -> None:
+        self.closes += 1
+        self.used_mb = 0.0
+
+    def process(self, jobs: Sequence[Job]) -> list[Image | None]:
+        self._misbehave(self._next_fault())
+        for job in jobs:
+            self._spend(float(getattr(job.params, "leak_mb", 0.0)))
+        return [resize(job.frame.image, job.params.width, job.params.height) for job in jobs]
+
+    def _misbehave(self, fault: Fault | None) -> None:
+        if fault == "raise":
+            raise RuntimeError("injected failure")
+        if fault == "sleep":
+            time.sleep(self.sleep_s)
+        if fault == "oom":
+            self._spend(self.budget_mb + 1)
+        if fault == "cuda_oom":
+            import torch
+
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        if fault == "die":
+            raise WorkerKilled
+
+    def _spend(self, megabytes: float) -> None:
+        self.used_mb += megabytes
+        if self.used_mb > self.budget_mb:
+            raise MemoryError(f"the fake memory budget of {self.budget_mb:g} MB is exhausted")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ class Publisher:
     response: httpx.Response
     audio_frames: list[Any] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: What came on the params data channel (with ``channel=True``), parsed.
+    messages: list[dict[str, Any]] = field(default_factory=list)
 
 
 async def count_audio(track: MediaStreamTrack, into: list[Any]) -> None:
@@ -50,13 +53,20 @@ async def publish(
     size: int = 256,
     audio: bool = False,
     headers: dict[str, str] | None = None,
+    source: NumberedVideoTrack | None = None,
+    channel: bool = False,
 ) -> AsyncIterator[Publisher]:
-    """Open a /v1/sessions session and stream numbered frames until the block ends."""
+    """Open a /v1/sessions session and stream numbered frames (from ``source``, default a
+    ``size`` square camera) until the block ends; with ``channel``, a params data channel."""
     pc = client_peer()
-    source = NumberedVideoTrack(size, size)
+    source = source or NumberedVideoTrack(size, size)
     recorder = FrameRecorder()
     audio_frames: list[Any] = []
     tasks: list[asyncio.Task[None]] = []
+    messages: list[dict[str, Any]] = []
+    if channel:
+        params_channel = pc.createDataChannel("params")
+        params_channel.on("message", lambda message: messages.append(json.loads(message)))
 
     @pc.on("track")
     def on_track(track: MediaStreamTrack) -> None:
@@ -79,7 +89,9 @@ async def publish(
         assert response.status_code == 201, response.text
         body = response.json()
         await accept_answer(pc, body["sdp"])
-        yield Publisher(pc, source, recorder, body["session_id"], response, audio_frames, tasks)
+        yield Publisher(
+            pc, source, recorder, body["session_id"], response, audio_frames, tasks, messages
+        )
     finally:
         await pc.close()
         for task in tasks:

@@ -114,3 +114,32 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_the_reliability_options_reach_the_settings() -> None:
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--allow-model",
+            "org/one",
+            "--allow-model",
+            "/models/two",
+            "--log-format",
+            "json",
+            "--debug-endpoints",
+            "--max-input-pixels",
+            "921600",
+            "--max-viewers",
+            "2",
+            "--session-rate",
+            "12.5",
+            "--session-burst",
+            "3",
+        ]
+    )
+    settings = settings_from_args(args)
+    assert settings.allow_models == ["org/one", "/models/two"]
+    assert settings.log_format == "json" and settings.debug_endpoints
+    assert (settings.max_input_pixels, settings.max_viewers) == (921_600, 2)
+    assert (settings.session_rate_per_min, settings.session_burst) == (12.5, 3)
+    assert settings_from_args(build_parser().parse_args(["serve"])).allow_models == []

@@ -11,6 +11,8 @@ from tests.server.faulty import ModelSwitchTransform
 from tests.server.streaming import publish, sample_offer
 
 PIPELINE = "tests.server.faulty:ModelSwitchTransform"
+#: The models these tests switch to (the transform's default, "a", is allowed by itself).
+ALLOWED = ["b", "c", "missing"]
 SMALL = {"width": 128, "height": 128}
 
 
@@ -21,7 +23,7 @@ def transform_of(server: LiveServer) -> ModelSwitchTransform:
 
 
 async def test_a_session_alone_may_change_the_model(serve: Callable[..., LiveServer]) -> None:
-    server = serve(pipeline=PIPELINE)
+    server = serve(pipeline=PIPELINE, allow_models=ALLOWED)
     async with (
         publish(server.url, params=SMALL) as client,
         httpx.AsyncClient(base_url=server.url) as http,
@@ -37,7 +39,7 @@ async def test_a_session_alone_may_change_the_model(serve: Callable[..., LiveSer
 async def test_a_shared_model_is_not_changed_under_other_sessions(
     serve: Callable[..., LiveServer],
 ) -> None:
-    server = serve(pipeline=PIPELINE)
+    server = serve(pipeline=PIPELINE, allow_models=ALLOWED)
     new_offer = await sample_offer()
     async with (
         publish(server.url, params=SMALL) as first,
@@ -55,7 +57,7 @@ async def test_a_shared_model_is_not_changed_under_other_sessions(
 async def test_a_new_session_naming_a_missing_model_gets_422_and_leaves_nothing(
     serve: Callable[..., LiveServer],
 ) -> None:
-    server = serve(pipeline=PIPELINE)
+    server = serve(pipeline=PIPELINE, allow_models=ALLOWED)
     async with httpx.AsyncClient(base_url=server.url) as http:
         refused = await http.post(
             "/v1/sessions", json={"sdp": await sample_offer(), "params": {"model": "missing"}}

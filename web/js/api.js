@@ -86,13 +86,20 @@ export function saveToken(token) {
   sessionToken = token;
 }
 
-/** Moves ?token= from the address bar into storage, so that it is not shared by accident. */
+/**
+ * Moves a token given in the address (`/#token=...`, or `?token=...`) into storage and out of
+ * the address bar, so that it is not shared by accident. Prefer the fragment: browsers never
+ * send it, so it stays out of server and proxy logs. When both are given, the fragment wins.
+ */
 export function takeTokenFromUrl() {
   const url = new URL(location.href);
-  const token = url.searchParams.get("token");
+  const fragment = new URLSearchParams(url.hash.slice(1));
+  const token = fragment.get("token") ?? url.searchParams.get("token");
   if (token === null) return;
   saveToken(token);
   url.searchParams.delete("token");
+  fragment.delete("token");
+  url.hash = fragment.toString();
   history.replaceState(null, "", url);
 }
 

@@ -27,7 +27,8 @@ export function waitForIceGathering(pc, timeoutMs = GATHER_TIMEOUT_MS) {
 /**
  * One publishing session. Events: "track" (detail: MediaStream of the output),
  * "connected", "params" (detail: the params the server applied),
- * "params-error" (detail: {status, detail}), "lost" (detail: reason).
+ * "params-error" (detail: {status, detail}), "lost" (detail: reason; when the server ended the
+ * session it says why on the params channel first: {"type": "ended", "reason": ...}).
  */
 export class PublishSession extends EventTarget {
   constructor(api, { stream, iceServers = [] }) {
@@ -110,6 +111,8 @@ export class PublishSession extends EventTarget {
           detail: { status: message.status, detail: message.detail },
         }),
       );
+    } else if (message.type === "ended") {
+      this._lose(`the server ended the session: ${message.reason}`);
     }
   }
 

@@ -16,18 +16,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar
 
 import av
 import numpy as np
+from pydantic import ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from livediff.config import Settings
 from livediff.engine.errors import EngineUnavailableError, ModelInUseError, UnknownSessionError
 from livediff.engine.session import Adapter, Session, unchanged
 from livediff.engine.stats import Metrics, SessionStats
 from livediff.engine.tasks import TaskSet
-from livediff.engine.worker import Worker, WorkerState
+from livediff.engine.worker import Worker, WorkerFaultError, WorkerState
 from livediff.frames import Frame, Image, RgbArray
 from livediff.transforms import Job, Transform, TransformParams, resolve_transform
 
@@ -36,6 +40,8 @@ logger = logging.getLogger(__name__)
 R = TypeVar("R")
 Health = Literal["LOADING", "IDLE", "OK", "ERROR"]
 WarmupImage = Callable[[int, int, str], Image]
+#: The span over which ``worker_restarts`` restarts of a failed worker are allowed.
+RESTART_WINDOW_S = 600.0
 
 
 class Engine:
@@ -54,33 +60,56 @@ class Engine:
         self._warmup_image = warmup_image or warmup_video_frame
         self.metrics = Metrics()
         self.transform = transform or resolve_transform(settings.pipeline)(settings)
-        self.worker = Worker(
-            self.transform,
-            self.metrics,
-            max_batch=settings.max_batch,
-            pinned_buffers=settings.pinned_buffers,
-            after_load=self._after_load,
-        )
+        self.worker = self._build_worker()
         self.sessions: dict[str, Session] = {}
         self.tasks = TaskSet("engine")
         #: What a new session's params start from: the configured defaults, then (once loaded)
         #: what the transform has loaded. Refreshed on the worker thread after every (re)load.
         self.defaults: dict[str, Any] = type(self.transform).default_params(settings)
+        #: Model ids params may name: the configured ones, the transform's defaults and
+        #: ``allow_models``; nothing else reaches the transform's loader.
+        self.allowed_models = self._models_allowed()
         self._reserved = 0  # sessions being opened (counted against the limit and the model)
         #: The params the loaded model was loaded (or last reloaded) for; worker thread only.
         self._loaded_for: TransformParams | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: What killed the worker, until a new one serves again (health is ERROR meanwhile).
+        self.fault: WorkerFaultError | None = None
+        self._recovery = ""  # what is done about the fault, for refusals: a sentence's end
+        self._restarts: deque[float] = deque()
+        self._stopping = False
+
+    def _build_worker(self) -> Worker:
+        """The one place a Worker is made: at start, and again after a worker failed."""
+        return Worker(
+            self.transform,
+            self.metrics,
+            max_batch=self.settings.max_batch,
+            pinned_buffers=self.settings.pinned_buffers,
+            after_load=self._after_load,
+            on_fault=self._worker_failed,
+        )
+
+    def _models_allowed(self) -> frozenset[str]:
+        configured = {self.settings.model, self.settings.vae, *self.settings.allow_models}
+        defaults = self.transform.params_model.model_construct(**self.defaults)
+        return frozenset(configured | set(type(self.transform).model_ids(defaults).values()))
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         """Load and warm up the transform on the worker thread (health is LOADING until then)."""
+        self._loop = asyncio.get_running_loop()
         await asyncio.wrap_future(self.worker.start())
 
     def start_in_background(self) -> None:
-        """Start loading without waiting (the service answers LOADING meanwhile)."""
+        """Start loading without waiting (the service answers LOADING meanwhile); called on the
+        event loop, which then restarts a worker that fails."""
+        self._loop = asyncio.get_running_loop()
         self.worker.start()
 
     async def stop(self) -> None:
         """End every session, wait for background work, then stop the worker thread."""
+        self._stopping = True
         await asyncio.gather(
             *(self.close_session(sid, "the engine is stopping") for sid in list(self.sessions))
         )
@@ -119,12 +148,92 @@ class Engine:
         )
 
     async def on_worker(self, fn: Callable[[], R]) -> R:
-        """Run ``fn`` on the worker thread between batches."""
-        return await asyncio.wrap_future(self.worker.call(fn))
+        """Run ``fn`` on the worker thread between batches (EngineUnavailableError while there
+        is no worker: it failed and a new one is not started yet)."""
+        if self.fault is not None and not self.worker.alive:
+            raise self._unavailable()
+        try:
+            return await asyncio.wrap_future(self.worker.call(fn))
+        except WorkerFaultError as exc:
+            raise self._unavailable() from exc
+
+    # -- faults: a worker that dies is rebuilt ------------------------------------------------
+    def _worker_failed(self, fault: WorkerFaultError) -> None:
+        """Worker thread, as it ends on ``fault``: count it; the event loop restarts it."""
+        self._recovery = "is restarting; try again shortly"
+        self.fault = fault
+        self.metrics.errors.labels(fault.kind).inc()
+        loop = self._loop
+        if loop is None or self._stopping:
+            return
+        try:
+            loop.call_soon_threadsafe(self._recover_later, fault)
+        except RuntimeError:  # the loop has closed: nobody is left to serve
+            logger.warning("the worker failed after the event loop closed: %r", fault.cause)
+
+    def _recover_later(self, fault: WorkerFaultError) -> None:
+        self.tasks.spawn(self._recover(fault))
+
+    async def _recover(self, fault: WorkerFaultError) -> None:
+        """A new worker on the same transform (closed by the old one, loaded again by the new
+        one); the open sessions are attached to it, or ended with the reason it did not work."""
+        if self._stopping:
+            return
+        if not self._may_restart():
+            self._end_sessions(
+                f"the worker failed ({fault.cause!r}) more than {self.settings.worker_restarts}"
+                f" times in {RESTART_WINDOW_S:g} s; it is not restarted again"
+            )
+            return
+        self.metrics.worker_restarts.inc()
+        logger.warning("restarting the worker after %r", fault.cause)
+        self.worker = self._build_worker()
+        try:
+            await asyncio.wrap_future(self.worker.start())
+        except Exception as exc:
+            self.metrics.errors.labels("worker_restart_failed").inc()
+            self._end_sessions(
+                f"the worker failed ({fault.cause!r}) and could not restart: {exc!r}"
+            )
+            return
+        sessions = list(self.sessions.values())
+        await asyncio.wrap_future(self.worker.call(lambda: self._reattach(sessions)))
+        self.fault = None
+        logger.info("the worker serves again (%d session(s) re-attached)", len(sessions))
+
+    def _may_restart(self) -> bool:
+        moment = time.monotonic()
+        while self._restarts and moment - self._restarts[0] > RESTART_WINDOW_S:
+            self._restarts.popleft()
+        if len(self._restarts) >= self.settings.worker_restarts:
+            return False
+        self._restarts.append(moment)
+        return True
+
+    def _reattach(self, sessions: list[Session]) -> None:
+        """Worker thread: serve the sessions that are still open (their state made anew), but
+        not one that an open already attached to this worker."""
+        attached = self.worker.attached
+        for session in sessions:
+            if session.end_reason is None and session not in attached:
+                self.worker.attach_here(session)
+
+    def _end_sessions(self, reason: str) -> None:
+        self._recovery = "could not be restarted (see /health and the log)"
+        logger.error("%s; ending %d session(s)", reason, len(self.sessions))
+        for session in list(self.sessions.values()):
+            session.end(reason)
+
+    def _unavailable(self) -> EngineUnavailableError:
+        cause = f" ({self.fault.cause!r})" if self.fault is not None else ""
+        message = f"the worker failed{cause} and {self._recovery or 'is not running'}"
+        return EngineUnavailableError(message, reason="worker_error")
 
     # -- status ------------------------------------------------------------------------------
     def health(self) -> Health:
         """LOADING until warm, ERROR if the worker failed, else OK with sessions, IDLE without."""
+        if self.fault is not None:
+            return "ERROR"
         state = self.worker.state
         if state in (WorkerState.NEW, WorkerState.LOADING):
             return "LOADING"
@@ -136,14 +245,19 @@ class Engine:
         """Raise :class:`EngineUnavailableError` (with the reason) unless a session may open."""
         status = self.health()
         if status == "LOADING":
-            raise EngineUnavailableError("the model is still loading; try again shortly")
+            raise EngineUnavailableError(
+                "the model is still loading; try again shortly", reason="loading"
+            )
+        if self.fault is not None:
+            raise self._unavailable()
         if status == "ERROR":
             raise EngineUnavailableError(
-                f"the transform failed to load: {self.worker.load_error!r}"
+                f"the transform failed to load: {self.worker.load_error!r}", reason="worker_error"
             )
         if len(self.sessions) + self._reserved >= self.settings.max_sessions:
             raise EngineUnavailableError(
-                f"all {self.settings.max_sessions} session slots are in use; try again later"
+                f"all {self.settings.max_sessions} session slots are in use; try again later",
+                reason="sessions_full",
             )
 
     # -- params ------------------------------------------------------------------------------
@@ -151,9 +265,30 @@ class Engine:
         self, values: Mapping[str, Any], base: TransformParams | None = None
     ) -> TransformParams:
         """``values`` over ``base`` (or over the defaults), validated by the transform's params
-        model (raises pydantic.ValidationError naming the bad field)."""
+        model, whose model ids must be on the allow-list (raises pydantic.ValidationError naming
+        the bad field)."""
         start = base.model_dump() if base is not None else self.defaults
-        return self.transform.params_model.model_validate({**start, **values})
+        params = self.transform.params_model.model_validate({**start, **values})
+        refusals = self._models_refused(params)
+        if refusals:
+            raise ValidationError.from_exception_data(type(params).__name__, refusals)
+        return params
+
+    def _models_refused(self, params: TransformParams) -> list[InitErrorDetails]:
+        return [
+            {
+                "type": PydanticCustomError(
+                    "model_not_allowed",
+                    "{value} is not an allowed model on this server; start it with"
+                    " --allow-model {value} (or add it to LIVEDIFF_ALLOW_MODELS) to allow it",
+                    {"value": value},
+                ),
+                "loc": loc,
+                "input": value,
+            }
+            for loc, value in type(self.transform).model_ids(params).items()
+            if value not in self.allowed_models
+        ]
 
     async def requires_reload(self, old: TransformParams, new: TransformParams) -> bool:
         """Whether moving from ``old`` to ``new`` reloads the model (asked on the worker)."""
@@ -235,8 +370,9 @@ class Engine:
             params,
             SessionStats(self.metrics, self.settings.stats_window_s),
             error_limit=self.settings.transform_error_limit,
-            on_input=self.worker.notify,
+            on_input=self._notify_worker,
             adapt_output=adapt_output,
+            max_input_pixels=self.settings.max_input_pixels,
         )
         others = self._others(None)
         self._reserved += 1
@@ -249,6 +385,10 @@ class Engine:
         self.metrics.sessions_active.set(len(self.sessions))
         self.metrics.sessions_total.inc()
         return session
+
+    def _notify_worker(self) -> None:
+        """A session's frame is waiting: wake whichever worker serves now."""
+        self.worker.notify()
 
     def _attach(self, session: Session, others: int) -> None:
         """Worker thread: load the session's model if it asks for another, then serve it."""

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 
 class EngineUnavailableError(Exception):
-    """No session can be opened now: the model is loading or failed, or every slot is taken."""
+    """No session can be opened now: the model is loading or failed, or every slot is taken.
+
+    ``reason`` is a short name of the cause (``loading``, ``sessions_full``, ``worker_error``)
+    that metrics count refusals by.
+    """
+
+    def __init__(self, message: str, reason: str = "unavailable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class UnknownSessionError(LookupError):

@@ -16,7 +16,7 @@ from typing import Any
 from livediff.engine.slot import AsyncSlot, Slot
 from livediff.engine.stats import SessionStats
 from livediff.frames import Frame, Image, now
-from livediff.pixels import mark_ready, resize
+from livediff.pixels import fit_within, mark_ready, resize
 from livediff.transforms.base import Job, TransformParams
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class FailureBurst:
                 self._session_id,
                 exc,
                 exc_info=exc,
+                extra={"session_id": self._session_id},
             )
         return self.consecutive >= self.limit
 
@@ -55,6 +56,7 @@ class FailureBurst:
                 "session %s: transform recovered after %d failed frames",
                 self._session_id,
                 self.consecutive,
+                extra={"session_id": self._session_id},
             )
         self.consecutive = 0
 
@@ -71,8 +73,12 @@ class Session:
         error_limit: int,
         on_input: Callable[[], None] | None = None,
         adapt_output: Adapter = unchanged,
+        max_input_pixels: int | None = None,
     ) -> None:
+        """``max_input_pixels``: larger input frames are scaled down (on the worker thread, as
+        they are taken) before the transform sees them."""
         self.id = session_id
+        self.max_input_pixels = max_input_pixels
         self.stats = stats
         self._params = params
         self.input: Slot[Frame] = Slot(
@@ -113,6 +119,11 @@ class Session:
         frame = self.input.take()
         if frame is None:
             return None
+        if self.max_input_pixels is not None:
+            fitted = fit_within(frame.image, self.max_input_pixels)
+            if fitted is not frame.image:
+                frame.image = fitted
+                self.stats.on_input_downscaled()
         return Job(self.id, frame, self._params, self.transform_state)
 
     # -- frames out --------------------------------------------------------------------------
@@ -142,6 +153,7 @@ class Session:
         self.stats.on_error()
         if self.failures.failed(exc):
             count = self.failures.consecutive
+            self.stats.on_ended_by_failures()
             self.end(f"the transform failed on {count} frames in a row: {exc!r}")
             return
         fallback = self._last_output

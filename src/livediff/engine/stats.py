@@ -27,6 +27,15 @@ LATENCY_BUCKETS = (
     2.0,
     5.0,
 )
+#: The kinds ``livediff_errors_total`` counts (each starts at 0, so that dashboards see it).
+ERROR_KINDS = (
+    "transform",  # a frame on which the transform raised
+    "session_failed",  # a session ended after transform_error_limit failures in a row
+    "out_of_memory",  # MemoryError or torch's OutOfMemoryError: the worker restarts
+    "worker_died",  # the worker thread ended on another error: it restarts
+    "worker_restart_failed",  # a restarted worker could not load: its sessions end
+    "peer_failed",  # a peer connection failed (ICE, DTLS)
+)
 
 
 class Metrics:
@@ -77,6 +86,35 @@ class Metrics:
             "livediff_model_loads_total",
             "Model loads and reloads (warm-up included).",
             registry=reg,
+        )
+        self.errors = Counter(
+            "livediff_errors_total",
+            "Errors by kind: transform (a frame raised), session_failed (ended by repeated"
+            " failures), out_of_memory and worker_died (the worker restarts),"
+            " worker_restart_failed, peer_failed.",
+            ["kind"],
+            registry=reg,
+        )
+        for kind in ERROR_KINDS:
+            self.errors.labels(kind)
+        self.worker_restarts = Counter(
+            "livediff_worker_restarts_total",
+            "Workers rebuilt after a fault (the transform closed and loaded again).",
+            registry=reg,
+        )
+        self.input_downscaled = Counter(
+            "livediff_input_downscaled_total",
+            "Input frames larger than max_input_pixels, scaled down before the transform.",
+            registry=reg,
+        )
+        self.requests_rejected = Counter(
+            "livediff_requests_rejected_total",
+            "API requests answered with an error, by reason and HTTP status.",
+            ["reason", "status"],
+            registry=reg,
+        )
+        self.viewers_active = Gauge(
+            "livediff_viewers_active", "WHEP viewers currently watching.", registry=reg
         )
         self.batch_size = Histogram(
             "livediff_batch_size",
@@ -166,6 +204,13 @@ class SessionStats:
         with self._lock:
             self.errors += 1
         self._metrics.transform_errors.inc()
+        self._metrics.errors.labels("transform").inc()
+
+    def on_input_downscaled(self) -> None:
+        self._metrics.input_downscaled.inc()
+
+    def on_ended_by_failures(self) -> None:
+        self._metrics.errors.labels("session_failed").inc()
 
     def on_sent(self, frame: Frame, at: float) -> None:
         """Count a frame handed to an encoder; its latency is recorded on its first send."""

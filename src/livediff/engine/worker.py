@@ -35,6 +35,30 @@ class WorkerState(StrEnum):
     STOPPED = "stopped"
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, or torch's (CUDA) OutOfMemoryError, recognised without importing torch."""
+    if isinstance(exc, MemoryError):
+        return True
+    return any(
+        kind.__name__ == "OutOfMemoryError" and kind.__module__.startswith("torch")
+        for kind in type(exc).__mro__
+    )
+
+
+class WorkerFaultError(Exception):
+    """Wraps what ended a worker thread (out of memory, an error outside a frame); the engine
+    builds a new worker when one ends so."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"the worker failed: {cause!r}")
+        self.cause = cause
+
+    @property
+    def kind(self) -> str:
+        """``out_of_memory`` or ``worker_died`` (the ``livediff_errors_total`` kinds)."""
+        return "out_of_memory" if is_out_of_memory(self.cause) else "worker_died"
+
+
 @dataclass(slots=True)
 class _Outcome:
     image: Image | None = None
@@ -77,13 +101,21 @@ class Worker:
         max_batch: int,
         pinned_buffers: int = 8,
         after_load: Callable[[], None] | None = None,
+        on_fault: Callable[[WorkerFaultError], None] | None = None,
     ) -> None:
         """``after_load`` runs on the thread after ``transform.load()`` (warm-up), before the
-        worker reports READY; when it raises, the worker fails like a failed load."""
+        worker reports READY; when it raises, the worker fails like a failed load.
+
+        ``on_fault`` is called on the thread, after the transform was closed, when the thread
+        ends on an error other than a frame's: the transform ran out of memory (MemoryError,
+        torch's OutOfMemoryError) or something outside a frame raised. The worker is then dead
+        (state ERROR, :attr:`fault` set); the owner may build a new one."""
         self.transform = transform
         self.max_batch = max_batch
         self._pinned_buffers = pinned_buffers
         self._after_load = after_load
+        self._on_fault = on_fault
+        self.fault: WorkerFaultError | None = None
         self._metrics = metrics
         self._cond = threading.Condition()
         self._sessions: list[Session] = []
@@ -167,8 +199,26 @@ class Worker:
                 return
             try:
                 self._serve()
-            finally:
+            except BaseException as exc:  # the thread ends here: say why, whatever it was
+                fault = exc if isinstance(exc, WorkerFaultError) else WorkerFaultError(exc)
                 self._shutdown()
+                self._died(fault)
+            else:
+                self._shutdown()
+
+    def _died(self, fault: WorkerFaultError) -> None:
+        """The thread is ending on ``fault``: refuse and fail every call, then report it."""
+        logger.error("the worker failed and stops: %r", fault.cause, exc_info=fault.cause)
+        with self._cond:
+            self._stopping = True
+            calls, self._calls = self._calls, []
+        self.fault = fault
+        self.state = WorkerState.ERROR
+        for pending in calls:
+            if pending.future.set_running_or_notify_cancel():
+                pending.future.set_exception(fault)
+        if self._on_fault is not None:
+            self._on_fault(fault)
 
     def _load(self) -> bool:
         try:
@@ -189,8 +239,9 @@ class Worker:
         staged: list[tuple[Session, Job]] = []  # the next batch, its inputs already moving
         while True:
             calls, batch = self._wait_for_work(ready=bool(staged))
-            for pending in calls:
-                self._run_call(pending)
+            faults = [fault for fault in map(self._run_call, calls) if fault is not None]
+            if faults:
+                raise WorkerFaultError(faults[0])
             batch = [item for item in staged if item[0] in self._sessions] + batch
             staged = self._run_batch(batch) if batch else []
             if not batch and self._stopping and not calls:
@@ -213,7 +264,9 @@ class Worker:
         if batch:
             try:
                 self.transform.stage([job for _, job in batch])
-            except Exception:  # staging is an optimisation: process() uploads them itself
+            except Exception as exc:  # staging is an optimisation: process() uploads them itself
+                if is_out_of_memory(exc):
+                    raise WorkerFaultError(exc) from exc
                 logger.exception("staging the next batch failed; it is uploaded when it runs")
                 for _, job in batch:
                     job.staged = None
@@ -237,13 +290,16 @@ class Worker:
         return batch
 
     @staticmethod
-    def _run_call(pending: _Call) -> None:
+    def _run_call(pending: _Call) -> BaseException | None:
+        """Run a call; returns what it raised when that ends the worker (out of memory)."""
         if not pending.future.set_running_or_notify_cancel():
-            return
+            return None
         try:
             pending.future.set_result(pending.fn())
         except Exception as exc:
             pending.future.set_exception(exc)
+            return exc if is_out_of_memory(exc) else None
+        return None
 
     def _run_batch(self, batch: list[tuple[Session, Job]]) -> list[tuple[Session, Job]]:
         """Process ``batch``; returns the next batch, staged while this one computed.
@@ -280,6 +336,8 @@ class Worker:
                 raise RuntimeError(f"transform returned {len(images)} images for {len(jobs)} jobs")
             return [_Outcome(image=image) for image in images]
         except Exception as exc:
+            if is_out_of_memory(exc):  # the device's state is unknown now: start afresh
+                raise WorkerFaultError(exc) from exc
             if len(jobs) == 1:
                 return [_Outcome(error=exc)]
             return [self._process([job])[0] for job in jobs]

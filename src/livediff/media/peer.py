@@ -44,6 +44,9 @@ dtls_compat.install()  # name the cause of a failed DTLS handshake (FFmpeg's P-2
 #: Handles a params message from a data channel; returns the reply to send back.
 ParamsHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 PARAMS_CHANNEL = "params"
+#: Longest wait, when the server ends a session, for its "ended" message to be delivered
+#: (handed to SCTP and acknowledged) before the peer closes.
+END_MESSAGE_WAIT_S = 1.0
 
 
 def ice_configuration(settings: Settings) -> RTCConfiguration:
@@ -145,17 +148,23 @@ class Peer(ABC):
         if self.on_closed is not None and not self._closed:
             self.on_closed(reason)
 
-    async def close(self) -> None:
-        """Close the connection and stop every task it started."""
+    async def close(self, reason: str | None = None) -> None:
+        """Close the connection and stop every task it started; ``reason`` says why, to a
+        peer that can be told (see :meth:`_say_ended`)."""
         if self._closed:
             return
         self._closed = True
+        if reason is not None and self.pc.connectionState == "connected":
+            await self._say_ended(reason)
         self._tasks.cancel()
         for transceiver in self.pc.getTransceivers():
             if isinstance(transceiver.sender.track, ProcessedVideoTrack):
                 transceiver.sender.track.stop()
         await self.pc.close()
         await self._tasks.wait()
+
+    async def _say_ended(self, reason: str) -> None:  # noqa: B027 - optional hook
+        """Tell the remote side why the session ends, before the connection closes."""
 
 
 class PublisherPeer(Peer):
@@ -169,6 +178,7 @@ class PublisherPeer(Peer):
         self.relay = MediaRelay()
         self.audio_source: MediaStreamTrack | None = None
         self._on_params = on_params
+        self._params_channel: RTCDataChannel | None = None
         self._audio_transceiver: RTCRtpTransceiver | None = None
         self._audio_returns = False
         self.pc.on("track", self._on_track)
@@ -212,12 +222,37 @@ class PublisherPeer(Peer):
         if channel.label != PARAMS_CHANNEL or self._on_params is None:
             return
         handler = self._on_params
+        self._params_channel = channel
 
         @channel.on("message")
         async def _on_message(message: str | bytes) -> None:
             reply = await _params_reply(handler, message)
             if channel.readyState == "open":
                 channel.send(_encode_reply(reply))
+
+    async def _say_ended(self, reason: str) -> None:
+        """``{"type": "ended", "reason": ...}`` on the params channel, waited for until SCTP
+        has it acknowledged (at most END_MESSAGE_WAIT_S): closing drops what is unsent."""
+        channel = self._params_channel
+        if channel is None or channel.readyState != "open":
+            return
+        channel.send(_encode_reply({"type": "ended", "reason": reason}))
+        try:
+            async with asyncio.timeout(END_MESSAGE_WAIT_S):
+                while not _delivered(channel):
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            logger.info("session %s: the end message was not acknowledged", self.session.id)
+
+
+def _delivered(channel: RTCDataChannel) -> bool:
+    """Nothing of ``channel`` is queued, in flight or unacknowledged (aiortc's SCTP queues are
+    private; where they are not found, handed to SCTP counts as delivered)."""
+    if channel.bufferedAmount:
+        return False
+    association = channel.transport
+    pending = ("_data_channel_queue", "_outbound_queue", "_sent_queue")
+    return not any(getattr(association, name, None) for name in pending)
 
 
 class ViewerPeer(Peer):

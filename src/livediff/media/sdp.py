@@ -64,6 +64,23 @@ _FINGERPRINT_VALUE = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2})*")
 class OfferError(ValueError):
     """The offer cannot be answered; the message says why (HTTP 400)."""
 
+    reason = "bad_offer"
+
+
+class OfferTooLargeError(OfferError):
+    """The offer is larger, or has more m-lines, than the server takes (HTTP 400)."""
+
+    reason = "offer_too_large"
+
+
+@dataclass(frozen=True, slots=True)
+class OfferLimits:
+    """How large an offer may be (``max_sdp_bytes``, ``max_sdp_media``), checked before it is
+    parsed."""
+
+    max_bytes: int = 64 * 1024
+    max_media: int = 3
+
 
 @dataclass(frozen=True, slots=True)
 class MediaLine:
@@ -87,12 +104,15 @@ class Offer:
         return self.video.direction in ("sendrecv", "recvonly")
 
 
-def parse_offer(text: str) -> Offer:
-    """Parse and check an offer; raises :class:`OfferError` with the reason."""
+def parse_offer(text: str, limits: OfferLimits | None = None) -> Offer:
+    """Parse and check an offer; raises :class:`OfferError` with the reason. With ``limits``
+    (the server always gives its own), a larger offer is refused before it is parsed."""
     if not text.strip():
         raise OfferError("the SDP offer is empty")
     if not text.lstrip().startswith("v=0"):
         raise OfferError("malformed SDP: an SDP description starts with 'v=0'")
+    if limits is not None:
+        check_size(text, limits)
     normalised = text.replace("\r\n", "\n").replace("\n", "\r\n")
     description = _parse(normalised)
     videos = [m for m in description.media if m.kind == "video"]
@@ -115,6 +135,22 @@ def parse_offer(text: str) -> Offer:
         audio=MediaLine("audio", str(audios[0].direction)) if audios else None,
         has_data_channel=bool(applications),
     )
+
+
+def check_size(text: str, limits: OfferLimits) -> None:
+    """Refuse an offer over the byte or m-line limit before anything parses it."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limits.max_bytes:
+        raise OfferTooLargeError(
+            f"the SDP offer is {size} bytes; at most {limits.max_bytes} are accepted"
+            " (max_sdp_bytes)"
+        )
+    media = sum(1 for line in text.splitlines() if line.startswith("m="))
+    if media > limits.max_media:
+        raise OfferTooLargeError(
+            f"the SDP offer has {media} m-lines; at most {limits.max_media} are accepted"
+            " (max_sdp_media: one video, and optionally one audio and one application)"
+        )
 
 
 def _parse(sdp: str) -> aiortc_sdp.SessionDescription:

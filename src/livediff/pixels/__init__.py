@@ -11,6 +11,7 @@ Conversions that copy or convert run on the worker thread, never on the event lo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -21,6 +22,7 @@ from livediff.frames import Image, RgbArray, image_size, is_tensor
 
 __all__ = [
     "finish_downloads",
+    "fit_within",
     "mark_ready",
     "resize",
     "start_downloads",
@@ -70,6 +72,18 @@ def resize(image: Image, width: int, height: int) -> Image:
     from livediff.pixels.device import resize_tensor
 
     return resize_tensor(image, width, height)
+
+
+def fit_within(image: Image, max_pixels: int) -> Image:
+    """The image scaled down (aspect ratio kept, even sides, its own form and pixel format) to
+    at most ``max_pixels`` pixels; unchanged when it has no more. Worker thread only."""
+    width, height = image_size(image)
+    if width * height <= max_pixels:
+        return image
+    scale = math.sqrt(max_pixels / (width * height))
+    fitted_width = max(2, math.floor(width * scale / 2) * 2)
+    fitted_height = max(2, math.floor(height * scale / 2) * 2)
+    return resize(image, fitted_width, fitted_height)
 
 
 def mark_ready(image: Image) -> Any:

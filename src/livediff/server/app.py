@@ -5,17 +5,20 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
 from livediff import __version__
 from livediff.config import Settings
-from livediff.server.errors import STATUS_FOR, error_detail
+from livediff.server.debug import debug_router
+from livediff.server.errors import STATUS_FOR, error_detail, reason_for
 from livediff.server.health import health_router
-from livediff.server.http import BodyLimitMiddleware
+from livediff.server.http import BodyLimitMiddleware, RejectionCounter, note_rejection
 from livediff.server.service import LivediffService
 from livediff.server.sessions import sessions_router
 from livediff.server.whip import whep_router, whip_router
@@ -58,8 +61,15 @@ def mount_service(service: LivediffService, app: FastAPI) -> None:
             allow_headers=["Authorization", "Content-Type", "If-Match"],
             expose_headers=EXPOSED_HEADERS,
         )
+    app.add_middleware(  # outermost: counts the answers of the middleware inside it too
+        RejectionCounter,
+        counter=service.engine.metrics.requests_rejected,
+        prefixes=GUARDED_PREFIXES,
+    )
     _add_error_handlers(app, settings)
     app.include_router(health_router(service))
+    if settings.debug_endpoints:
+        app.include_router(debug_router(service))
     app.include_router(sessions_router(service))
     app.include_router(whip_router(service))
     app.include_router(whep_router(service))
@@ -69,16 +79,27 @@ def mount_service(service: LivediffService, app: FastAPI) -> None:
 
 
 def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
-    """Answer each refusal of the engine (and bad offers) with its status from STATUS_FOR."""
+    """Answer each refusal of the engine (and bad offers) with its status from STATUS_FOR,
+    and note every refusal's reason for ``livediff_requests_rejected_total``."""
 
-    async def refused(_request: Request, exc: Exception) -> JSONResponse:
+    async def refused(request: Request, exc: Exception) -> JSONResponse:
         status = next(code for kind, code in STATUS_FOR.items() if isinstance(exc, kind))
-        headers = {"Retry-After": str(settings.retry_after_s)} if status == 503 else None
+        note_rejection(request, reason_for(exc))
+        wait_s = getattr(exc, "retry_after_s", settings.retry_after_s)
+        headers = {"Retry-After": str(wait_s)} if status in (429, 503) else None
         return JSONResponse({"detail": error_detail(exc)}, status_code=status, headers=headers)
+
+    async def http_refused(request: Request, exc: Exception) -> Response:
+        reason = getattr(exc, "reason", None)
+        if isinstance(reason, str):
+            note_rejection(request, reason)
+        assert isinstance(exc, HTTPException)
+        return await http_exception_handler(request, exc)
 
     for kind in STATUS_FOR:
         if not issubclass(kind, ValidationError):  # routes say which field (body, query)
             app.add_exception_handler(kind, refused)
+    app.add_exception_handler(HTTPException, http_refused)
 
 
 def find_web_dir(settings: Settings) -> Path | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import re
@@ -10,12 +11,74 @@ from itertools import accumulate
 from typing import Any
 
 from fastapi import HTTPException, Request
+from prometheus_client import Counter
 from pydantic import ValidationError
 from pydantic_core import to_json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from livediff.config import Settings
-from livediff.server.errors import error_detail
+from livediff.server.errors import RateLimitedError, error_detail
+from livediff.server.limits import RateLimiter, retry_after
+
+#: Where a route notes why it refused a request (in the request's ``state``).
+REJECTION_KEY = "livediff_rejection"
+#: The reason of a refusal that noted none, by HTTP status.
+DEFAULT_REASONS = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    412: "precondition_failed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_params",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+class Refusal(HTTPException):
+    """An HTTPException that names its reason for ``livediff_requests_rejected_total``."""
+
+    def __init__(
+        self, status_code: int, detail: Any, reason: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(status_code=status_code, detail=detail, headers=headers)
+        self.reason = reason
+
+
+def note_rejection(request: Request, reason: str) -> None:
+    """Say why this request is refused (read by :class:`RejectionCounter`)."""
+    setattr(request.state, REJECTION_KEY, reason)
+
+
+class RejectionCounter:
+    """Counts every answer of status 400 or more under ``prefixes`` by reason and status.
+
+    The reason is what the route noted (:func:`note_rejection`), else a name for the status;
+    answers that other middleware sends itself (the body limit's 413) are counted too.
+    """
+
+    def __init__(self, app: ASGIApp, counter: Counter, prefixes: Iterable[str]) -> None:
+        self.app = app
+        self.counter = counter
+        self.prefixes = tuple(prefixes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not str(scope["path"]).startswith(self.prefixes):
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                status = int(message["status"])
+                noted = scope.get("state", {}).get(REJECTION_KEY)
+                reason = noted or DEFAULT_REASONS.get(status, "refused")
+                self.counter.labels(reason, str(status)).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
 
 
 class BodyLimitMiddleware:
@@ -166,11 +229,11 @@ async def read_json_object(request: Request, max_depth: int) -> dict[str, Any]:
     try:
         value = load_json(await request.body(), max_depth)
     except JSONDepthError as exc:
-        raise HTTPException(status_code=400, detail=f"the body {exc}") from exc
+        raise Refusal(400, f"the body {exc}", "json_too_deep") from exc
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise HTTPException(status_code=400, detail=f"the body is not valid JSON: {exc}") from exc
+        raise Refusal(400, f"the body is not valid JSON: {exc}", "bad_json") from exc
     if not isinstance(value, dict):
-        raise HTTPException(status_code=400, detail="the body must be a JSON object")
+        raise Refusal(400, "the body must be a JSON object", "bad_json")
     return value
 
 
@@ -194,19 +257,47 @@ def json_safe(value: Any) -> Any:
     return json.loads(to_json(value, inf_nan_mode="strings", fallback=repr))
 
 
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+
 def bearer_auth(settings: Settings) -> Callable[[Request], Awaitable[None]]:
-    """A dependency that demands ``Authorization: Bearer <token>`` when a token is set."""
-    token = settings.token.get_secret_value().encode() if settings.token else None
+    """A dependency that demands ``Authorization: Bearer <token>`` when a token is set.
+
+    The given token is compared in constant time, as a SHA-256 digest, so that neither its
+    content nor its length shows in how long the answer takes.
+    """
+    token = _digest(settings.token.get_secret_value()) if settings.token else None
 
     async def check(request: Request) -> None:
         if token is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+        matches = hmac.compare_digest(_digest(given.strip()), token)
+        if scheme.lower() != "bearer" or not matches:
             raise HTTPException(
                 status_code=401,
                 detail="missing or wrong bearer token (send 'Authorization: Bearer <token>')",
                 headers={"WWW-Authenticate": 'Bearer realm="livediff"'},
+            )
+
+    return check
+
+
+def rate_limit(limiter: RateLimiter) -> Callable[[Request], Awaitable[None]]:
+    """A dependency that takes one of the client address's tokens (429 when none is left)."""
+    per_minute = limiter.rate_per_s * 60
+
+    async def check(request: Request) -> None:
+        client = request.client.host if request.client else "unknown"
+        wait_s = limiter.take(client)
+        if wait_s > 0:
+            seconds = retry_after(wait_s)
+            raise RateLimitedError(
+                f"{client} opens sessions and viewers faster than {per_minute:g} a minute"
+                f" (burst {limiter.burst}; session_rate_per_min, session_burst): retry in"
+                f" {seconds} s",
+                seconds,
             )
 
     return check

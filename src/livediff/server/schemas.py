@@ -43,6 +43,9 @@ class SessionInfo(BaseModel):
     fps_out: float
     latency_ms: LatencyMs = Field(description="Ingest to send, over the last few seconds.")
     viewers: int = Field(description="WHEP viewers watching the output.")
+    end_reason: str | None = Field(
+        None, description="Why the session ended (state closed), e.g. repeated failures."
+    )
 
 
 class PipelineInfo(BaseModel):
@@ -67,7 +70,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         404: "Unknown session",
         413: "Body larger than the limit",
         415: "Wrong Content-Type",
-        422: "Invalid params",
-        503: "Full, or the model is loading (see Retry-After)",
+        422: "Invalid params, or a model that is not allowed",
+        429: "Sessions or viewers opened too fast from this address (see Retry-After)",
+        503: "Full (sessions or viewers), or the model is loading or restarting (Retry-After)",
     }.items()
 }

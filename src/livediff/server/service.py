@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,11 +19,13 @@ from typing import Any
 from fastapi import FastAPI
 
 from livediff.config import Settings
-from livediff.engine import Engine, Session, TaskSet, gather_logged
+from livediff.engine import Engine, Session, TaskSet, UnknownSessionError, gather_logged
+from livediff.logs import session_context
 from livediff.media.egress import EncoderFrames
 from livediff.media.peer import PublisherPeer, ViewerPeer
-from livediff.media.sdp import Offer
-from livediff.server.errors import error_detail, status_for
+from livediff.media.sdp import Offer, OfferLimits
+from livediff.server.errors import ViewersFullError, error_detail, status_for
+from livediff.server.limits import RateLimiter
 from livediff.transforms import Transform, TransformParams
 
 logger = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ class SessionRecord:
     publisher: PublisherPeer
     created_at: float = field(default_factory=time.time)
     viewers: dict[str, ViewerPeer] = field(default_factory=dict)
+    viewers_opening: int = 0  # WHEP offers being answered (counted against max_viewers)
 
     @property
     def id(self) -> str:
@@ -53,6 +57,45 @@ class SessionRecord:
         )
 
 
+#: Most ended sessions remembered at once (the oldest are forgotten first).
+MAX_ENDED = 1000
+
+
+class EndedSessions:
+    """What GET answered for each session the server ended, kept ``ttl_s`` seconds."""
+
+    def __init__(
+        self, ttl_s: float, limit: int = MAX_ENDED, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.limit = limit
+        self._clock = clock
+        self._infos: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+
+    def add(self, session_id: str, info: dict[str, Any]) -> None:
+        if self.ttl_s <= 0:
+            return
+        self._infos[session_id] = (self._clock(), info)
+        self._reap()
+
+    def get(self, session_id: str) -> dict[str, Any] | None:
+        self._reap()
+        kept = self._infos.get(session_id)
+        return kept[1] if kept is not None else None
+
+    def _reap(self) -> None:
+        moment = self._clock()
+        while self._infos:
+            session_id, (ended_at, _) = next(iter(self._infos.items()))
+            if moment - ended_at <= self.ttl_s and len(self._infos) <= self.limit:
+                return
+            del self._infos[session_id]
+
+    def __len__(self) -> int:
+        self._reap()
+        return len(self._infos)
+
+
 class LivediffService:
     """The engine, and every session's peers and records."""
 
@@ -60,6 +103,9 @@ class LivediffService:
         self.settings = settings
         self.engine = Engine(settings, transform)
         self.records: dict[str, SessionRecord] = {}
+        self.ended = EndedSessions(settings.ended_session_ttl_s)
+        self.limiter = RateLimiter(settings.session_rate_per_min, settings.session_burst)
+        self.offer_limits = OfferLimits(settings.max_sdp_bytes, settings.max_sdp_media)
         self.tasks = TaskSet("service")
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -84,7 +130,8 @@ class LivediffService:
     async def update_params(self, session_id: str, patch: Mapping[str, Any]) -> TransformParams:
         """Merge, validate and apply a params update; reloads weights only when it must."""
         self.get(session_id)
-        return await self.engine.update_params(session_id, patch)
+        with session_context(session_id):
+            return await self.engine.update_params(session_id, patch)
 
     async def params_message(self, session_id: str, patch: dict[str, Any]) -> dict[str, Any]:
         """A params update from a data channel, answered as a message (errors as data)."""
@@ -102,11 +149,31 @@ class LivediffService:
         self.engine.get(session_id)  # raises UnknownSessionError for a closed one
         return self.records[session_id]
 
+    def info(self, session_id: str) -> dict[str, Any]:
+        """An open session's info, or what it last said if the server ended it lately."""
+        record = self.records.get(session_id)
+        if record is not None:
+            return self.session_info(record)
+        ended = self.ended.get(session_id)
+        if ended is None:
+            raise UnknownSessionError(f"no session {session_id!r}")
+        return ended
+
     async def open_session(
         self, offer: Offer, params: TransformParams, kind: str
     ) -> tuple[SessionRecord, str]:
-        """Answer a publisher's offer; returns the new session and the answer SDP."""
+        """Answer a publisher's offer; returns the new session and the answer SDP.
+
+        The session's id is the logging context from here on: the tasks its peer starts
+        (transports, the ingest pump) carry it into their records too.
+        """
         session_id = secrets.token_hex(8)
+        with session_context(session_id):
+            return await self._open(session_id, offer, params, kind)
+
+    async def _open(
+        self, session_id: str, offer: Offer, params: TransformParams, kind: str
+    ) -> tuple[SessionRecord, str]:
         session = await self.engine.open_session(
             params,
             session_id=session_id,
@@ -116,45 +183,78 @@ class LivediffService:
         publisher = PublisherPeer(
             session, self.settings, on_params=lambda patch: self.params_message(session_id, patch)
         )
-        publisher.on_closed = lambda reason: self._close_later(session_id, reason)
+        publisher.on_closed = lambda reason: self._peer_closed(session_id, publisher, reason)
         record = SessionRecord(session, kind, f'"{secrets.token_hex(8)}"', publisher)
         self.records[session_id] = record
         try:
             answer = await publisher.accept(offer)
         except BaseException:
-            await self.close_session(session_id, "the session could not open")
+            await self.close_session(session_id, "the session could not open", remember=False)
             raise
         logger.info("session %s opened (%s)", session_id, kind)
         return record, answer
 
+    def _peer_closed(self, session_id: str, publisher: PublisherPeer, reason: str) -> None:
+        if publisher.connection_state == "failed":
+            self.engine.metrics.errors.labels("peer_failed").inc()
+        self._close_later(session_id, reason)
+
     def _close_later(self, session_id: str, reason: str) -> None:
         self.tasks.spawn(self.close_session(session_id, reason))
 
-    async def close_session(self, session_id: str, reason: str) -> bool:
-        """End a session and release everything it held; False if it was not open."""
+    async def close_session(self, session_id: str, reason: str, *, remember: bool = True) -> bool:
+        """End a session and release everything it held; False if it was not open.
+
+        The publisher is told why on its params channel (``{"type": "ended", "reason": ...}``)
+        before its peer closes. With ``remember``, GET still answers for the session (state
+        closed, ``end_reason``) for ``ended_session_ttl_s``; a client's DELETE forgets it.
+        """
         record = self.records.pop(session_id, None)
         if record is None:
             return False
-        record.session.end(reason)
-        peers = [*record.viewers.values(), record.publisher]
-        record.viewers.clear()
-        await gather_logged(f"session {session_id}", [peer.close() for peer in peers])
-        await self.engine.close_session(session_id, reason)
+        with session_context(session_id):
+            record.session.end(reason)
+            viewers = list(record.viewers.values())
+            record.viewers.clear()
+            self._count_viewers()
+            closing = [*(viewer.close() for viewer in viewers), record.publisher.close(reason)]
+            await gather_logged(f"session {session_id}", closing)
+            await self.engine.close_session(session_id, reason)
+            if remember:
+                self.ended.add(session_id, self.session_info(record))
         return True
 
     # -- viewers (WHEP) -----------------------------------------------------------------------
     async def add_viewer(self, session_id: str, offer: Offer) -> tuple[str, str]:
         """Answer a viewer's offer for a session's output; returns (viewer id, answer SDP)."""
         record = self.get(session_id)
+        limit = self.settings.max_viewers
+        if len(record.viewers) + record.viewers_opening >= limit:
+            raise ViewersFullError(
+                f"session {session_id} has all {limit} viewer slots in use (max_viewers);"
+                " try again later"
+            )
+        with session_context(session_id):
+            record.viewers_opening += 1
+            try:
+                viewer_id, answer = await self._answer_viewer(record, offer)
+            finally:
+                record.viewers_opening -= 1
+        self._count_viewers()
+        return viewer_id, answer
+
+    async def _answer_viewer(self, record: SessionRecord, offer: Offer) -> tuple[str, str]:
         viewer = ViewerPeer(record.session, self.settings, record.publisher)
         viewer_id = secrets.token_hex(6)
 
         def viewer_closed(reason: str) -> None:
-            self.tasks.spawn(self.close_viewer(session_id, viewer_id, reason))
+            self.tasks.spawn(self.close_viewer(record.id, viewer_id, reason))
 
         viewer.on_closed = viewer_closed
         try:
             answer = await viewer.accept(offer)
+            if self.records.get(record.id) is not record:  # the session ended meanwhile
+                raise UnknownSessionError(f"session {record.id!r} ended")
         except BaseException:
             await viewer.close()
             raise
@@ -166,9 +266,15 @@ class LivediffService:
         viewer = record.viewers.pop(viewer_id, None) if record else None
         if viewer is None:
             return False
-        logger.info("session %s: viewer %s left: %s", session_id, viewer_id, reason)
-        await viewer.close()
+        with session_context(session_id):
+            logger.info("session %s: viewer %s left: %s", session_id, viewer_id, reason)
+            self._count_viewers()
+            await viewer.close()
         return True
+
+    def _count_viewers(self) -> None:
+        watching = sum(len(record.viewers) for record in self.records.values())
+        self.engine.metrics.viewers_active.set(watching)
 
     # -- reporting ----------------------------------------------------------------------------
     def session_info(self, record: SessionRecord) -> dict[str, Any]:
@@ -180,4 +286,5 @@ class LivediffService:
             "created_at": record.created_at,
             **self.engine.session_stats(record.session),
             "viewers": len(record.viewers),
+            "end_reason": record.session.end_reason,
         }

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ValidationError
 
 from livediff.media.sdp import parse_offer
-from livediff.server.http import bearer_auth, read_json_object, validation_error
+from livediff.server.http import bearer_auth, rate_limit, read_json_object, validation_error
 from livediff.server.schemas import (
     ERROR_RESPONSES,
     PipelineInfo,
@@ -27,7 +27,7 @@ async def _open_session(
         offer_body = SessionOffer.model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc, ("body",)) from exc
-    offer = parse_offer(offer_body.sdp)
+    offer = parse_offer(offer_body.sdp, service.offer_limits)
     try:
         params = service.engine.validate(offer_body.params)
         return await service.open_session(offer, params, kind="webrtc")
@@ -38,6 +38,7 @@ async def _open_session(
 def sessions_router(service: LivediffService) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["sessions"], responses=ERROR_RESPONSES)
     auth = [Depends(bearer_auth(service.settings))]
+    opening = [*auth, Depends(rate_limit(service.limiter))]
 
     @router.get("/pipeline", response_model=PipelineInfo)
     async def pipeline() -> dict[str, Any]:
@@ -50,7 +51,7 @@ def sessions_router(service: LivediffService) -> APIRouter:
         "/sessions",
         status_code=201,
         response_model=SessionAnswer,
-        dependencies=auth,
+        dependencies=opening,
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -72,8 +73,10 @@ def sessions_router(service: LivediffService) -> APIRouter:
 
     @router.get("/sessions/{session_id}", response_model=SessionInfo, dependencies=auth)
     async def get_session(session_id: str) -> dict[str, Any]:
-        """One session: counters, fps, latency percentiles (ingest to send), params, state."""
-        return service.session_info(service.get(session_id))
+        """One session: counters, fps, latency percentiles (ingest to send), params, state.
+        A session the server ended (not a deleted one) still answers for a while, with state
+        closed and its ``end_reason``."""
+        return service.info(session_id)
 
     @router.patch(
         "/sessions/{session_id}/params",
@@ -99,7 +102,7 @@ def sessions_router(service: LivediffService) -> APIRouter:
     async def delete_session(session_id: str) -> Response:
         """Close the session: the peer connection and everything it held are released."""
         service.get(session_id)
-        await service.close_session(session_id, "deleted by the client")
+        await service.close_session(session_id, "deleted by the client", remember=False)
         return Response(status_code=204)
 
     return router

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from livediff.config import Settings
 from livediff.media.sdp import parse_offer
-from livediff.server.http import bearer_auth, read_text, validation_error
+from livediff.server.http import bearer_auth, rate_limit, read_text, validation_error
 from livediff.server.schemas import ERROR_RESPONSES
 from livediff.server.service import LivediffService, SessionRecord
 
@@ -83,6 +83,7 @@ def _refuse_ice_restart(fragment: str, record: SessionRecord) -> None:
 def whip_router(service: LivediffService) -> APIRouter:
     router = APIRouter(tags=["whip/whep"], responses=ERROR_RESPONSES)
     auth = [Depends(bearer_auth(service.settings))]
+    opening = [*auth, Depends(rate_limit(service.limiter))]
     settings = service.settings
 
     @router.options("/whip", include_in_schema=False)
@@ -90,11 +91,15 @@ def whip_router(service: LivediffService) -> APIRouter:
         return _options_response("OPTIONS, POST", settings, accept_post=True)
 
     @router.post(
-        "/whip", status_code=201, dependencies=auth, openapi_extra=SDP_BODY, responses=SDP_ANSWER
+        "/whip",
+        status_code=201,
+        dependencies=opening,
+        openapi_extra=SDP_BODY,
+        responses=SDP_ANSWER,
     )
     async def whip_publish(request: Request) -> Response:
         """Publish a stream (OBS 30+, any WHIP client); query parameters set initial params."""
-        offer = parse_offer(await read_text(request, SDP))
+        offer = parse_offer(await read_text(request, SDP), service.offer_limits)
         try:
             params = service.engine.validate(dict(request.query_params))
         except ValidationError as exc:
@@ -125,7 +130,7 @@ def whip_router(service: LivediffService) -> APIRouter:
     async def whip_delete(session_id: str) -> Response:
         """End the published session."""
         service.get(session_id)
-        await service.close_session(session_id, "WHIP client ended the session")
+        await service.close_session(session_id, "WHIP client ended the session", remember=False)
         return Response(status_code=200)
 
     return router
@@ -134,6 +139,7 @@ def whip_router(service: LivediffService) -> APIRouter:
 def whep_router(service: LivediffService) -> APIRouter:
     router = APIRouter(tags=["whip/whep"], responses=ERROR_RESPONSES)
     auth = [Depends(bearer_auth(service.settings))]
+    opening = [*auth, Depends(rate_limit(service.limiter))]
     settings = service.settings
 
     @router.options("/whep/{session_id}", include_in_schema=False)
@@ -143,14 +149,15 @@ def whep_router(service: LivediffService) -> APIRouter:
     @router.post(
         "/whep/{session_id}",
         status_code=201,
-        dependencies=auth,
+        dependencies=opening,
         openapi_extra=SDP_BODY,
         responses=SDP_ANSWER,
     )
     async def whep_watch(session_id: str, request: Request) -> Response:
-        """Watch a session's processed video; several viewers may watch one session."""
+        """Watch a session's processed video; several viewers (up to max_viewers) may watch
+        one session."""
         service.get(session_id)
-        offer = parse_offer(await read_text(request, SDP))
+        offer = parse_offer(await read_text(request, SDP), service.offer_limits)
         viewer_id, answer = await service.add_viewer(session_id, offer)
         record = service.get(session_id)
         return _answer_response(answer, f"/whep/{session_id}/{viewer_id}", record.etag, settings)

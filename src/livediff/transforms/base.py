@@ -71,6 +71,14 @@ class Transform(ABC):
         """Raise (a LookupError saying how to fix it) when what ``settings`` configure cannot
         be loaded on this machine, so that a command fails at start rather than at load."""
 
+    @classmethod
+    def model_ids(cls, params: TransformParams) -> dict[tuple[str | int, ...], str]:
+        """The model ids (hub ids or folders) that ``params`` name, by the field's location
+        (``("model",)``, ``("controlnets", 0, "model")``): the engine refuses any that is not
+        on the server's allow-list (the configured model and vae, ``--allow-model``) before
+        the transform sees it. Pure, like :meth:`default_params`; none by default."""
+        return {}
+
     def loaded_params(self) -> dict[str, Any]:
         """Defaults that follow what is loaded now (e.g. the model), over :meth:`default_params`,
         so that a new session does not ask for a reload. Asked after every (re)load."""

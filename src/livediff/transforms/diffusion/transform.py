@@ -36,7 +36,7 @@ from livediff.transforms.diffusion.models import (
     locate,
     locate_controlnet,
 )
-from livediff.transforms.diffusion.params import DiffusionParams
+from livediff.transforms.diffusion.params import FULL_VAE, DiffusionParams
 from livediff.transforms.diffusion.preprocess import Preprocessors
 from livediff.transforms.diffusion.state import SessionCache
 from livediff.transforms.diffusion.stream import StreamBatch
@@ -114,6 +114,18 @@ class DiffusionTransform(Transform):
     @classmethod
     def default_params(cls, settings: Settings) -> dict[str, Any]:
         return {**super().default_params(settings), "model": settings.model, "vae": settings.vae}
+
+    @classmethod
+    def model_ids(cls, params: TransformParams) -> dict[tuple[str | int, ...], str]:
+        """``model``, ``vae`` unless it is 'full' (the model's own VAE, no other files), and
+        the ``model_id`` of each entry of a ``controlnets`` list."""
+        assert isinstance(params, DiffusionParams)
+        ids: dict[tuple[str | int, ...], str] = {("model",): params.model}
+        if params.vae != FULL_VAE:
+            ids[("vae",)] = params.vae
+        for index, entry in enumerate(params.controlnets):
+            ids[("controlnets", index, "model_id")] = entry.model_id
+        return ids
 
     def loaded_params(self) -> dict[str, Any]:
         return {"model": self.choice.model, "vae": self.choice.vae}
