@@ -13,10 +13,10 @@ from trickle_server import FakeTrickleServer
 
 from livediff.config import Settings
 from tests.orchestrator.conftest import FAST, RunnerServer, start_runner, until
-from tests.orchestrator.transforms import GatedLoadTransform
+from tests.server.faulty import GatedLoadTransform
 
-GATED = "tests.orchestrator.transforms:GatedLoadTransform"
-BROKEN = "tests.orchestrator.transforms:BrokenLoadTransform"
+GATED = "tests.server.faulty:GatedLoadTransform"
+BROKEN = "tests.runner.transforms:BrokenLoadTransform"
 
 
 def request_body(channels: Any, **extra: Any) -> dict[str, Any]:
