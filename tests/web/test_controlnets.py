@@ -317,7 +317,10 @@ def test_the_diffusion_pipeline_takes_controlnets_from_the_panel(
     else:
         add_controlnet(page, tiny_controlnet)
     control(page, 0, "preprocessor").select_option("passthrough")
-    assert page.get_by_test_id("entry-controlnets-0").get_by_text("as it is").is_visible()
+    # the preprocessor's description replaces the canny sliders once the card re-renders
+    page.get_by_test_id("entry-controlnets-0").get_by_text("as it is").wait_for(
+        state="visible", timeout=10_000
+    )
     expected = entry(tiny_controlnet, preprocessor="passthrough", preprocessor_params={})
     wait_controlnets(record, [expected], "the ControlNet to reach the diffusion session")
     wait_playing(page, timeout_ms=60_000)
