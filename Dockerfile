@@ -3,11 +3,11 @@
 # or "native", livediff answering go-livepeer's live runner contract itself (trickle in and out).
 # Build, prepare models, list in aiModels.json and check it: docs/orchestrator.md.
 #
-#   docker build -t livediff-runner .
-#   docker run --rm --gpus all -v ./models:/models -e PREPARE_MODELS=1 livediff-runner
-#   docker run --rm --gpus all -v ./models:/models -p 8000:8000 livediff-runner
-#   docker run --rm --gpus all -v ./models:/models -p 8000:8000 -e LIVEDIFF_RUNNER=native livediff-runner
-#   docker run --rm --gpus all -v ./models:/models --network host livediff-runner livediff serve
+#   docker build -t livediff-livepeer .
+#   docker run --rm --gpus all -v ./models:/models -e PREPARE_MODELS=1 livediff-livepeer
+#   docker run --rm --gpus all -v ./models:/models -p 8000:8000 livediff-livepeer
+#   docker run --rm --gpus all -v ./models:/models -p 8000:8000 -e LIVEDIFF_RUNNER=native livediff-livepeer
+#   docker run --rm --gpus all -v ./models:/models --network host livediff-livepeer livediff serve
 #
 # The base image brings CUDA 12.8, FFmpeg 7.1 (NVENC/NVDEC) under /usr/local, uv, git and a C
 # toolchain, but no Python 3.11: uv installs one below.
@@ -53,7 +53,7 @@ COPY pyproject.toml README.md ./
 COPY src/ src/
 COPY web/ web/
 RUN uv pip install --no-cache --no-deps . \
-    && python -c "import livediff.runner.pipeline, livediff.orchestrator.app, runner.app"
+    && python -c "import livediff.livepeer.airunner.pipeline, livediff.livepeer.native.app, runner.app"
 
 # 5. The entry point that picks the mode (LIVEDIFF_RUNNER); executable in the repository.
 COPY docker/entrypoint.sh /usr/local/bin/livediff-entrypoint
@@ -80,4 +80,4 @@ ENV VERSION=${VERSION}
 
 EXPOSE 8000
 ENTRYPOINT ["/usr/local/bin/livediff-entrypoint"]
-CMD ["livediff-runner"]
+CMD ["livediff-airunner"]

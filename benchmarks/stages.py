@@ -84,7 +84,7 @@ PATCHES: dict[str, tuple[str, ...]] = {
         "livediff.pixels.device:FrameUploader.__call__",
         "livediff.transforms.diffusion.device:FrameUploader.__call__",
     ),
-    "convert": ("livediff.media.egress:EncoderFrames.__call__",),
+    "convert": ("livediff.encoding:EncoderFrames.__call__",),
     "encode": ("livediff.media.codecs:ConfiguredEncoder.encode",),
     "encode vp8 (stock)": ("aiortc.codecs.vpx:Vp8Encoder.encode",),
     "encode h264 (stock)": ("aiortc.codecs.h264:H264Encoder.encode",),

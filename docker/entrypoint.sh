@@ -1,9 +1,9 @@
 #!/bin/sh
 # The orchestrator image's entry point. LIVEDIFF_RUNNER picks what go-livepeer talks to:
-#   ai-runner (default)  livediff-runner: livediff's pipeline inside ai-runner's app
+#   ai-runner (default)  livediff-airunner: livediff's pipeline inside ai-runner's app
 #   native               livediff runner: livediff answering the live runner contract itself
 #                        (trickle in and out, no ai-runner in the path)
-# Only the image's default command (livediff-runner) is switched: prepare mode (PREPARE_MODELS=1
+# Only the image's default command (livediff-airunner) is switched: prepare mode (PREPARE_MODELS=1
 # or --prepare-models) is the same in both modes, and any other command (livediff serve, a
 # shell) runs as given. See docs/orchestrator.md.
 set -eu
@@ -18,7 +18,7 @@ case "$mode" in
 esac
 
 if [ "$#" -eq 0 ]; then
-    set -- livediff-runner
+    set -- livediff-airunner
 fi
 
 preparing=false
@@ -31,7 +31,7 @@ for argument in "$@"; do
     fi
 done
 
-if [ "$mode" = native ] && [ "$1" = livediff-runner ] && [ "$preparing" = false ]; then
+if [ "$mode" = native ] && [ "$1" = livediff-airunner ] && [ "$preparing" = false ]; then
     shift
     # ai-runner's HOST and PORT, so that both modes listen where go-livepeer looks
     exec livediff runner --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}" "$@"

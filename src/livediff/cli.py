@@ -184,7 +184,7 @@ def run_uvicorn(uvicorn: Any, app: Any, settings: Settings) -> None:
     )
 
 
-# -- livediff runner: the native runner contract (livediff.orchestrator) ------------------------
+# -- livediff runner: the native runner contract (livediff.livepeer.native) ------------------------
 def add_runner_parser(commands: Any) -> None:
     runner_parser = commands.add_parser(
         "runner",
@@ -200,7 +200,7 @@ def add_runner_parser(commands: Any) -> None:
 def runner(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from livediff.orchestrator.app import create_runner_app
+    from livediff.livepeer.native.app import create_runner_app
 
     settings = settings_from_args(args)
     app = create_runner_app(settings)

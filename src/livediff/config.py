@@ -208,7 +208,7 @@ class Settings(BaseSettings):
             raise ValueError("batch_buckets must be 1 to 256 rows each, and at least one")
         return sorted(set(buckets))
 
-    # -- orchestrator runner contract (livediff runner; livediff.orchestrator) ----------------
+    # -- orchestrator runner contract (livediff runner; livediff.livepeer.native) ----------------
     runner_pipeline: str = Field(
         "live-video-to-video",
         validation_alias=AliasChoices("runner_pipeline", "LIVEDIFF_RUNNER_PIPELINE", "PIPELINE"),

@@ -1,7 +1,7 @@
 """A test double (a fake) of go-livepeer's trickle server, as an orchestrator runs it.
 
 It keeps the rules of ``trickle/trickle_server.go`` that a runner meets (see
-``/work/shared/LIVEPEER.md`` and the module docstring of ``livediff.trickle``):
+``/work/shared/LIVEPEER.md`` and the module docstring of ``livediff.livepeer.trickle``):
 
 - channels exist only when the orchestrator (the test) made them: HTTP creation is off, and a
   request for any other channel gets 404;

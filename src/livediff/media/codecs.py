@@ -8,9 +8,7 @@ each sender it creates. Packetisation is aiortc's own (RFC 7741 for VP8, RFC 618
 from __future__ import annotations
 
 import fractions
-import multiprocessing
 from abc import abstractmethod
-from dataclasses import dataclass
 from typing import Any
 
 import av
@@ -22,50 +20,11 @@ from aiortc.mediastreams import VIDEO_TIME_BASE, convert_timebase
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability, RTCRtpCodecParameters
 from av.video.reformatter import VideoReformatter
 
-from livediff.config import Settings
+from livediff.encoding import EncoderSettings
 
 # aiortc keeps a sender's encoder in a private attribute and creates it on the first frame
 # unless one is there already; this is its mangled name.
 _ENCODER_ATTRIBUTE = "_RTCRtpSender__encoder"
-
-
-@dataclass(frozen=True, slots=True)
-class EncoderSettings:
-    bitrate_min: int
-    bitrate_start: int
-    bitrate_max: int
-    keyframe_interval_s: float
-    h264_preset: str
-    threads: int
-    #: The frame rate encoders plan their rate control and keyframe interval for.
-    fps: int = 30
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> EncoderSettings:
-        return cls(
-            bitrate_min=settings.video_bitrate_min,
-            bitrate_start=settings.video_bitrate_start,
-            bitrate_max=settings.video_bitrate_max,
-            keyframe_interval_s=settings.keyframe_interval_s,
-            h264_preset=settings.h264_preset,
-            threads=settings.encoder_threads,
-            fps=settings.nominal_fps,
-        )
-
-    @property
-    def gop_frames(self) -> int:
-        return max(1, round(self.keyframe_interval_s * self.fps))
-
-    def threads_for(self, width: int, height: int) -> int:
-        if self.threads:
-            return self.threads
-        cpus = multiprocessing.cpu_count()
-        pixels = width * height
-        if pixels >= 1920 * 1080:
-            return min(8, max(1, cpus // 2))
-        if pixels > 640 * 480:  # two threads only where two cores are left for the rest
-            return min(2, max(1, cpus // 2))
-        return 1
 
 
 class ConfiguredEncoder(Encoder):

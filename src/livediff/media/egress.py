@@ -6,32 +6,10 @@ import asyncio
 
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from av.video.reformatter import VideoReformatter
 
 from livediff.engine.session import Session
 from livediff.engine.slot import AsyncSlot, SlotClosedError
-from livediff.frames import Frame, Image, now
-from livediff.pixels import to_video_frame
-
-
-class EncoderFrames:
-    """A session's output adapter for WebRTC: yuv420p frames, made once on the worker thread.
-
-    Every encoder of the session (the publisher's and each viewer's) then takes the frame as it
-    is: the colour conversion is neither repeated per viewer nor run on the event loop.
-    """
-
-    #: CUDA outputs come back as yuv420p video frames with their batch (one wait for all).
-    wants_video_frames = True
-
-    def __init__(self) -> None:
-        self._reformatter = VideoReformatter()  # used by the worker thread only
-
-    def __call__(self, image: Image) -> av.VideoFrame:
-        frame = to_video_frame(image)
-        if frame.format.name == "yuv420p":
-            return frame
-        return self._reformatter.reformat(frame, format="yuv420p")
+from livediff.frames import Frame, now
 
 
 class ProcessedVideoTrack(MediaStreamTrack):

@@ -29,10 +29,11 @@ from aiortc.sdp import candidate_from_sdp
 from pydantic_core import to_json
 
 from livediff.config import Settings
+from livediff.encoding import EncoderSettings
 from livediff.engine.session import Session
 from livediff.engine.tasks import TaskSet
 from livediff.media import dtls_compat
-from livediff.media.codecs import EncoderSettings, codec_preferences, install_encoder
+from livediff.media.codecs import codec_preferences, install_encoder
 from livediff.media.egress import ProcessedVideoTrack
 from livediff.media.ingest import pump_video
 from livediff.media.jitter import use_marker_jitter_buffer

@@ -19,9 +19,9 @@ from typing import Any
 from fastapi import FastAPI
 
 from livediff.config import Settings
+from livediff.encoding import EncoderFrames
 from livediff.engine import Engine, Session, TaskSet, UnknownSessionError, gather_logged
 from livediff.logs import session_context
-from livediff.media.egress import EncoderFrames
 from livediff.media.peer import PublisherPeer, ViewerPeer
 from livediff.media.sdp import Offer, OfferLimits
 from livediff.server.errors import ViewersFullError, error_detail, status_for

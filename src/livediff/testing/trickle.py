@@ -28,9 +28,9 @@ from av.audio.stream import AudioStream
 from av.video.stream import VideoStream
 
 from livediff.frames import now
+from livediff.livepeer.trickle import NEXT_SEQ, TrickleError, TricklePublisher, TrickleSubscriber
+from livediff.livepeer.trickle.ts import TsDemuxer
 from livediff.testing.framecode import Scene, numbered_frame, read_frame_number
-from livediff.trickle import NEXT_SEQ, TrickleError, TricklePublisher, TrickleSubscriber
-from livediff.trickle.ts import TsDemuxer
 
 TS_TIME_BASE = Fraction(1, 90_000)
 AUDIO_RATE = 48_000
