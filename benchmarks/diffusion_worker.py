@@ -5,7 +5,7 @@ scheduler), at the same resolution, number of denoising steps and batch (session
 same yuv420p frames a WebRTC decoder hands over, with the result brought back to the host as
 a video frame. The headline is the ratio of frames per second.
 
-- livediff: one ``StreamEngine.process`` call per batch, B sessions with their own prompt and
+- livediff: one ``UNetBatch.process`` call per batch, B sessions with their own prompt and
   noise; N steps run as a stream batch (N UNet rows per session, one UNet call); per-stage
   times (upload + colour conversion, VAE encode, UNet, VAE decode, download) from CUDA events
   on the GPU, the clock on the CPU.
@@ -41,9 +41,10 @@ import av
 import diffusers
 import numpy as np
 import torch
-from common import Column, Table, load_json, machine, pyplot, resolve, save_json, save_plot
+from common import Column, Table, load_json, machine, pyplot, save_json, save_plot
 
 from livediff.frames import Frame
+from livediff.pixels import to_video_frame
 from livediff.testing.models import build_components, parameter_count
 from livediff.testing.reference import diffusers_img2img
 from livediff.transforms.base import Job
@@ -57,13 +58,8 @@ from livediff.transforms.diffusion.bundle import (
 from livediff.transforms.diffusion.models import ModelChoice, locate
 from livediff.transforms.diffusion.params import DiffusionParams
 from livediff.transforms.diffusion.transform import resolve_device, resolve_dtype
+from livediff.transforms.diffusion.unet_batch import UNetBatch
 
-# Names the engine refactor moves: where they are now, then where they were.
-StreamEngine = resolve(
-    "livediff.transforms.diffusion.stream:StreamBatch",
-    "livediff.transforms.diffusion.stream:StreamEngine",
-)
-to_video_frame = resolve("livediff.pixels:to_video_frame", "livediff.frames:to_video_frame")
 STAGES = ("upload", "encode", "unet", "decode", "download")
 NEGATIVE_PROMPT = "blurry, low quality"
 
@@ -318,7 +314,7 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, An
     for compiled in args.compile:
         if compiled == "on":
             compile_modules(bundle, args.compile_mode)
-        engine = StreamEngine(
+        engine = UNetBatch(
             bundle,
             device,
             dtype,

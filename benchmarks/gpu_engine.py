@@ -5,7 +5,8 @@ whose worker thread owns the device and its own CUDA stream, loads the model, co
 batch bucket at load (``--compile``), warms up, batches the sessions' frames, and brings each
 output back as a yuv420p video frame in one wait per batch. Only the weights differ: they are
 random, built on the device from the published sd-turbo (UNet, CLIP text encoder) and TAESD
-configs, which costs the same time as the real ones (see ../shared/MODELS.md).
+configs, which costs the same time as the real ones (see "Models without their weights" in
+docs/diffusion.md, with the FLOPs a frame costs and the published speeds to compare with).
 
 Measured, for eager and compiled engines (one load each: steps and session counts are params,
 they pick a bucket and never recompile):
@@ -116,14 +117,14 @@ def add_random_controlnets(engine: Engine) -> None:
     (weights do not change the time; the zero convolutions are randomised all the same)."""
     from diffusers import ControlNetModel
 
-    stream = engine.transform.stream  # type: ignore[attr-defined]
+    unet_batch = engine.transform.unet_batch  # type: ignore[attr-defined]
     for kind in ("canny", "depth"):
-        controlnet = ControlNetModel.from_unet(stream.bundle.unet)
+        controlnet = ControlNetModel.from_unet(unet_batch.bundle.unet)
         for name, parameter in controlnet.named_parameters():
             if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
                 torch.nn.init.normal_(parameter, std=0.02)
-        controlnet.to(stream.device, stream.dtype).eval().requires_grad_(False)
-        stream.controlnets.add(f"random-{kind}", controlnet)
+        controlnet.to(unet_batch.device, unet_batch.dtype).eval().requires_grad_(False)
+        unet_batch.controlnets.add(f"random-{kind}", controlnet)
 
 
 def write_depth_model(folder: Path, preset: str) -> str:
@@ -215,11 +216,11 @@ async def measure(
     try:
         await asyncio.gather(*(run_session(s, frames, steps + 2) for s in opened))
         clock = StageClock(torch.device(engine.transform.device))
-        engine.transform.stream.clock = clock  # type: ignore[attr-defined]
+        engine.transform.unet_batch.clock = clock  # type: ignore[attr-defined]
         started = time.perf_counter()
         runs = await asyncio.gather(*(run_session(s, frames, count) for s in opened))
         elapsed = time.perf_counter() - started
-        engine.transform.stream.clock = None  # type: ignore[attr-defined]
+        engine.transform.unet_batch.clock = None  # type: ignore[attr-defined]
     finally:
         for session in opened:
             await engine.close_session(session.id, "measured")
@@ -272,7 +273,7 @@ async def engine_runs(
 
 def diffusers_runs(engine: Engine, args: argparse.Namespace) -> list[dict[str, Any]]:
     """diffusers' img2img on the eager engine's components (worker idle), batch 1."""
-    bundle = engine.transform.stream.bundle  # type: ignore[attr-defined]
+    bundle = engine.transform.unet_batch.bundle  # type: ignore[attr-defined]
     device = torch.device(engine.transform.device)
     pipe = diffusers_img2img(bundle)
     dtype = next(bundle.unet.parameters()).dtype

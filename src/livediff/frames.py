@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import av
 import numpy as np
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 RgbArray: TypeAlias = npt.NDArray[np.uint8]
 Image: TypeAlias = "av.VideoFrame | RgbArray | torch.Tensor"
+#: What a consumer on another CUDA stream or thread waits for before reading a CUDA tensor image.
+ReadyEvent: TypeAlias = "torch.cuda.Event"
 
 #: RTP video clock: what aiortc's decoders stamp on frames.
 VIDEO_TIME_BASE = Fraction(1, 90_000)
@@ -56,9 +58,9 @@ class Frame:
     pts: int
     time_base: Fraction = VIDEO_TIME_BASE
     times: StageTimes = field(default_factory=StageTimes)
-    #: For a CUDA tensor image made on the worker's stream: the event a consumer on another
-    #: stream or thread waits for before reading it (see livediff.pixels.device, rule 2).
-    ready: Any = None
+    #: For a CUDA tensor image made on the worker's CUDA stream: the event a consumer on another
+    #: CUDA stream or thread waits for before reading it (see livediff.pixels.device, rule 2).
+    ready: ReadyEvent | None = None
 
     @property
     def seconds(self) -> float:

@@ -29,10 +29,10 @@ def camera() -> av.VideoFrame:
 def test_uploads_through_pinned_staging_equal_the_cpu_path() -> None:
     frame = camera()
     on_cpu = FrameUploader(torch.device("cpu"), torch.float32)(frame, *SIZE)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream), pinned_scope(4):
+    cuda_stream = torch.cuda.Stream()
+    with torch.cuda.stream(cuda_stream), pinned_scope(4):
         on_gpu = FrameUploader(torch.device("cuda"), torch.float32)(frame, *SIZE)
-        stream.synchronize()
+        cuda_stream.synchronize()
     assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-5)
 
 
@@ -55,16 +55,16 @@ def test_downloads_come_back_through_the_pinned_pool() -> None:
 
 def test_a_tensor_from_another_stream_is_adopted_before_it_is_read() -> None:
     produced = torch.full((1, SIZE[1], SIZE[0], 3), 0.5, device="cuda")  # default stream
-    worker = torch.cuda.Stream()
-    with torch.cuda.stream(worker):
+    worker_cuda_stream = torch.cuda.Stream()
+    with torch.cuda.stream(worker_cuda_stream):
         uploaded = FrameUploader(torch.device("cuda"), torch.float32)(produced, *SIZE)
-        worker.synchronize()
+        worker_cuda_stream.synchronize()
     assert torch.allclose(uploaded.cpu(), torch.zeros_like(uploaded.cpu()), atol=1e-6)
 
 
 def test_outputs_handed_to_another_thread_are_ordered_by_an_event() -> None:
-    worker = torch.cuda.Stream()
-    with torch.cuda.stream(worker):
+    worker_cuda_stream = torch.cuda.Stream()
+    with torch.cuda.stream(worker_cuda_stream):
         big = torch.rand(2048, 2048, device="cuda")
         image = (big @ big).clamp(0, 1)[:64, :96, None].expand(64, 96, 3)[None].contiguous()
         ready = mark_ready(image)
@@ -78,6 +78,6 @@ def test_outputs_handed_to_another_thread_are_ordered_by_an_event() -> None:
     thread = threading.Thread(target=consume)
     thread.start()
     thread.join(30)
-    worker.synchronize()
+    worker_cuda_stream.synchronize()
     assert torch.allclose(seen[0], image.sum().cpu())
     assert to_video_frame(image).format.name == "yuv420p"  # made on the device

@@ -11,13 +11,13 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
 
 from livediff.engine.slot import AsyncSlot, Slot
 from livediff.engine.stats import SessionStats
+from livediff.engine.threads import post_to_loop
 from livediff.frames import Frame, Image, now
 from livediff.pixels import fit_within, mark_ready, resize
-from livediff.transforms.base import Job, TransformParams
+from livediff.transforms.base import AnyJob, Job, TransformParams
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,9 @@ class Session:
         self.adapt_output = adapt_output
         #: The consumer encodes video frames: CUDA outputs come back as yuv420p with the batch.
         self.wants_video_frames = bool(getattr(adapt_output, "wants_video_frames", False))
-        self.transform_state: Any = None
+        #: What the transform's ``open_session`` made for this session, while the worker serves
+        #: it (None otherwise). Opaque to the engine, which only hands it back in every job.
+        self.transform_state: object = None
         self.failures = FailureBurst(session_id, error_limit)
         self.on_end: Callable[[str], None] | None = None
         self.end_reason: str | None = None
@@ -114,7 +116,7 @@ class Session:
         self.stats.on_received(moment)
         self.input.put(frame)
 
-    def next_job(self) -> Job | None:
+    def next_job(self) -> AnyJob | None:
         """The waiting frame as a job (worker thread)."""
         frame = self.input.take()
         if frame is None:
@@ -142,13 +144,13 @@ class Session:
                 self._outputs.remove(slot)
         slot.close()
 
-    def complete(self, job: Job, image: Image | None, finished: float) -> None:
+    def complete(self, job: AnyJob, image: Image | None, finished: float) -> None:
         """The transform's result for ``job`` (worker thread); None = nothing to show yet."""
         self.failures.succeeded()
         if image is not None:
             self._emit(job.frame, image, finished)
 
-    def fail(self, job: Job, exc: BaseException, finished: float) -> None:
+    def fail(self, job: AnyJob, exc: BaseException, finished: float) -> None:
         """The transform raised on ``job``: show the last good frame (or the input) instead."""
         self.stats.on_error()
         if self.failures.failed(exc):
@@ -174,6 +176,16 @@ class Session:
             slot.put(out)
 
     # -- end ---------------------------------------------------------------------------------
+    def report_end_on(self, loop: asyncio.AbstractEventLoop, on_end: Callable[[str], None]) -> None:
+        """Have ``on_end(reason)`` run on ``loop`` when the session ends itself (the worker
+        thread ends it after too many failed frames)."""
+
+        def ended_from_any_thread(reason: str) -> None:
+            if not post_to_loop(loop, on_end, reason):
+                logger.warning("session %s ended after its event loop closed: %s", self.id, reason)
+
+        self.on_end = ended_from_any_thread
+
     def end(self, reason: str) -> None:
         """Stop taking frames and tell the owner why (any thread)."""
         if self.end_reason is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -237,3 +238,23 @@ class SessionStats:
         moment = now() if at is None else at
         with self._lock:
             return self._received.rate(moment), self._sent.rate(moment)
+
+    def report(self) -> dict[str, Any]:
+        """Counters, rates over the window and latency percentiles (ingest to send, in ms), as
+        a session's stats show them."""
+        fps_in, fps_out = self.fps()
+        latency = self.latency()
+        return {
+            "frames_in": self.frames_in,
+            "frames_processed": self.frames_processed,
+            "frames_out": self.frames_out,
+            "frames_dropped": self.frames_dropped,
+            "errors": self.errors,
+            "fps_in": round(fps_in, 2),
+            "fps_out": round(fps_out, 2),
+            "latency_ms": {
+                "p50": round(latency.p50 * 1000, 2),
+                "p95": round(latency.p95 * 1000, 2),
+                "p99": round(latency.p99 * 1000, 2),
+            },
+        }

@@ -1,6 +1,6 @@
 """The worker: one thread per device that runs the transform on batches across sessions.
 
-The thread owns the device (and, on CUDA, its own stream): the transform is loaded, warmed,
+The thread owns the device (and, on CUDA, its own CUDA stream): the transform is loaded, warmed,
 called and closed there, and nowhere else. The event loop only hands it frames through the
 sessions' slots and small calls through :meth:`Worker.call`.
 """
@@ -18,13 +18,16 @@ from typing import Any, TypeVar
 
 from livediff.engine.session import Session
 from livediff.engine.stats import Metrics
+from livediff.engine.threads import ThreadOwner
 from livediff.frames import Image, now
 from livediff.pixels import finish_downloads, start_downloads
-from livediff.transforms.base import Job, Transform
+from livediff.transforms.base import AnyJob, AnyTransform
 
 logger = logging.getLogger(__name__)
 
 R = TypeVar("R")
+#: A session and its job in the batch being taken, staged or run.
+Batch = list[tuple[Session, AnyJob]]
 
 
 class WorkerState(StrEnum):
@@ -85,8 +88,8 @@ def device_scope(device: str, pinned_buffers: int) -> Iterator[None]:
     target = torch.device(device)
     if target.index is not None:
         torch.cuda.set_device(target)
-    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-    with torch.cuda.stream(stream), pinned_scope(pinned_buffers):
+    cuda_stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    with torch.cuda.stream(cuda_stream), pinned_scope(pinned_buffers):
         yield
 
 
@@ -95,13 +98,14 @@ class Worker:
 
     def __init__(
         self,
-        transform: Transform,
+        transform: AnyTransform,
         metrics: Metrics,
         *,
         max_batch: int,
         pinned_buffers: int = 8,
         after_load: Callable[[], None] | None = None,
         on_fault: Callable[[WorkerFaultError], None] | None = None,
+        owner: ThreadOwner | None = None,
     ) -> None:
         """``after_load`` runs on the thread after ``transform.load()`` (warm-up), before the
         worker reports READY; when it raises, the worker fails like a failed load.
@@ -109,8 +113,12 @@ class Worker:
         ``on_fault`` is called on the thread, after the transform was closed, when the thread
         ends on an error other than a frame's: the transform ran out of memory (MemoryError,
         torch's OutOfMemoryError) or something outside a frame raised. The worker is then dead
-        (state ERROR, :attr:`fault` set); the owner may build a new one."""
+        (state ERROR, :attr:`fault` set); the owner may build a new one.
+
+        ``owner`` is claimed by the thread as it starts, so that what must run on the worker
+        thread can check it does (the engine passes the same one to every worker it builds)."""
         self.transform = transform
+        self.owner = owner if owner is not None else ThreadOwner("worker", strict=True)
         self.max_batch = max_batch
         self._pinned_buffers = pinned_buffers
         self._after_load = after_load
@@ -178,22 +186,25 @@ class Worker:
 
     def attach_here(self, session: Session) -> None:
         """:meth:`attach`, from a call already running on the worker thread."""
+        self.owner.assert_current()
         session.transform_state = self.transform.open_session(session.params)
         self._sessions.append(session)
 
     def detach(self, session: Session) -> concurrent.futures.Future[None]:
         """Stop serving ``session`` and release its transform state."""
+        return self.call(lambda: self.detach_here(session))
 
-        def _detach() -> None:
-            if session in self._sessions:
-                self._sessions.remove(session)
-                self.transform.close_session(session.transform_state)
-            session.transform_state = None
-
-        return self.call(_detach)
+    def detach_here(self, session: Session) -> None:
+        """:meth:`detach`, from a call already running on the worker thread."""
+        self.owner.assert_current()
+        if session in self._sessions:
+            self._sessions.remove(session)
+            self.transform.close_session(session.transform_state)
+        session.transform_state = None
 
     # -- the thread ----------------------------------------------------------------------------
     def _main(self) -> None:
+        self.owner.claim()
         with device_scope(self.transform.device, self._pinned_buffers):
             if not self._load():
                 return
@@ -236,7 +247,7 @@ class Worker:
         return True
 
     def _serve(self) -> None:
-        staged: list[tuple[Session, Job]] = []  # the next batch, its inputs already moving
+        staged: Batch = []  # the next batch, its inputs already moving
         while True:
             calls, batch = self._wait_for_work(ready=bool(staged))
             faults = [fault for fault in map(self._run_call, calls) if fault is not None]
@@ -247,7 +258,7 @@ class Worker:
             if not batch and self._stopping and not calls:
                 return
 
-    def _wait_for_work(self, ready: bool) -> tuple[list[_Call], list[tuple[Session, Job]]]:
+    def _wait_for_work(self, ready: bool) -> tuple[list[_Call], Batch]:
         """Pending calls, and a batch unless ``ready`` (one was staged already)."""
         with self._cond:
             while not (ready or self._stopping or self._calls or self._any_ready()):
@@ -256,9 +267,9 @@ class Worker:
             batch = [] if self._stopping or ready else self._take_batch()
         return calls, batch
 
-    def _stage_next(self) -> list[tuple[Session, Job]]:
+    def _stage_next(self) -> Batch:
         """Take the frames already waiting and let the transform start moving them onto the
-        device (on its copy stream) while the batch in flight computes."""
+        device (on its CUDA copy stream) while the batch in flight computes."""
         with self._cond:
             batch = [] if self._stopping else self._take_batch()
         if batch:
@@ -275,10 +286,10 @@ class Worker:
     def _any_ready(self) -> bool:
         return any(session.input.ready() for session in self._sessions)
 
-    def _take_batch(self) -> list[tuple[Session, Job]]:
+    def _take_batch(self) -> Batch:
         """Up to ``max_batch`` sessions' newest frames, starting where the last batch stopped."""
         count = len(self._sessions)
-        batch: list[tuple[Session, Job]] = []
+        batch: Batch = []
         for offset in range(count):
             session = self._sessions[(self._rotation + offset) % count]
             job = session.next_job()
@@ -301,7 +312,7 @@ class Worker:
             return exc if is_out_of_memory(exc) else None
         return None
 
-    def _run_batch(self, batch: list[tuple[Session, Job]]) -> list[tuple[Session, Job]]:
+    def _run_batch(self, batch: Batch) -> Batch:
         """Process ``batch``; returns the next batch, staged while this one computed.
 
         The device is waited for once per batch: after the outputs' downloads are queued and
@@ -328,7 +339,7 @@ class Worker:
                 session.fail(job, outcome.error, finished)
         return staged
 
-    def _process(self, jobs: list[Job]) -> list[_Outcome]:
+    def _process(self, jobs: list[AnyJob]) -> list[_Outcome]:
         """Run the batch; when it raises, run its jobs one by one to find whose frame failed."""
         try:
             images = self.transform.process(jobs)

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Protocol, cast
 
 import av
 import numpy as np
 
-from livediff.frames import Image, RgbArray, image_size, is_tensor
+from livediff.frames import Image, ReadyEvent, RgbArray, image_size, is_tensor
 
 __all__ = [
+    "Downloads",
     "finish_downloads",
     "fit_within",
     "mark_ready",
@@ -86,9 +88,10 @@ def fit_within(image: Image, max_pixels: int) -> Image:
     return resize(image, fitted_width, fitted_height)
 
 
-def mark_ready(image: Image) -> Any:
-    """The event a consumer on another stream waits for before reading ``image`` (a CUDA
-    tensor made on this thread's stream); None for other images (see pixels.device, rule 2)."""
+def mark_ready(image: Image) -> ReadyEvent | None:
+    """The event a consumer on another CUDA stream waits for before reading ``image`` (a CUDA
+    tensor made on this thread's CUDA stream); None for other images (see pixels.device, rule
+    2)."""
     if not is_tensor(image):
         return None
     from livediff.pixels.device import mark_ready as mark_tensor_ready
@@ -96,8 +99,8 @@ def mark_ready(image: Image) -> Any:
     return mark_tensor_ready(image)
 
 
-def wait_ready(image: Image, ready: Any) -> None:
-    """Order this thread's stream after ``ready`` before it reads ``image`` (rule 2)."""
+def wait_ready(image: Image, ready: ReadyEvent | None) -> None:
+    """Order this thread's CUDA stream after ``ready`` before it reads ``image`` (rule 2)."""
     if ready is None or not is_tensor(image):
         return
     from livediff.pixels.device import wait_ready as wait_tensor_ready
@@ -105,20 +108,36 @@ def wait_ready(image: Image, ready: Any) -> None:
     wait_tensor_ready(image, ready)
 
 
-def start_downloads(images: Sequence[Image | None], wanted: Sequence[bool]) -> Any:
+class Downloads(Protocol):
+    """A batch's outputs on their way back to the host (:func:`start_downloads`)."""
+
+    def finish(self) -> list[Image | None]:
+        """The outputs, once they are on the host (one wait, when anything was on a device)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class HostImages:
+    """Outputs that need no download (no tensor among them): :meth:`finish` gives them back."""
+
+    images: list[Image | None]
+
+    def finish(self) -> list[Image | None]:
+        return self.images
+
+
+def start_downloads(images: Sequence[Image | None], wanted: Sequence[bool]) -> Downloads:
     """Worker thread, after a batch: queue the copies back of the outputs that will be encoded
     (``wanted``) and are CUDA tensors; nothing waits yet. Pass the result to
     :func:`finish_downloads`, which waits once for the lot."""
     if not any(is_tensor(image) for image in images):
-        return list(images)
+        return HostImages(list(images))
     from livediff.pixels.device import start_downloads as start_tensor_downloads
 
-    return start_tensor_downloads(list(images), list(wanted))
+    return start_tensor_downloads(list(images), list(wanted))  # a device.BatchDownloads
 
 
-def finish_downloads(started: Any) -> list[Image | None]:
+def finish_downloads(started: Downloads) -> list[Image | None]:
     """The batch's outputs, the downloaded ones as yuv420p video frames, after one wait for the
     device (when anything is on it)."""
-    if isinstance(started, list):
-        return started
-    return cast("list[Image | None]", started.finish())
+    return started.finish()

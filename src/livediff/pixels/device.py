@@ -10,14 +10,14 @@ without pinning.
 
 The ordering rule (every tensor that crosses a CUDA stream or a thread):
 
-1. A tensor made on another stream (ai-runner's frames, copied on the default stream) is
-   *adopted* before the worker reads it: the worker's stream waits for the producer's (on the
-   GPU; the host does not block) and ``record_stream`` keeps its memory from being reused until
-   the worker's stream is done with it (:func:`adopt`).
-2. A CUDA tensor the worker hands to another thread or stream (ai-runner's output) travels with
-   an event recorded on the worker's stream after the kernels that wrote it
-   (:func:`mark_ready`); the consumer makes its own stream wait for that event and records its
-   stream on the tensor before reading it (:func:`wait_ready`).
+1. A tensor made on another CUDA stream (ai-runner's frames, copied on the default one) is
+   *adopted* before the worker reads it: the worker's CUDA stream waits for the producer's (on
+   the GPU; the host does not block) and ``record_stream`` keeps its memory from being reused
+   until the worker's CUDA stream is done with it (:func:`adopt`).
+2. A CUDA tensor the worker hands to another thread or CUDA stream (ai-runner's output) travels
+   with an event recorded on the worker's CUDA stream after the kernels that wrote it
+   (:func:`mark_ready`); the consumer makes its own CUDA stream wait for that event and records
+   that CUDA stream on the tensor before reading it (:func:`wait_ready`).
 3. A pinned staging buffer is refilled only after the event of the last copy that used it has
    completed (:class:`PinnedPool`); each shape has two buffers used in turn, so filling one
    overlaps the copy out of the other.
@@ -66,7 +66,7 @@ RGB_TO_YUV_BT601 = (
 
 # -- pinned staging --------------------------------------------------------------------------
 class PinnedPool:
-    """Pinned host buffers for copies to and from one thread's device stream.
+    """Pinned host buffers for copies to and from one thread's CUDA stream.
 
     Buffers are kept per (direction, shape), two per key used in turn, each with the event of
     the last copy that used it; at most ``capacity`` keys are kept (least recently used go).
@@ -76,7 +76,7 @@ class PinnedPool:
         self.capacity = capacity
         self._rings: OrderedDict[tuple[str, tuple[int, ...]], _Ring] = OrderedDict()
 
-    def take(self, direction: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, Any]:
+    def take(self, direction: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.cuda.Event]:
         """A free pinned uint8 buffer of ``shape`` and the event to record after the copy."""
         key = (direction, shape)
         ring = self._rings.get(key)
@@ -95,16 +95,17 @@ class _Ring:
 
     def __init__(self, shape: tuple[int, ...]) -> None:
         self._shape = shape
-        self._slots: list[tuple[torch.Tensor, Any]] = [self._new() for _ in range(2)]
+        self._slots: list[tuple[torch.Tensor, torch.cuda.Event]] = [self._new() for _ in range(2)]
         self._turn = 0
 
-    def _new(self) -> tuple[torch.Tensor, Any]:
+    def _new(self) -> tuple[torch.Tensor, torch.cuda.Event]:
         buffer = torch.empty(self._shape, dtype=torch.uint8, pin_memory=True)
         return buffer, torch.cuda.Event()  # type: ignore[no-untyped-call]
 
-    def next(self) -> tuple[torch.Tensor, Any]:
+    def next(self) -> tuple[torch.Tensor, torch.cuda.Event]:
         buffer, event = self._slots[self._turn]
-        if not event.query() and len(self._slots) < MAX_IN_FLIGHT:
+        busy = not event.query()  # type: ignore[no-untyped-call]
+        if busy and len(self._slots) < MAX_IN_FLIGHT:
             self._slots.insert(self._turn, self._new())
             buffer, event = self._slots[self._turn]
         self._turn = (self._turn + 1) % len(self._slots)
@@ -151,10 +152,11 @@ def constant(name: str, values: Any, device: torch.device, dtype: torch.dtype) -
 # -- host -> device ---------------------------------------------------------------------------
 @dataclass
 class StagedUpload:
-    """Pixels already copied (or being copied) onto the device on the uploader's copy stream."""
+    """Pixels already copied (or being copied) onto the device on the uploader's CUDA copy
+    stream."""
 
     planes: torch.Tensor
-    ready: Any  # the copy's event: the compute stream waits for it (rule 2)
+    ready: torch.cuda.Event  # the copy's event: the compute CUDA stream waits for it (rule 2)
     width: int
     height: int
     yuv: bool
@@ -165,38 +167,40 @@ class StagedUpload:
 class FrameUploader:
     """Any supported image -> (1, 3, height, width) tensor in [-1, 1] on the device.
 
-    :meth:`stage` starts the copy of the next batch's pixels on a copy stream of its own, so
-    that it overlaps the batch in flight; the call then only converts on the compute stream.
+    :meth:`stage` starts the copy of the next batch's pixels on a CUDA copy stream of its own,
+    so that it overlaps the batch in flight; the call then only converts on the compute CUDA
+    stream.
     """
 
     def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
         self.device = device
         self.dtype = dtype
-        self._copy_stream: Any = None
+        self._cuda_copy_stream: torch.cuda.Stream | None = None
 
     def stage(self, image: Image) -> StagedUpload | None:
-        """Queue ``image``'s copy to the device on the copy stream; None where there is
+        """Queue ``image``'s copy to the device on the CUDA copy stream; None where there is
         nothing to overlap (the CPU, or a tensor already on the device)."""
         if self.device.type != "cuda" or not isinstance(image, av.VideoFrame | np.ndarray):
             return None
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        if self._cuda_copy_stream is None:
+            self._cuda_copy_stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        cuda_copy_stream = self._cuda_copy_stream
         if isinstance(image, np.ndarray):
-            planes = upload_array(image, self.device, self._copy_stream)
+            planes = upload_array(image, self.device, cuda_copy_stream)
             return StagedUpload(
-                planes, planes_ready(self._copy_stream), image.shape[1], image.shape[0], yuv=False
+                planes, planes_ready(cuda_copy_stream), image.shape[1], image.shape[0], yuv=False
             )
         if not _is_even_yuv420(image):
             rgb = cast(RgbArray, image.to_ndarray(format="rgb24"))
-            planes = upload_array(rgb, self.device, self._copy_stream)
+            planes = upload_array(rgb, self.device, cuda_copy_stream)
             return StagedUpload(
-                planes, planes_ready(self._copy_stream), image.width, image.height, yuv=False
+                planes, planes_ready(cuda_copy_stream), image.width, image.height, yuv=False
             )
-        planes = upload_yuv420(image, self.device, self._copy_stream)
+        planes = upload_yuv420(image, self.device, cuda_copy_stream)
         full_range, matrix = _colour(image)
         return StagedUpload(
             planes,
-            planes_ready(self._copy_stream),
+            planes_ready(cuda_copy_stream),
             image.width,
             image.height,
             True,
@@ -227,9 +231,9 @@ class FrameUploader:
         return tensor.permute(0, 3, 1, 2).clamp(0, 1)
 
     def _staged_rgb(self, staged: StagedUpload) -> torch.Tensor:
-        current = torch.cuda.current_stream(self.device)
-        current.wait_event(staged.ready)
-        staged.planes.record_stream(current)
+        compute_cuda_stream = torch.cuda.current_stream(self.device)
+        compute_cuda_stream.wait_event(staged.ready)
+        staged.planes.record_stream(compute_cuda_stream)
         if not staged.yuv:
             return _uint8_hwc_to_float(staged.planes)
         return yuv420_to_rgb(
@@ -272,16 +276,18 @@ def _colour(frame: av.VideoFrame) -> tuple[bool, str]:
     return full_range, "bt709" if frame.colorspace == BT709 else "bt601"
 
 
-def planes_ready(stream: Any) -> Any:
-    """An event recorded on ``stream`` now (after the copies queued on it)."""
+def planes_ready(cuda_stream: torch.cuda.Stream) -> torch.cuda.Event:
+    """An event recorded on ``cuda_stream`` now (after the copies queued on it)."""
     event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-    event.record(stream)
+    event.record(cuda_stream)
     return event
 
 
-def upload_yuv420(frame: av.VideoFrame, device: torch.device, stream: Any = None) -> torch.Tensor:
+def upload_yuv420(
+    frame: av.VideoFrame, device: torch.device, cuda_stream: torch.cuda.Stream | None = None
+) -> torch.Tensor:
     """A yuv420p frame's planes as a (H * 3 / 2, W) uint8 tensor on ``device`` (queued on
-    ``stream``, default the current one)."""
+    ``cuda_stream``, default the current one)."""
     shape = (frame.height * 3 // 2, frame.width)
     if device.type != "cuda":
         host = np.empty(shape, dtype=np.uint8)
@@ -289,38 +295,41 @@ def upload_yuv420(frame: av.VideoFrame, device: torch.device, stream: Any = None
         return torch.from_numpy(host)
     pinned, copied = pinned_pool().take("upload", shape)
     copy_yuv420_planes(frame, pinned.numpy())
-    return _to_device(pinned, copied, device, stream)
+    return _to_device(pinned, copied, device, cuda_stream)
 
 
 def upload_array(
-    array: npt.NDArray[np.uint8], device: torch.device, stream: Any = None
+    array: npt.NDArray[np.uint8], device: torch.device, cuda_stream: torch.cuda.Stream | None = None
 ) -> torch.Tensor:
-    """A uint8 array as a tensor on ``device`` (queued on ``stream``, not waited for)."""
+    """A uint8 array as a tensor on ``device`` (queued on ``cuda_stream``, not waited for)."""
     if device.type != "cuda":
         return torch.from_numpy(np.ascontiguousarray(array))
     pinned, copied = pinned_pool().take("upload", tuple(array.shape))
     pinned.numpy()[...] = array
-    return _to_device(pinned, copied, device, stream)
+    return _to_device(pinned, copied, device, cuda_stream)
 
 
 def _to_device(
-    pinned: torch.Tensor, copied: Any, device: torch.device, stream: Any = None
+    pinned: torch.Tensor,
+    copied: torch.cuda.Event,
+    device: torch.device,
+    cuda_stream: torch.cuda.Stream | None = None,
 ) -> torch.Tensor:
-    on = stream if stream is not None else torch.cuda.current_stream(device)
-    with torch.cuda.stream(on):
+    target = cuda_stream if cuda_stream is not None else torch.cuda.current_stream(device)
+    with torch.cuda.stream(target):
         on_device = torch.empty(pinned.shape, dtype=torch.uint8, device=device)
         on_device.copy_(pinned, non_blocking=True)
-        copied.record(on)
+        copied.record(target)
     return on_device
 
 
 def adopt(tensor: torch.Tensor) -> None:
-    """Rule 1: make a CUDA tensor from another stream safe to read on this thread's stream."""
-    current = torch.cuda.current_stream(tensor.device)
-    producer = torch.cuda.default_stream(tensor.device)
-    if current != producer:
-        current.wait_stream(producer)
-        tensor.record_stream(current)
+    """Rule 1: make a CUDA tensor from another CUDA stream safe to read on this thread's."""
+    this_cuda_stream = torch.cuda.current_stream(tensor.device)
+    producer_cuda_stream = torch.cuda.default_stream(tensor.device)
+    if this_cuda_stream != producer_cuda_stream:
+        this_cuda_stream.wait_stream(producer_cuda_stream)
+        tensor.record_stream(this_cuda_stream)
 
 
 def _uint8_hwc_to_float(pixels: torch.Tensor) -> torch.Tensor:
@@ -419,9 +428,9 @@ def tensor_to_video_frame(tensor: torch.Tensor) -> av.VideoFrame:
     return av.VideoFrame.from_ndarray(download(_rgb_uint8(tensor)), format="rgb24")
 
 
-# -- hand-offs across streams and threads -----------------------------------------------------
-def mark_ready(image: Image) -> Any:
-    """Rule 2, producer side: an event recorded on this thread's stream after the kernels that
+# -- hand-offs across CUDA streams and threads ------------------------------------------------
+def mark_ready(image: Image) -> torch.cuda.Event | None:
+    """Rule 2, producer side: an event recorded on this thread's CUDA stream after the kernels that
     wrote a CUDA tensor ``image``; None for anything else (nothing to wait for)."""
     if not isinstance(image, torch.Tensor) or not image.is_cuda:
         return None
@@ -430,14 +439,14 @@ def mark_ready(image: Image) -> Any:
     return event
 
 
-def wait_ready(image: Image, ready: Any) -> None:
-    """Rule 2, consumer side: this thread's stream waits for ``ready`` (on the GPU) and the
-    tensor's memory stays reserved until the work this stream queues on it is done."""
+def wait_ready(image: Image, ready: torch.cuda.Event | None) -> None:
+    """Rule 2, consumer side: this thread's CUDA stream waits for ``ready`` (on the GPU) and the
+    tensor's memory stays reserved until the work this CUDA stream queues on it is done."""
     if ready is None or not isinstance(image, torch.Tensor) or not image.is_cuda:
         return
-    stream = torch.cuda.current_stream(image.device)
-    stream.wait_event(ready)
-    image.record_stream(stream)
+    cuda_stream = torch.cuda.current_stream(image.device)
+    cuda_stream.wait_event(ready)
+    image.record_stream(cuda_stream)
 
 
 class BatchDownloads:
@@ -447,7 +456,7 @@ class BatchDownloads:
     def __init__(self, images: list[Image | None], pending: list[tuple[int, torch.Tensor]]) -> None:
         self.images = images
         self.pending = pending
-        self.done: Any = None
+        self.done: torch.cuda.Event | None = None
         devices = {
             image.device for image in images if isinstance(image, torch.Tensor) and image.is_cuda
         }

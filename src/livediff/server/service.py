@@ -22,11 +22,12 @@ from livediff.config import Settings
 from livediff.encoding import EncoderFrames
 from livediff.engine import Engine, Session, TaskSet, UnknownSessionError, gather_logged
 from livediff.logs import session_context
+from livediff.media import dtls_compat
 from livediff.media.peer import PublisherPeer, ViewerPeer
 from livediff.media.sdp import Offer, OfferLimits
 from livediff.server.errors import ViewersFullError, error_detail, status_for
 from livediff.server.limits import RateLimiter
-from livediff.transforms import Transform, TransformParams
+from livediff.transforms import AnyTransform, TransformParams
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class EndedSessions:
 class LivediffService:
     """The engine, and every session's peers and records."""
 
-    def __init__(self, settings: Settings, transform: Transform | None = None) -> None:
+    def __init__(self, settings: Settings, transform: AnyTransform | None = None) -> None:
         self.settings = settings
         self.engine = Engine(settings, transform)
         self.records: dict[str, SessionRecord] = {}
@@ -111,7 +112,13 @@ class LivediffService:
     # -- lifecycle -----------------------------------------------------------------------------
     @asynccontextmanager
     async def lifespan(self, _app: FastAPI | None = None) -> AsyncIterator[None]:
-        """Start the engine (the model loads in the background: /health says LOADING)."""
+        """Start the engine (the model loads in the background: /health says LOADING).
+
+        Every way of serving passes here (create_app's app, and an app that mounts the service
+        runs this lifespan, or no session can open), so this is also where the DTLS diagnostics
+        are installed: from now on a failed handshake is logged with its reason.
+        """
+        dtls_compat.install()
         self.engine.start_in_background()
         try:
             yield

@@ -8,9 +8,17 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
-from livediff.transforms.base import Job, Transform, TransformParams
+from livediff.transforms.base import AnyJob, AnyTransform, Job, Transform, TransformParams
 
-__all__ = ["BUILTIN_TRANSFORMS", "Job", "Transform", "TransformParams", "resolve_transform"]
+__all__ = [
+    "BUILTIN_TRANSFORMS",
+    "AnyJob",
+    "AnyTransform",
+    "Job",
+    "Transform",
+    "TransformParams",
+    "resolve_transform",
+]
 
 #: Built-in transforms: name -> "module:Class".
 BUILTIN_TRANSFORMS: dict[str, str] = {
@@ -25,7 +33,7 @@ class UnknownTransformError(LookupError):
     """The pipeline name matches no built-in, entry point or importable 'module:Class'."""
 
 
-def _import_class(target: str) -> type[Transform]:
+def _import_class(target: str) -> type[AnyTransform]:
     module_name, _, class_name = target.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -45,7 +53,7 @@ def available_transforms() -> dict[str, str]:
     return found
 
 
-def resolve_transform(name: str) -> type[Transform]:
+def resolve_transform(name: str) -> type[AnyTransform]:
     """The transform class for a pipeline name or a 'package.module:Class' path."""
     known = available_transforms()
     if name in known:

@@ -4,6 +4,13 @@ A transform knows pixels and params; it never learns about WebRTC, HTTP or ai-ru
 All of its methods but the constructor, the class attributes and the classmethods run on the
 worker thread that owns the device (the engine sends every call there), so a transform needs no
 locks of its own.
+
+The contract is generic in three types a transform declares once, so that its methods need no
+runtime checks of what the engine hands back to them: its params (``ParamsT``, a
+:class:`TransformParams`), its per-session state (``StateT``: what :meth:`Transform.open_session`
+makes and every :class:`Job` of that session carries) and what :meth:`Transform.stage` leaves on a
+job (``StagedT``). The engine holds any transform (:data:`AnyTransform`) and never looks inside
+the state or the staged value: it only hands them back.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeAlias, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,28 +35,41 @@ class TransformParams(BaseModel):
     height: int = Field(512, ge=64, le=2048, multiple_of=8, description="Output height in pixels.")
 
 
+#: A transform's params model.
+ParamsT = TypeVar("ParamsT", bound=TransformParams)
+#: A transform's per-session state (None for a transform that keeps none).
+StateT = TypeVar("StateT")
+#: What a transform's :meth:`Transform.stage` stores on a job (None if it stages nothing).
+StagedT = TypeVar("StagedT")
+
+
 @dataclass(slots=True)
-class Job:
+class Job(Generic[ParamsT, StateT, StagedT]):
     """One frame of one session, handed to :meth:`Transform.process`."""
 
     session_id: str
     frame: Frame
-    params: TransformParams
-    state: Any
+    params: ParamsT
+    state: StateT
     #: Set by a transform that repeated an earlier output instead of processing this frame
     #: (e.g. the similarity filter); the engine counts it with the dropped frames.
     skipped: bool = False
     #: The transform's own: what :meth:`Transform.stage` started for this job (e.g. pixels
-    #: already on their way to the device).
-    staged: Any = None
+    #: already on their way to the device); None when nothing was staged.
+    staged: StagedT | None = None
 
 
-class Transform(ABC):
-    """Turns frames into frames. Subclass it and register it by name or 'module:Class'."""
+class Transform(ABC, Generic[ParamsT, StateT, StagedT]):
+    """Turns frames into frames. Subclass it and register it by name or 'module:Class'.
+
+    A subclass names its types: ``class Mine(Transform[MyParams, MyState, None])``; a bare
+    ``Transform`` subclass gets ``Any`` for each (as untyped code does).
+    """
 
     #: The name `--pipeline` selects it by.
     name: ClassVar[str]
-    #: Its params; a torch-free pydantic model (extra='forbid', frozen).
+    #: Its params; a torch-free pydantic model (extra='forbid', frozen), ``ParamsT`` or a
+    #: subclass of it (a class variable cannot name a type variable).
     params_model: ClassVar[type[TransformParams]] = TransformParams
 
     def __init__(self, settings: Settings) -> None:
@@ -66,13 +86,13 @@ class Transform(ABC):
         configured; pure, so any thread may ask (the ai-runner spec is built from it)."""
         return {"width": settings.width, "height": settings.height}
 
-    @classmethod  # noqa: B027 - optional hook
+    @classmethod
     def check_available(cls, settings: Settings) -> None:
         """Raise (a LookupError saying how to fix it) when what ``settings`` configure cannot
         be loaded on this machine, so that a command fails at start rather than at load."""
 
     @classmethod
-    def model_ids(cls, params: TransformParams) -> dict[tuple[str | int, ...], str]:
+    def model_ids(cls, params: ParamsT) -> dict[tuple[str | int, ...], str]:
         """The model ids (hub ids or folders) that ``params`` name, by the field's location
         (``("model",)``, ``("controlnets", 0, "model")``): the engine refuses any that is not
         on the server's allow-list (the configured model and vae, ``--allow-model``) before
@@ -84,46 +104,56 @@ class Transform(ABC):
         so that a new session does not ask for a reload. Asked after every (re)load."""
         return {}
 
-    def load(self) -> None:  # noqa: B027 - optional hook
+    def load(self) -> None:
         """Load models and warm up. Runs once, on the worker thread, before any frame."""
 
-    def open_session(self, params: TransformParams) -> Any:
-        """Per-session state (caches, filter memory); passed back in every :class:`Job`."""
-        return None
+    def open_session(self, params: ParamsT) -> StateT:
+        """Per-session state (caches, filter memory); passed back in every :class:`Job`.
 
-    def close_session(self, state: Any) -> None:  # noqa: B027 - optional hook
+        The default keeps none: it is for transforms whose ``StateT`` is None, and a transform
+        with a state type overrides it."""
+        return cast(StateT, None)
+
+    def close_session(self, state: StateT) -> None:
         """Release what :meth:`open_session` made."""
 
-    def validate_params(self, params: TransformParams) -> None:  # noqa: B027 - optional hook
+    def validate_params(self, params: ParamsT) -> None:
         """Refuse params the loaded model cannot serve (raise pydantic's ValidationError, which
         the faces answer with a 422); called before a session takes them."""
 
-    def requires_reload(self, old: TransformParams, new: TransformParams) -> bool:
+    def requires_reload(self, old: ParamsT, new: ParamsT) -> bool:
         """True when moving from ``old`` to ``new`` params means reloading weights."""
         return False
 
-    def reload(self, params: TransformParams) -> None:  # noqa: B027 - optional hook
+    def reload(self, params: ParamsT) -> None:
         """Reload weights for ``params`` (only called when :meth:`requires_reload` said so)."""
 
-    def stage(self, jobs: Sequence[Job]) -> None:  # noqa: B027 - optional hook
+    def stage(self, jobs: Sequence[Job[ParamsT, StateT, StagedT]]) -> None:
         """Start moving the inputs of ``jobs`` (the next batch) onto the device, while the batch
         in flight still computes; store what :meth:`process` needs in ``job.staged``."""
 
     @abstractmethod
-    def process(self, jobs: Sequence[Job]) -> list[Image | None]:
+    def process(self, jobs: Sequence[Job[ParamsT, StateT, StagedT]]) -> list[Image | None]:
         """Transform a batch (at most one frame per session); one output per job, in order.
 
         An output is an image at the job's ``params.width`` x ``params.height``, or None when
         the transform has nothing to show for this frame yet (e.g. a pipeline still filling).
         """
 
-    def synchronize(self) -> None:  # noqa: B027 - optional hook
+    def synchronize(self) -> None:
         """Wait until the device has finished the work queued so far (after warm-up)."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Free models and device memory."""
 
     @classmethod
     def pipeline_info(cls) -> dict[str, Any]:
         """What clients may ask of this transform: its name and params JSON schema."""
         return {"name": cls.name, "params_schema": cls.params_model.model_json_schema()}
+
+
+#: What the engine holds: a transform of any params, state and staged types (it only hands the
+#: state and the staged value back to the transform that made them).
+AnyTransform: TypeAlias = Transform[Any, Any, Any]
+#: A job of any transform, as the engine's sessions and worker make and pass them.
+AnyJob: TypeAlias = Job[Any, Any, Any]

@@ -22,12 +22,14 @@ class PassthroughParams(TransformParams):
     )
 
 
-class PassthroughTransform(Transform):
+class PassthroughTransform(Transform[PassthroughParams, None, None]):
+    """No model, no session state, nothing staged: the input at the session's size."""
+
     name = "passthrough"
     params_model = PassthroughParams
 
-    def process(self, jobs: Sequence[Job]) -> list[Image | None]:
-        delay_ms = max(float(getattr(job.params, "delay_ms", 0.0)) for job in jobs)
+    def process(self, jobs: Sequence[Job[PassthroughParams, None, None]]) -> list[Image | None]:
+        delay_ms = max(job.params.delay_ms for job in jobs)
         if delay_ms > 0:
             time.sleep(delay_ms / 1000)
         return [resize(job.frame.image, job.params.width, job.params.height) for job in jobs]

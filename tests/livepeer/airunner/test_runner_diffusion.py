@@ -88,7 +88,7 @@ def model_loads(pipeline: LivediffPipeline) -> float:
 
 async def test_a_prompt_update_applies_in_place(pipeline: LivediffPipeline) -> None:
     transform = pipeline.streams.engine.transform
-    stream, loads = transform.stream, model_loads(pipeline)
+    unet_batch, loads = transform.unet_batch, model_loads(pipeline)
     image = camera(3)
     before = await roundtrip(pipeline, image, 1)
     again = await roundtrip(pipeline, image, 2)
@@ -97,7 +97,7 @@ async def test_a_prompt_update_applies_in_place(pipeline: LivediffPipeline) -> N
     assert await pipeline.update_params(**{**PARAMS, "prompt": "a blue whale"}) is None
     after = await roundtrip(pipeline, image, 3)
     assert not torch.equal(after.tensor, again.tensor)
-    assert transform.stream is stream and model_loads(pipeline) == loads  # no reload
+    assert transform.unet_batch is unet_batch and model_loads(pipeline) == loads  # no reload
 
 
 async def test_a_model_change_returns_a_task_that_reloads(
@@ -138,11 +138,11 @@ async def test_stop_releases_the_model(
     pipeline: LivediffPipeline, worker_threads: Callable[[], int]
 ) -> None:
     await roundtrip(pipeline, camera(6), 1)
-    stream = weakref.ref(pipeline.streams.engine.transform.stream)
+    unet_batch = weakref.ref(pipeline.streams.engine.transform.unet_batch)
     threads = worker_threads()
     await pipeline.stop()
     gc.collect()
-    assert stream() is None, "the diffusion model (UNet, VAE, text encoder) is still held"
+    assert unet_batch() is None, "the diffusion model (UNet, VAE, text encoder) is still held"
     assert worker_threads() == threads - 1
 
 

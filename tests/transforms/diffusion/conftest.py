@@ -14,7 +14,7 @@ import pytest
 
 from livediff.config import Settings
 from livediff.frames import Frame
-from livediff.testing.models import ModelFolders, write_model_folder
+from livediff.testing.models import ModelFolders, tiny_options, write_model_folder
 from livediff.transforms.base import Job
 from livediff.transforms.diffusion.params import DiffusionParams
 from livediff.transforms.diffusion.transform import DiffusionTransform
@@ -27,20 +27,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> ModelFolders:
     return write_model_folder(tmp_path_factory.mktemp("tiny-sd"), "tiny", seed=0)
 
 
-def tiny_options(folders: ModelFolders, size: int = SIZE) -> dict[str, Any]:
-    """Settings fields that serve the tiny model on the CPU at size x size."""
-    return {
-        "pipeline": "diffusion",
-        "model": str(folders.model),
-        "vae": str(folders.taesd),
-        "device": "cpu",
-        "width": size,
-        "height": size,
-    }
-
-
 def tiny_settings(folders: ModelFolders, **overrides: Any) -> Settings:
-    return Settings(**{**tiny_options(folders), **overrides})
+    return Settings(**{**tiny_options(folders, SIZE), **overrides})
 
 
 @pytest.fixture

@@ -20,11 +20,11 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline
 from pydantic import ValidationError
 
-from livediff.testing.models import ModelFolders, build_components
+from livediff.testing.models import ModelFolders, build_components, tiny_options
+from livediff.testing.servers import LiveServer
 from livediff.transforms.diffusion.transform import DiffusionTransform
-from tests.conftest import LiveServer
 from tests.server.streaming import publish
-from tests.transforms.diffusion.conftest import SIZE, Stream, camera_frames, tiny_options
+from tests.transforms.diffusion.conftest import SIZE, Stream, camera_frames
 
 
 def write_controlnet(folder: Path, unet: Any, seed: int) -> str:
@@ -54,7 +54,7 @@ def transform(make_transform: Callable[..., DiffusionTransform]) -> DiffusionTra
 
 def ready(transform: DiffusionTransform, *model_ids: str) -> None:
     """Wait until the pool has loaded the ControlNets (they load in the background)."""
-    pool = transform._stream().controlnets
+    pool = transform._unet_batch().controlnets
     assert pool is not None
     deadline = time.monotonic() + 60
     while any(pool.get(model_id) is None for model_id in model_ids):
@@ -67,7 +67,7 @@ def spec(model_id: str, **values: Any) -> dict[str, Any]:
 
 
 def reference_pipe(transform: DiffusionTransform, folders: list[str]) -> Any:
-    bundle = transform._stream().bundle
+    bundle = transform._unet_batch().bundle
     models = [ControlNetModel.from_pretrained(folder) for folder in folders]
     pipe = StableDiffusionControlNetImg2ImgPipeline(
         vae=bundle.vae,
@@ -123,20 +123,20 @@ def test_scale_zero_is_no_controlnet_and_a_scale_change_needs_no_reload(
     plain = Stream(transform, seed=3).feed(image)
     stream = Stream(transform, seed=3, controlnets=[spec(controlnets[0], conditioning_scale=0.0)])
     ready(transform, controlnets[0])
-    model = transform.stream
+    model = transform.unet_batch
     torch.testing.assert_close(stream.feed(image), plain, atol=1e-6, rtol=0)
     stream.update(controlnets=[spec(controlnets[0], conditioning_scale=1.0)])
     steered = stream.feed(image)
     assert not torch.allclose(steered, plain, atol=1e-3)
     stream.update(controlnets=[spec(controlnets[0], enabled=False)])
     torch.testing.assert_close(stream.feed(image), plain, atol=1e-6, rtol=0)
-    assert transform.stream is model  # no reload
+    assert transform.unet_batch is model  # no reload
 
 
 @contextmanager
 def controlnet_rows(transform: DiffusionTransform, model_id: str) -> Iterator[list[int]]:
     """Record how many UNet rows go through the ControlNet in each call inside the block."""
-    pool = transform._stream().controlnets
+    pool = transform._unet_batch().controlnets
     assert pool is not None
     call = pool.get(model_id)
     assert call is not None

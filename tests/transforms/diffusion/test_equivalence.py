@@ -16,7 +16,7 @@ from tests.transforms.diffusion.conftest import Stream, camera_frames
 
 
 def diffusers_img2img(transform: DiffusionTransform) -> Any:
-    return reference_img2img(transform._stream().bundle)
+    return reference_img2img(transform._unet_batch().bundle)
 
 
 @pytest.mark.parametrize(

@@ -31,8 +31,8 @@ def test_a_steady_state_batch_never_waits_for_the_device(
         Stream(transform, t_index_list=[20, 35]),
         Stream(transform, cfg_type="self", guidance_scale=1.5),
     ]
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
+    cuda_stream = torch.cuda.Stream()
+    with torch.cuda.stream(cuda_stream):
         for frame in frames[:3]:  # fills the stream batches, caches prompts, noise, tables
             transform.process([s.job(frame) for s in streams])
         torch.cuda.set_sync_debug_mode("error")
@@ -41,7 +41,7 @@ def test_a_steady_state_batch_never_waits_for_the_device(
                 outputs = transform.process([s.job(frame) for s in streams])
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        stream.synchronize()
+        cuda_stream.synchronize()
     assert all(isinstance(output, torch.Tensor) and output.is_cuda for output in outputs)
 
 

@@ -55,7 +55,7 @@ def test_offline_hub_ids_resolve_from_the_model_dir_cache(
     transform.load()
     try:
         assert transform.loaded_params()["model"] == "stabilityai/sd-turbo"
-        assert transform._stream().bundle.unet is not None
+        assert transform._unet_batch().bundle.unet is not None
     finally:
         transform.close()
 

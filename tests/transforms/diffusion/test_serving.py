@@ -7,11 +7,11 @@ from collections.abc import Callable
 
 import httpx
 
-from livediff.testing.models import ModelFolders
+from livediff.testing.models import ModelFolders, tiny_options
+from livediff.testing.servers import LiveServer
 from livediff.transforms.diffusion.transform import DiffusionTransform
-from tests.conftest import LiveServer
 from tests.server.streaming import publish
-from tests.transforms.diffusion.conftest import SIZE, tiny_options
+from tests.transforms.diffusion.conftest import SIZE
 
 
 async def test_a_webrtc_session_is_restyled_live_and_takes_params_without_reloading(
@@ -20,7 +20,7 @@ async def test_a_webrtc_session_is_restyled_live_and_takes_params_without_reload
     server = serve(**tiny_options(tiny_model, SIZE), allow_models=["./no/such/model"])
     transform = server.service.engine.transform
     assert isinstance(transform, DiffusionTransform)
-    engine = transform._stream()
+    unet_batch = transform._unet_batch()
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
         pipeline = (await http.get("/v1/pipeline")).json()
         assert pipeline["name"] == "diffusion"
@@ -59,4 +59,4 @@ async def test_a_webrtc_session_is_restyled_live_and_takes_params_without_reload
     )
     assert info["frames_out"] >= 16 and info["errors"] == 0
     loads = server.service.engine.metrics.registry.get_sample_value("livediff_model_loads_total")
-    assert loads == 1 and transform._stream() is engine  # never reloaded
+    assert loads == 1 and transform._unet_batch() is unet_batch  # never reloaded

@@ -17,12 +17,12 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from livediff.testing.models import ModelFolders
+from livediff.testing.models import ModelFolders, tiny_options
+from livediff.testing.servers import LiveServer
 from livediff.transforms.diffusion.shapes import PaddedCall
 from livediff.transforms.diffusion.transform import DiffusionTransform
-from tests.conftest import LiveServer
 from tests.server.streaming import publish
-from tests.transforms.diffusion.conftest import SIZE, Stream, camera_frames, tiny_options
+from tests.transforms.diffusion.conftest import SIZE, Stream, camera_frames
 
 BUCKETS = [1, 2, 4, 8]
 COMPILED = {"compile": True, "compile_backend": "eager", "batch_buckets": BUCKETS}
@@ -40,7 +40,7 @@ def test_buckets_and_pieces() -> None:
 
 
 def test_padding_never_changes_the_real_rows(make_transform: Callable[..., Any]) -> None:
-    unet = make_transform()._stream().bundle.unet
+    unet = make_transform()._unet_batch().bundle.unet
     seen: list[int] = []
 
     def forward(x: torch.Tensor, t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ def test_padding_never_changes_the_real_rows(make_transform: Callable[..., Any])
 def test_no_graph_breaks_in_the_compiled_modules(
     make_transform: Callable[..., DiffusionTransform], module: str
 ) -> None:
-    bundle = make_transform()._stream().bundle
+    bundle = make_transform()._unet_batch().bundle
     generator = torch.Generator().manual_seed(2)
     if module == "unet":
         target: Any = bundle.unet

@@ -22,7 +22,7 @@ VAE_CLASSES = ("AutoencoderTiny", "AutoencoderKL")
 
 @dataclass
 class ModelBundle:
-    """The components the stream engine runs."""
+    """The components the UNet batch runs."""
 
     unet: Any
     vae: Any
@@ -172,7 +172,7 @@ def compile_modules(bundle: ModelBundle, options: CompileOptions) -> None:
     """``torch.compile`` the UNet and both VAE halves in place, with static shapes.
 
     Every call comes padded to one of the planned batch sizes (the shape buckets, see
-    ``stream.PaddedCall``), so each bucket compiles once, at load, and a session joining or
+    ``shapes.PaddedCall``), so each bucket compiles once, at load, and a session joining or
     leaving picks another bucket instead of recompiling; ``dynamic=False`` keeps torch from
     turning the batch size symbolic (a recompile, under max-autotune minutes on a GPU).
     """

@@ -1,7 +1,7 @@
-"""Where a batch's time goes: marks between the stages of :class:`StreamBatch.process`.
+"""Where a batch's time goes: marks between the stages of :class:`UNetBatch.process`.
 
-Off unless a benchmark turns it on (``StreamBatch.clock = StageClock(device)``). On a GPU each
-mark is a CUDA event recorded on the worker's stream (nothing waits for it); the durations are
+Off unless a benchmark turns it on (``UNetBatch.clock = StageClock(device)``). On a GPU each
+mark is a CUDA event recorded on the worker's CUDA stream (nothing waits for it); the durations are
 read once the batch's one sync has passed. On the CPU the marks are the clock itself.
 """
 

@@ -1,4 +1,4 @@
-"""ControlNets for the stream batch: loaded while the stream goes on, residuals for every row.
+"""ControlNets for the UNet batch: loaded while it keeps serving, residuals for every row.
 
 Sessions name ControlNets in their params (``controlnets``: Livepeer's shape). The pool loads
 each model id once, in a background thread (from disk to the device, then a sync on that
@@ -158,7 +158,7 @@ class ControlNetPool:
         model = diffusers.ControlNetModel.from_pretrained(folder, torch_dtype=self._dtype)
         model.to(self._device).eval().requires_grad_(False)
         if self._device.type == "cuda":
-            torch.cuda.current_stream(self._device).synchronize()  # the loader thread's stream
+            torch.cuda.current_stream(self._device).synchronize()  # the loader thread's CUDA stream
         return model
 
     def release_idle(self, idle_s: float) -> None:

@@ -41,7 +41,7 @@ class SimilarityFilter:
 
     def similarity_to(self, image: torch.Tensor) -> torch.Tensor:
         """Cosine similarity of ``image`` to the reference, as a 0-d tensor on the device
-        (read back for a whole batch at once: see ``stream.similarities_of``)."""
+        (read back for a whole batch at once: see ``unet_batch.similarities_of``)."""
         assert self._previous is not None
         return F.cosine_similarity(
             self._previous.reshape(1, -1).to(torch.float32),

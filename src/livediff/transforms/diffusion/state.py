@@ -1,4 +1,4 @@
-"""One session's place in the stream: what its params resolved to, and its frames in flight.
+"""One session's place in the UNet batch: what its params resolved to, and its frames in flight.
 
 Every cache here follows the params by value: a new prompt re-encodes (once, through the shared
 cache), a new seed draws new noise, a new number of steps or a new size restarts the stream
@@ -28,7 +28,7 @@ class LatentShape:
 
 @dataclass
 class SessionCache:
-    """Per-session state of the stream engine (made by ``open_session``, worker thread only)."""
+    """Per-session state of the UNet batch (made by ``open_session``, worker thread only)."""
 
     generation: int
     #: The params of the last frame (to notice any change).

@@ -1,6 +1,6 @@
 """``DiffusionTransform``: the "diffusion" pipeline (``livediff serve --pipeline diffusion``).
 
-The worker thread loads the model and runs :class:`StreamBatch` on each batch (the engine warms
+The worker thread loads the model and runs :class:`UNetBatch` on each batch (the engine warms
 it up). The model is one per worker: a session that asks for another ``model``/``vae`` reloads
 it for every session, so the engine allows that only to a session that is alone (409 otherwise,
 see :class:`livediff.engine.Engine`). A model that cannot be loaded is refused with a 422 on the
@@ -20,7 +20,8 @@ from pydantic_core import ValidationError
 
 from livediff.config import Settings
 from livediff.frames import Image
-from livediff.transforms.base import Job, Transform, TransformParams
+from livediff.pixels.device import StagedUpload
+from livediff.transforms.base import Transform
 from livediff.transforms.diffusion.bundle import (
     CompileOptions,
     ModelBundle,
@@ -39,7 +40,7 @@ from livediff.transforms.diffusion.models import (
 from livediff.transforms.diffusion.params import FULL_VAE, DiffusionParams
 from livediff.transforms.diffusion.preprocess import Preprocessors
 from livediff.transforms.diffusion.state import SessionCache
-from livediff.transforms.diffusion.stream import StreamBatch
+from livediff.transforms.diffusion.unet_batch import DiffusionJob, UNetBatch
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,11 @@ def compile_options(settings: Settings) -> CompileOptions:
     )
 
 
-class DiffusionTransform(Transform):
-    """Realtime img2img with a diffusion model, several sessions batched on one device."""
+class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload]):
+    """Realtime img2img with a diffusion model, several sessions batched on one device.
+
+    Its sessions' state is a :class:`SessionCache`, and :meth:`stage` leaves a
+    :class:`StagedUpload` on each job (see :mod:`livediff.transforms.base`)."""
 
     name = "diffusion"
     params_model = DiffusionParams
@@ -93,7 +97,7 @@ class DiffusionTransform(Transform):
         self._compile = compile_options(settings) if settings.compile else None
         self._vae_dtype = None if settings.vae_dtype == "auto" else DTYPES[settings.vae_dtype]
         self.choice = ModelChoice(settings.model, settings.vae, settings.model_dir)
-        self.stream: StreamBatch | None = None
+        self.unet_batch: UNetBatch | None = None
         self.check_available(settings)
 
     @classmethod
@@ -116,10 +120,9 @@ class DiffusionTransform(Transform):
         return {**super().default_params(settings), "model": settings.model, "vae": settings.vae}
 
     @classmethod
-    def model_ids(cls, params: TransformParams) -> dict[tuple[str | int, ...], str]:
+    def model_ids(cls, params: DiffusionParams) -> dict[tuple[str | int, ...], str]:
         """``model``, ``vae`` unless it is 'full' (the model's own VAE, no other files), and
         the ``model_id`` of each entry of a ``controlnets`` list."""
-        assert isinstance(params, DiffusionParams)
         ids: dict[tuple[str | int, ...], str] = {("model",): params.model}
         if params.vae != FULL_VAE:
             ids[("vae",)] = params.vae
@@ -132,12 +135,12 @@ class DiffusionTransform(Transform):
 
     # -- loading ----------------------------------------------------------------------------------
     def load(self) -> None:
-        self.stream = self._load_stream(self.choice, generation=0)
+        self.unet_batch = self._load_unet_batch(self.choice, generation=0)
 
-    def _load_stream(self, choice: ModelChoice, generation: int) -> StreamBatch:
+    def _load_unet_batch(self, choice: ModelChoice, generation: int) -> UNetBatch:
         bundle = self.load_bundle(choice)
-        if self.stream is not None:  # free the old model before the new one moves in
-            self._drop_stream()
+        if self.unet_batch is not None:  # free the old model before the new one moves in
+            self._drop_unet_batch()
         prepare(
             bundle,
             self._device,
@@ -150,7 +153,7 @@ class DiffusionTransform(Transform):
         )
         cuda_graphs = uses_cuda_graphs(self._device, compile_mode)
         buckets = self.settings.batch_buckets if self._compile is not None else None
-        stream = StreamBatch(
+        unet_batch = UNetBatch(
             bundle,
             self._device,
             self._dtype,
@@ -168,13 +171,13 @@ class DiffusionTransform(Transform):
             ),
             preprocess=Preprocessors(self._device, self._dtype, self.settings),
         )
-        stream.generation = generation
+        unet_batch.generation = generation
         if self._compile is not None:  # every bucket compiles now, never while serving
-            stream.precompile(self.settings.width, self.settings.height)
+            unet_batch.precompile(self.settings.width, self.settings.height)
         logger.info(
             "diffusion model %s (vae %s) loaded on %s", choice.model, choice.vae, self._device
         )
-        return stream
+        return unet_batch
 
     def load_bundle(self, choice: ModelChoice) -> ModelBundle:
         """The model's components on the CPU, from its folders (downloaded if need be); a
@@ -184,10 +187,10 @@ class DiffusionTransform(Transform):
     def _locate_controlnet(self, model_id: str, download: bool) -> Path:
         return locate_controlnet(model_id, self.settings.model_dir, download=download)
 
-    def validate_params(self, params: TransformParams) -> None:
+    def validate_params(self, params: DiffusionParams) -> None:
         """Refuse ControlNets that cannot serve the loaded model (422 on their model_id)."""
-        if isinstance(params, DiffusionParams) and params.controlnets:
-            pool = self._stream().controlnets
+        if params.controlnets:
+            pool = self._unet_batch().controlnets
             if pool is not None:
                 pool.check(params.controlnets)
 
@@ -195,59 +198,57 @@ class DiffusionTransform(Transform):
         if self._device.type == "cuda":
             torch.cuda.current_stream(self._device).synchronize()
 
-    def _drop_stream(self) -> None:
-        if self.stream is not None:
-            if self.stream.controlnets is not None:
-                self.stream.controlnets.close()
-            if isinstance(self.stream.preprocess, Preprocessors):
-                self.stream.preprocess.close()
-        self.stream = None
+    def _drop_unet_batch(self) -> None:
+        if self.unet_batch is not None:
+            if self.unet_batch.controlnets is not None:
+                self.unet_batch.controlnets.close()
+            if isinstance(self.unet_batch.preprocess, Preprocessors):
+                self.unet_batch.preprocess.close()
+        self.unet_batch = None
         gc.collect()
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 
     # -- params -----------------------------------------------------------------------------------
-    def requires_reload(self, old: TransformParams, new: TransformParams) -> bool:
+    def requires_reload(self, old: DiffusionParams, new: DiffusionParams) -> bool:
         wanted = _wanted(new)
         return wanted != _wanted(old) and wanted != (self.choice.model, self.choice.vae)
 
-    def reload(self, params: TransformParams) -> None:
+    def reload(self, params: DiffusionParams) -> None:
         choice = ModelChoice(*_wanted(params), self.settings.model_dir)
-        generation = self._stream().generation + 1
+        generation = self._unet_batch().generation + 1
         try:
-            stream = self._load_stream(choice, generation)
+            unet_batch = self._load_unet_batch(choice, generation)
         except ModelUnavailableError as exc:
             raise _field_error(exc.role, getattr(params, exc.role), str(exc)) from exc
-        self.stream, self.choice = stream, choice
+        self.unet_batch, self.choice = unet_batch, choice
 
     # -- sessions and frames ----------------------------------------------------------------------
-    def open_session(self, params: TransformParams) -> SessionCache:
+    def open_session(self, params: DiffusionParams) -> SessionCache:
         if _wanted(params) != (self.choice.model, self.choice.vae):
             raise RuntimeError("open_session with another model than the loaded one (reload first)")
-        return self._stream().open_session()
+        return self._unet_batch().open_session()
 
-    def close_session(self, state: Any) -> None:
-        if isinstance(state, SessionCache):
-            state.release()
+    def close_session(self, state: SessionCache) -> None:
+        state.release()
 
-    def stage(self, jobs: Sequence[Job]) -> None:
-        self._stream().stage(jobs)
+    def stage(self, jobs: Sequence[DiffusionJob]) -> None:
+        self._unet_batch().stage(jobs)
 
-    def process(self, jobs: Sequence[Job]) -> list[Image | None]:
-        return self._stream().process(jobs)
+    def process(self, jobs: Sequence[DiffusionJob]) -> list[Image | None]:
+        return self._unet_batch().process(jobs)
 
     def close(self) -> None:
-        self._drop_stream()
+        self._drop_unet_batch()
 
-    def _stream(self) -> StreamBatch:
-        if self.stream is None:
+    def _unet_batch(self) -> UNetBatch:
+        if self.unet_batch is None:
             raise RuntimeError("the diffusion model is not loaded")
-        return self.stream
+        return self.unet_batch
 
 
-def _wanted(params: TransformParams) -> tuple[str, str]:
-    if not isinstance(params, DiffusionParams):
-        raise TypeError(f"the diffusion transform needs DiffusionParams, not {type(params)}")
+def _wanted(params: DiffusionParams) -> tuple[str, str]:
+    """The (model, vae) ``params`` ask for."""
     return params.model, params.vae
 
 

@@ -1,4 +1,4 @@
-"""The stream engine on the tiny model: stream batch, live params, the similarity filter and
+"""The UNet batch on the tiny model: stream batch, live params, the similarity filter and
 several sessions in one UNet batch."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tests.transforms.diffusion.conftest import SIZE, Stream, camera_frames
 def unet_calls(transform: DiffusionTransform) -> Iterator[list[int]]:
     """Record the batch size of every UNet call made inside the block."""
     sizes: list[int] = []
-    unet = transform._stream().bundle.unet
+    unet = transform._unet_batch().bundle.unet
     hook = unet.register_forward_pre_hook(lambda _module, args: sizes.append(args[0].shape[0]))
     try:
         yield sizes
@@ -53,14 +53,14 @@ def test_params_update_changes_the_next_frame_without_reloading(
     make_transform: Callable[..., DiffusionTransform],
 ) -> None:
     transform = make_transform()
-    engine = transform._stream()
-    unet = engine.bundle.unet
+    unet_batch = transform._unet_batch()
+    unet = unet_batch.bundle.unet
     frame = camera_frames(1)[0]
     stream = Stream(transform, prompt="a castle at dusk", seed=5)
     before = stream.feed(frame)
     assert torch.equal(stream.feed(frame), before)  # same frame, same params: same picture
     passes: list[int] = []
-    engine.bundle.text_encoder.register_forward_hook(lambda *_: passes.append(1))
+    unet_batch.bundle.text_encoder.register_forward_hook(lambda *_: passes.append(1))
 
     changes: list[dict[str, Any]] = [
         {"prompt": "a lighthouse in a storm"},
@@ -79,7 +79,7 @@ def test_params_update_changes_the_next_frame_without_reloading(
         after = stream.feed(frame)
         assert not torch.allclose(after, before, atol=1e-4), change
         before = after
-    assert engine.bundle.unet is unet and transform.stream is engine  # no reload
+    assert unet_batch.bundle.unet is unet and transform.unet_batch is unet_batch  # no reload
     # each new text went through the text encoder once: the blend of known texts cost nothing
     assert len(passes) == 2
     stream.feed(frame)
@@ -176,7 +176,7 @@ def test_full_vae_and_residual_cfg_modes_run(
     make_transform: Callable[..., DiffusionTransform],
 ) -> None:
     transform = make_transform(vae="full")
-    assert type(transform._stream().bundle.vae).__name__ == "AutoencoderKL"
+    assert type(transform._unet_batch().bundle.vae).__name__ == "AutoencoderKL"
     frames = camera_frames(3)
     results = {}
     for cfg_type in ("none", "self", "initialize", "full"):

@@ -1,6 +1,8 @@
-"""The stream batch: StreamDiffusion-class img2img on diffusers' UNet and VAE.
+"""The UNet batch: StreamDiffusion-class img2img on diffusers' UNet and VAE.
 
-One call of :meth:`StreamBatch.process` takes the newest frame of several sessions and
+Named for what it runs (one UNet batch for every session's rows), so that it is not taken for
+a Livepeer stream or a CUDA stream; "stream batch" below is StreamDiffusion's name for the
+technique. One call of :meth:`UNetBatch.process` takes the newest frame of several sessions and
 - uploads each once and converts/resizes it on the device,
 - skips frames the similarity filter finds unchanged (repeating the last output),
 - encodes all frames of a size in one VAE batch,
@@ -42,6 +44,8 @@ from livediff.transforms.diffusion.state import LatentShape, SessionCache, follo
 
 #: Frames (B, 3, H, W) in [0, 1] -> control images of the same shape, by preprocessor and params.
 Preprocess = Callable[[str, torch.Tensor, Mapping[str, Any]], torch.Tensor]
+#: A job of the diffusion transform: its params, its session's cache, its staged upload.
+DiffusionJob = Job[DiffusionParams, SessionCache, StagedUpload]
 
 
 def control_key(spec: ControlNetSpec) -> tuple[Any, ...]:
@@ -65,7 +69,7 @@ class _Entry:
     row_steps: list[int] = field(default_factory=list)
 
 
-class StreamBatch:
+class UNetBatch:
     """Runs the stream batch for any number of sessions on one device (worker thread only)."""
 
     def __init__(
@@ -136,13 +140,14 @@ class StreamBatch:
         follow_params(state, params, self.prompts, self.schedule, self.latent_shape(params))
 
     # -- frames -----------------------------------------------------------------------------------
-    def stage(self, jobs: Sequence[Job]) -> None:
-        """Start the next batch's uploads on the copy stream (see :meth:`FrameUploader.stage`)."""
+    def stage(self, jobs: Sequence[DiffusionJob]) -> None:
+        """Start the next batch's uploads on the CUDA copy stream (see
+        :meth:`FrameUploader.stage`)."""
         for job in jobs:
             job.staged = self.upload.stage(job.frame.image)
 
     @torch.inference_mode()
-    def process(self, jobs: Sequence[Job]) -> list[Image | None]:
+    def process(self, jobs: Sequence[DiffusionJob]) -> list[Image | None]:
         """One output per job: the session's newest finished frame, or None while filling."""
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
@@ -186,16 +191,10 @@ class StreamBatch:
             for entry in entries
         ]
 
-    def _admit(self, index: int, job: Job) -> _Entry:
-        params = job.params
-        if not isinstance(params, DiffusionParams):
-            raise TypeError(f"the diffusion transform needs DiffusionParams, not {type(params)}")
-        state = job.state
-        if not isinstance(state, SessionCache):
-            raise TypeError("the job carries no diffusion session state (open_session first)")
+    def _admit(self, index: int, job: DiffusionJob) -> _Entry:
+        params, state = job.params, job.state
         self._follow(state, params)
-        staged = job.staged if isinstance(job.staged, StagedUpload) else None
-        image = self.upload(job.frame.image, params.width, params.height, staged)
+        image = self.upload(job.frame.image, params.width, params.height, job.staged)
         return _Entry(index, state, params, image)
 
     def _run(self, group: list[_Entry]) -> list[tuple[_Entry, torch.Tensor]]:
