@@ -6,12 +6,13 @@ from aiortc import RTCRtpReceiver
 from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtp import RtpPacket
 
+from livediff.media import aiortc_private
 from livediff.media.jitter import MarkerJitterBuffer, use_marker_jitter_buffer
 
 
 def packet(seq: int, timestamp: int, marker: bool, data: bytes) -> RtpPacket:
     rtp = RtpPacket(sequence_number=seq, timestamp=timestamp, marker=int(marker))
-    rtp._data = data  # what aiortc's receiver stores after depayloading
+    aiortc_private.set_depayloaded(rtp, data)  # as aiortc's receiver does after depayloading
     return rtp
 
 
@@ -57,5 +58,9 @@ def test_use_marker_jitter_buffer_replaces_a_receivers_buffer() -> None:
         state = "new"
 
     receiver = RTCRtpReceiver("video", _Transport())  # type: ignore[arg-type]
+    stock = aiortc_private.jitter_buffer_of(receiver)
     use_marker_jitter_buffer(receiver)
-    assert isinstance(receiver._RTCRtpReceiver__jitter_buffer, MarkerJitterBuffer)  # type: ignore[attr-defined]
+    installed = aiortc_private.jitter_buffer_of(receiver)
+    assert isinstance(installed, MarkerJitterBuffer) and installed.capacity == stock.capacity
+    use_marker_jitter_buffer(receiver)  # a second call keeps the buffer (and what it holds)
+    assert aiortc_private.jitter_buffer_of(receiver) is installed

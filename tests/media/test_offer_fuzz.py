@@ -12,7 +12,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from livediff.media.peer import _refused_by_aiortc
 from livediff.media.sdp import MAX_SEARCHED_LINES, OfferError, parse_offer
 from tests.strategies import RealOffers, mutated_offers, real_offers
 
@@ -128,13 +127,3 @@ def test_a_huge_offer_is_refused_quickly(offers: RealOffers) -> None:
     broken = edit(offers.camera, "a=rtcp-mux", padding + "\r\na=rtcp-mux\r\na=rtpmap:1")
     with pytest.raises(OfferError, match="malformed SDP: "):
         parse_offer(broken)
-
-
-def test_errors_from_aiortc_become_offer_errors() -> None:
-    refusal = pytest.raises(OfferError, match="the offer was refused: list index out of range")
-    with refusal, _refused_by_aiortc():
-        raise IndexError("list index out of range")
-    with pytest.raises(OfferError, match="refused: AssertionError"), _refused_by_aiortc():
-        raise AssertionError
-    with pytest.raises(RuntimeError), _refused_by_aiortc():  # a bug of livediff's own
-        raise RuntimeError("not about the offer")

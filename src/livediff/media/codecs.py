@@ -2,29 +2,26 @@
 
 aiortc hard-codes its encoders' bitrates and keyframe policy as module constants; livediff
 builds its own VP8 and H.264 encoders from :class:`~livediff.config.Settings` and gives them to
-each sender it creates. Packetisation is aiortc's own (RFC 7741 for VP8, RFC 6184 for H.264).
+each sender it creates. Packetisation is aiortc's own (RFC 7741 for VP8, RFC 6184 for H.264),
+reached, like the sender's encoder, through :mod:`livediff.media.aiortc_private`.
 """
 
 from __future__ import annotations
 
 import fractions
+import random
 from abc import abstractmethod
 from typing import Any
 
 import av
 from aiortc import RTCRtpSender, RTCRtpTransceiver
 from aiortc.codecs.base import Encoder
-from aiortc.codecs.h264 import H264Encoder
-from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.mediastreams import VIDEO_TIME_BASE, convert_timebase
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability, RTCRtpCodecParameters
 from av.video.reformatter import VideoReformatter
 
 from livediff.encoding import EncoderSettings
-
-# aiortc keeps a sender's encoder in a private attribute and creates it on the first frame
-# unless one is there already; this is its mangled name.
-_ENCODER_ATTRIBUTE = "_RTCRtpSender__encoder"
+from livediff.media import aiortc_private
 
 
 class ConfiguredEncoder(Encoder):
@@ -98,7 +95,7 @@ class ConfiguredEncoder(Encoder):
 class ConfiguredVp8Encoder(ConfiguredEncoder):
     def __init__(self, settings: EncoderSettings) -> None:
         super().__init__(settings)
-        self._vp8 = Vp8Encoder()  # for its RFC 7741 packetiser and picture ids
+        self._picture_id = random.randrange(1 << 15)  # RFC 7741: starts at a random value
 
     def _open(self, width: int, height: int) -> Any:
         bitrate = self._target_bitrate
@@ -127,8 +124,8 @@ class ConfiguredVp8Encoder(ConfiguredEncoder):
         return codec
 
     def _packetize(self, data: bytes) -> list[bytes]:
-        payloads = Vp8Encoder._packetize(data, self._vp8.picture_id)
-        self._vp8.picture_id = (self._vp8.picture_id + 1) % (1 << 15)
+        payloads = aiortc_private.vp8_packetize(data, self._picture_id)
+        self._picture_id = (self._picture_id + 1) % (1 << 15)
         return payloads
 
 
@@ -158,7 +155,7 @@ class ConfiguredH264Encoder(ConfiguredEncoder):
     def _packetize(self, data: bytes) -> list[bytes]:
         if not data:
             return []
-        return H264Encoder._packetize(H264Encoder._split_bitstream(data))
+        return aiortc_private.h264_packetize(data)
 
 
 def _h264_level(width: int, height: int) -> str:
@@ -182,17 +179,12 @@ def make_encoder(codec: RTCRtpCodecParameters, settings: EncoderSettings) -> Enc
 
 def install_encoder(transceiver: RTCRtpTransceiver, settings: EncoderSettings) -> None:
     """Give a negotiated video sender its configured encoder (after setLocalDescription)."""
-    sender: RTCRtpSender = transceiver.sender
-    if not hasattr(sender, _ENCODER_ATTRIBUTE):
-        raise RuntimeError(
-            "this aiortc version keeps no encoder where livediff expects it; "
-            "install an aiortc release supported by livediff (see pyproject.toml)"
-        )
-    negotiated = [c for c in transceiver._codecs if c.mimeType.lower() != "video/rtx"]
+    codecs = aiortc_private.negotiated_codecs(transceiver)
+    negotiated = [c for c in codecs if c.mimeType.lower() != "video/rtx"]
     if negotiated:
         encoder = make_encoder(negotiated[0], settings)
         if encoder is not None:
-            setattr(sender, _ENCODER_ATTRIBUTE, encoder)
+            aiortc_private.install_sender_encoder(transceiver.sender, encoder)
 
 
 def codec_preferences(order: list[str]) -> list[RTCRtpCodecCapability]:

@@ -30,11 +30,13 @@ FFmpeg 8.1.2 with GnuTLS, on loopback)
     - the same FFmpeg with ``cert_file``/``key_file`` holding a P-256 key connects and streams.
 
 What this module does
-    :func:`install` wraps ``RTCCertificate._create_ssl_context`` (private aiortc API: the one
-    place aiortc builds its SSL contexts) to add an info callback, a public pyOpenSSL hook. When
-    a fatal alert goes out or comes in during a handshake it records why, naming the curve when
-    the remote certificate is on one that OpenSSL will not take. :func:`failure_reason` gives
-    that text for a peer connection, so the peer's end carries it. It changes no handshake.
+    :func:`install` (which the service calls when it starts) adds an info callback, a public
+    pyOpenSSL hook, to every SSL context aiortc makes, through
+    :func:`livediff.media.aiortc_private.add_ssl_context_hook` (aiortc makes them in a private
+    method). When a fatal alert goes out or comes in during a handshake it records why, naming
+    the curve when the remote certificate is on one that OpenSSL will not take.
+    :func:`failure_reason` gives that text for a peer connection, so the peer's end carries it.
+    It changes no handshake.
 
 When to remove it
     When aiortc reports the OpenSSL reason of a failed handshake itself, and the FFmpeg bundled
@@ -46,13 +48,12 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable
-from typing import Any
 
 from aiortc import RTCPeerConnection
-from aiortc.rtcdtlstransport import RTCCertificate
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
+
+from livediff.media import aiortc_private
 
 logger = logging.getLogger(__name__)
 
@@ -73,31 +74,27 @@ ALERTS = {
     110: "unsupported_extension",
 }
 FATAL = 2
-_MARK = "_livediff_dtls_compat"
 
 _reasons: weakref.WeakKeyDictionary[SSL.Connection, str] = weakref.WeakKeyDictionary()
 
 
 def install() -> None:
-    """Watch every DTLS handshake aiortc starts from now on (safe to call more than once)."""
-    original: Callable[..., SSL.Context] | None = getattr(
-        RTCCertificate, "_create_ssl_context", None
-    )
-    if original is None or getattr(original, _MARK, False):
-        if original is None:
-            logger.warning(
-                "aiortc has no RTCCertificate._create_ssl_context; DTLS failures will "
-                "have no reason"
-            )
-        return
+    """Watch every DTLS handshake aiortc starts from now on (safe to call more than once).
+    On an aiortc that makes its SSL contexts elsewhere, DTLS failures just have no reason."""
+    try:
+        aiortc_private.add_ssl_context_hook(_watch)
+    except aiortc_private.AiortcPrivateError as exc:
+        logger.warning("DTLS failures will have no reason: %s", exc)
 
-    def create_ssl_context(self: RTCCertificate, *args: Any, **kwargs: Any) -> SSL.Context:
-        context = original(self, *args, **kwargs)
-        context.set_info_callback(_on_info)
-        return context
 
-    setattr(create_ssl_context, _MARK, True)
-    RTCCertificate._create_ssl_context = create_ssl_context  # type: ignore[method-assign]
+def installed() -> bool:
+    """Whether :func:`install` ran (and aiortc let it watch its handshakes)."""
+    return _watch in aiortc_private.ssl_context_hooks()
+
+
+def _watch(context: SSL.Context) -> None:
+    """Have OpenSSL report each alert of handshakes made with ``context``."""
+    context.set_info_callback(_on_info)
 
 
 def failure_reason(pc: RTCPeerConnection) -> str | None:
@@ -106,7 +103,11 @@ def failure_reason(pc: RTCPeerConnection) -> str | None:
     if pc.sctp is not None:
         transports.append(pc.sctp.transport)
     for transport in transports:
-        connection = getattr(transport, "_ssl", None)  # aiortc private: the SSL.Connection
+        try:
+            connection = aiortc_private.dtls_ssl_connection(transport)
+        except aiortc_private.AiortcPrivateError as exc:  # diagnostics only: the peer goes on
+            logger.warning("cannot tell why DTLS failed: %s", exc)
+            return None
         if connection is not None and connection in _reasons:
             return _reasons[connection]
     return None

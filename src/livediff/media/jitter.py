@@ -13,12 +13,17 @@ from __future__ import annotations
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
 
-# aiortc keeps a receiver's buffer in a private attribute; this is its mangled name.
-_BUFFER_ATTRIBUTE = "_RTCRtpReceiver__jitter_buffer"
+from livediff.media import aiortc_private
 
 
 class MarkerJitterBuffer(JitterBuffer):
-    """A jitter buffer that releases a frame when its marker packet completes it."""
+    """A jitter buffer that releases a frame when its marker packet completes it.
+
+    It overrides ``_remove_frame``, the private method that aiortc's ``JitterBuffer.add`` calls
+    to take a frame out (:data:`~livediff.media.aiortc_private.JITTER_REMOVE_FRAME`, which
+    :func:`~livediff.media.aiortc_private.check` verifies); everything else it reads of aiortc's
+    buffer goes through :mod:`livediff.media.aiortc_private`.
+    """
 
     def __init__(self, capacity: int = 512) -> None:
         super().__init__(capacity=capacity, is_video=True)
@@ -27,15 +32,16 @@ class MarkerJitterBuffer(JitterBuffer):
         frame = self._frame_ended_by_marker()
         if frame is not None:
             return frame
-        return super()._remove_frame(sequence_number)
+        return aiortc_private.stock_remove_frame(self, sequence_number)
 
     def _frame_ended_by_marker(self) -> JitterFrame | None:
         """The oldest frame, if its packets are contiguous and the last carries the marker."""
-        if self._origin is None:
+        origin, ring = aiortc_private.jitter_ring(self)
+        if origin is None:
             return None
         timestamp: int | None = None
         for count in range(self.capacity):
-            packet = self._packets[(self._origin + count) % self.capacity]
+            packet = ring[(origin + count) % self.capacity]
             if packet is None:
                 return None
             if timestamp is None:
@@ -43,10 +49,8 @@ class MarkerJitterBuffer(JitterBuffer):
             elif packet.timestamp != timestamp:
                 return None  # a new frame began without a marker: the base class handles it
             if packet.marker:
-                first = self._origin
-                packets = [self._packets[(first + i) % self.capacity] for i in range(count + 1)]
-                # aiortc's receiver stores each packet's depayloaded bytes as `_data`
-                data = b"".join(getattr(p, "_data", b"") for p in packets if p is not None)
+                packets = [ring[(origin + i) % self.capacity] for i in range(count + 1)]
+                data = b"".join(aiortc_private.depayloaded(p) for p in packets if p is not None)
                 self.remove(count + 1)
                 return JitterFrame(data=data, timestamp=timestamp)
         return None
@@ -54,11 +58,6 @@ class MarkerJitterBuffer(JitterBuffer):
 
 def use_marker_jitter_buffer(receiver: RTCRtpReceiver) -> None:
     """Give a video receiver the marker-aware buffer. Call before media flows."""
-    current = getattr(receiver, _BUFFER_ATTRIBUTE, None)
-    if not isinstance(current, JitterBuffer):
-        raise RuntimeError(
-            "this aiortc version keeps no jitter buffer where livediff expects it; "
-            "install an aiortc release supported by livediff (see pyproject.toml)"
-        )
+    current = aiortc_private.jitter_buffer_of(receiver)
     if not isinstance(current, MarkerJitterBuffer):
-        setattr(receiver, _BUFFER_ATTRIBUTE, MarkerJitterBuffer(capacity=current.capacity))
+        aiortc_private.install_jitter_buffer(receiver, MarkerJitterBuffer(current.capacity))

@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
+import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from types import TracebackType
 from typing import Any
 
 from aiortc import (
@@ -23,6 +26,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.contrib.media import MediaRelay
+from aiortc.exceptions import OperationError
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcdatachannel import RTCDataChannel
 from aiortc.sdp import candidate_from_sdp
@@ -32,7 +36,7 @@ from livediff.config import Settings
 from livediff.encoding import EncoderSettings
 from livediff.engine.session import Session
 from livediff.engine.tasks import TaskSet
-from livediff.media import dtls_compat
+from livediff.media import aiortc_private, dtls_compat
 from livediff.media.codecs import codec_preferences, install_encoder
 from livediff.media.egress import ProcessedVideoTrack
 from livediff.media.ingest import pump_video
@@ -40,7 +44,6 @@ from livediff.media.jitter import use_marker_jitter_buffer
 from livediff.media.sdp import Offer, OfferError
 
 logger = logging.getLogger(__name__)
-dtls_compat.install()  # name the cause of a failed DTLS handshake (FFmpeg's P-224 certificate)
 
 #: Handles a params message from a data channel; returns the reply to send back.
 ParamsHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -244,16 +247,18 @@ class PublisherPeer(Peer):
                     await asyncio.sleep(0.01)
         except TimeoutError:
             logger.info("session %s: the end message was not acknowledged", self.session.id)
+        except aiortc_private.AiortcPrivateError as exc:
+            logger.warning(
+                "session %s: the end message was sent unchecked: %s", self.session.id, exc
+            )
 
 
 def _delivered(channel: RTCDataChannel) -> bool:
-    """Nothing of ``channel`` is queued, in flight or unacknowledged (aiortc's SCTP queues are
-    private; where they are not found, handed to SCTP counts as delivered)."""
+    """Nothing of ``channel`` is queued, in flight or unacknowledged: what bufferedAmount says
+    and, past that, SCTP's own queues (which aiortc keeps private)."""
     if channel.bufferedAmount:
         return False
-    association = channel.transport
-    pending = ("_data_channel_queue", "_outbound_queue", "_sent_queue")
-    return not any(getattr(association, name, None) for name in pending)
+    return not aiortc_private.sctp_pending(channel.transport)
 
 
 class ViewerPeer(Peer):
@@ -280,22 +285,64 @@ class ViewerPeer(Peer):
         return transceivers
 
 
-#: What aiortc raises on an offer that parses but that it cannot take or answer.
-_AIORTC_REFUSALS = (ValueError, LookupError, AttributeError, TypeError, AssertionError)
+#: What aiortc raises, from its own code, on an offer that it cannot parse, take or answer
+#: (read in aiortc 1.13 to 1.16, sdp.py and rtcpeerconnection.py, and seen by running offers
+#: from tests/strategies.py past parse_offer): its SDP parser's ValueError, TypeError,
+#: AttributeError, KeyError, IndexError, AssertionError and StopIteration (a RuntimeError once
+#: it leaves a coroutine); ValueError from the description checks and createAnswer;
+#: AttributeError from setRemoteDescription, createAnswer and setLocalDescription on m-lines
+#: that they cannot bind; OperationError when no codec is in common.
+AIORTC_REFUSALS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    AssertionError,
+    StopIteration,
+    OperationError,
+)
+#: The packages in whose code one of AIORTC_REFUSALS means "this offer is refused".
+AIORTC_PACKAGES = frozenset({"aiortc", "aioice"})
 
 
 @contextmanager
 def _refused_by_aiortc() -> Iterator[None]:
-    """aiortc's errors on an offer it cannot take or answer, as OfferError (HTTP 400)."""
+    """aiortc's refusal of an offer, as OfferError (HTTP 400). Anything else, a TypeError of
+    livediff's own included, goes on as it is: a bug is a 500 with its traceback logged."""
     try:
         yield
     except OfferError:
         raise
     except Exception as exc:
-        if isinstance(exc, _AIORTC_REFUSALS) or type(exc).__module__.startswith("aiortc"):
-            detail = str(exc) or type(exc).__name__
+        origin = _origin(exc)
+        if isinstance(origin, AIORTC_REFUSALS) and _raised_in(origin, AIORTC_PACKAGES):
+            detail = str(origin) or type(origin).__name__
             raise OfferError(f"the offer was refused: {detail}") from exc
         raise
+
+
+def _origin(exc: BaseException) -> BaseException:
+    """The exception as first raised: a StopIteration that left a coroutine is a RuntimeError
+    whose cause it is."""
+    if isinstance(exc, RuntimeError) and isinstance(exc.__cause__, StopIteration):
+        return exc.__cause__
+    return exc
+
+
+def _raised_in(exc: BaseException, packages: frozenset[str]) -> bool:
+    """Whether the innermost frame of ``exc``'s traceback outside the standard library (where
+    aiortc's int() or ipaddress calls fail) belongs to one of ``packages``."""
+    for module in reversed(_traceback_modules(exc.__traceback__)):
+        top = module.partition(".")[0]
+        if top not in sys.stdlib_module_names:
+            return top in packages
+    return False
+
+
+def _traceback_modules(tb: TracebackType | None) -> list[str]:
+    """The module of each frame of a traceback, outermost first."""
+    return [frame.f_globals.get("__name__", "") for frame, _ in traceback.walk_tb(tb)]
 
 
 async def _drain(track: MediaStreamTrack) -> None:
