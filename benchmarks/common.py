@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import importlib
 import importlib.metadata
 import json
 import os
@@ -57,26 +56,6 @@ TAIL_S = 0.5
 EDGE_S = 2.0
 #: Above this a plot is too big to commit.
 PNG_LIMIT_BYTES = 150_000
-
-
-# -- names that move ----------------------------------------------------------------------------
-def resolve(*candidates: str) -> Any:
-    """The first of ``"module:attribute.path"`` that exists; a clear error when none does."""
-    tried = []
-    for candidate in candidates:
-        module_name, _, path = candidate.partition(":")
-        try:
-            target: Any = importlib.import_module(module_name)
-            for part in path.split(".") if path else []:
-                target = getattr(target, part)
-        except (ImportError, AttributeError) as exc:
-            tried.append(f"{candidate} ({type(exc).__name__}: {exc})")
-            continue
-        return target
-    raise SystemExit(
-        "benchmark target not found; the code moved, update the table at the top of the "
-        "benchmark:\n  " + "\n  ".join(tried)
-    )
 
 
 # -- the machine --------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ The gateway's side runs in this process (``livediff.testing.trickle``): a number
 (512x512, 30 fps, one segment per 2 s GOP, made by FFmpeg's MPEG-TS muxer as a gateway's is) is
 published in real time on the stream's input channel, and the output channel is read back, each
 frame taken at its last byte. The orchestrator's side is the trickle server double
-(``tests/fakes/trickle_server.py``, a real HTTP server on 127.0.0.1) and ``livediff runner
+(``livediff.testing.trickle_server``, a real HTTP server on 127.0.0.1) and ``livediff runner
 --pipeline passthrough`` in a process of its own. A frame's latency runs from its last input
 byte handed to the publisher to its last output byte read: two trickle hops (in and out), the
 runner's demux, decode, engine, encode and mux. For scale, the same clip read straight off the
@@ -36,13 +36,11 @@ from typing import Any
 import httpx
 
 from livediff.testing.trickle import ClipPublisher, OutputReader, encode_clip
+from livediff.testing.trickle_server import FakeTrickleServer
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
-sys.path.append(str(REPO / "tests" / "fakes"))
-
-from trickle_server import FakeTrickleServer  # noqa: E402 - the double lives with the tests
 
 try:  # the shared machine description of every result file, when benchmarks/common.py is there
     import common

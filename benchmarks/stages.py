@@ -1,10 +1,11 @@
 """Where the time goes inside the server, per frame, from its first RTP packet to its last.
 
-The server runs in this process (uvicorn on a thread of its own, the way the tests start one)
-and a client streams 30 fps to it from a child process (so the client's codecs do not share
-this interpreter). Nothing in livediff is changed: the functions in PATCHES below are wrapped
-at runtime, each records a timestamp for the frame it handles (keyed by the frame's pts, which
-livediff carries from decoder to encoder), and the stages are the spans between them:
+The server runs in this process (``livediff.testing.servers``: uvicorn on a thread of its own,
+as the tests start one) and a client streams 30 fps to it from a child process (so the client's
+codecs do not share this interpreter). Nothing in livediff is changed: the functions in PATCHES
+below are wrapped at runtime, each records a timestamp for the frame it handles (keyed by the
+frame's pts, which livediff carries from decoder to encoder), and the stages are the spans
+between them:
 
 - receive/jitter: first packet of the frame into the jitter buffer -> the frame released
 - decode: released -> decoded (the decoder thread's queue and the decode call)
@@ -35,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,8 +43,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aiortc.codecs.h264 import H264Decoder, H264Encoder
+from aiortc.codecs.vpx import Vp8Decoder, Vp8Encoder
+from aiortc.jitterbuffer import JitterBuffer
+from aiortc.rtcrtpsender import RTCRtpSender
+from baseline_server import VideoTransformTrack
+from baseline_server import app as baseline_app
 from common import (
-    REPO,
     WARMUP_S,
     Column,
     Server,
@@ -55,53 +60,65 @@ from common import (
     parse_size,
     pct,
     pyplot,
-    resolve,
     run_streams,
     save_json,
     save_plot,
     stream_stats,
 )
 
+from livediff.config import Settings
+from livediff.encoding import EncoderFrames
+from livediff.engine.session import Session
 from livediff.frames import now
-
-sys.path.insert(0, str(REPO))  # tests.* below: the tests' own server starter and tiny model
+from livediff.media.codecs import ConfiguredEncoder
+from livediff.media.jitter import MarkerJitterBuffer
+from livediff.pixels.device import FrameUploader
+from livediff.testing.models import tiny_options, write_model_folder
+from livediff.testing.servers import ThreadedServer, serve_app, start_server
+from livediff.transforms.diffusion.transform import DiffusionTransform
+from livediff.transforms.passthrough import PassthroughTransform
 
 NAME = "stages"
 
-#: Every function timed, and where it lives now: role -> "module:Owner.attribute" candidates
-#: (the first that resolves is used). When livediff or aiortc move one, the run stops before
-#: measuring anything and names it: update this table, nothing else.
-PATCHES: dict[str, tuple[str, ...]] = {
-    "jitter": ("livediff.media.jitter:MarkerJitterBuffer.add",),
-    "jitter (stock)": ("aiortc.jitterbuffer:JitterBuffer.add",),
-    "decode vp8": ("aiortc.codecs.vpx:Vp8Decoder.decode",),
-    "decode h264": ("aiortc.codecs.h264:H264Decoder.decode",),
-    "submit": ("livediff.engine.session:Session.submit",),
-    "complete": ("livediff.engine.session:Session.complete",),
-    "process passthrough": ("livediff.transforms.passthrough:PassthroughTransform.process",),
-    "process diffusion": ("livediff.transforms.diffusion.transform:DiffusionTransform.process",),
-    "upload": (
-        "livediff.pixels.device:FrameUploader.__call__",
-        "livediff.transforms.diffusion.device:FrameUploader.__call__",
-    ),
-    "convert": ("livediff.encoding:EncoderFrames.__call__",),
-    "encode": ("livediff.media.codecs:ConfiguredEncoder.encode",),
-    "encode vp8 (stock)": ("aiortc.codecs.vpx:Vp8Encoder.encode",),
-    "encode h264 (stock)": ("aiortc.codecs.h264:H264Encoder.encode",),
-    "send": ("aiortc.rtcrtpsender:RTCRtpSender._next_encoded_frame",),
-    "baseline output": ("baseline_server:VideoTransformTrack.recv",),
+#: Every function timed: role -> (the class it is looked up on, the attribute). The classes are
+#: imported above, so a class that moves or is renamed stops this file at import; an attribute
+#: that goes away stops it just below (:func:`check_patches`). Update this table, nothing else.
+PATCHES: dict[str, tuple[type, str]] = {
+    "jitter": (MarkerJitterBuffer, "add"),
+    "jitter (stock)": (JitterBuffer, "add"),
+    "decode vp8": (Vp8Decoder, "decode"),
+    "decode h264": (H264Decoder, "decode"),
+    "submit": (Session, "submit"),
+    "complete": (Session, "complete"),
+    "process passthrough": (PassthroughTransform, "process"),
+    "process diffusion": (DiffusionTransform, "process"),
+    "upload": (FrameUploader, "__call__"),
+    "convert": (EncoderFrames, "__call__"),
+    "encode": (ConfiguredEncoder, "encode"),
+    "encode vp8 (stock)": (Vp8Encoder, "encode"),
+    "encode h264 (stock)": (H264Encoder, "encode"),
+    "send": (RTCRtpSender, "_next_encoded_frame"),
+    "baseline output": (VideoTransformTrack, "recv"),
 }
-#: What the run is built from (the tests' code paths, imported, not copied).
-HELPERS: dict[str, tuple[str, ...]] = {
-    "start server": ("tests.conftest:start_server",),
-    "tiny model": (
-        "livediff.testing.models:write_model_folder",
-        "livediff.transforms.diffusion.configs:write_model_folder",
-    ),
-    "tiny settings": ("tests.transforms.diffusion.conftest:tiny_options",),
-    "settings": ("livediff.config:Settings",),
-    "baseline app": ("baseline_server:app",),
-}
+
+
+def target_name(owner: type, attribute: str) -> str:
+    """``module:Class.attribute``, as the JSON records what was timed."""
+    return f"{owner.__module__}:{owner.__qualname__}.{attribute}"
+
+
+def check_patches() -> None:
+    """Raise ImportError naming every PATCHES entry whose attribute its class no longer has."""
+    missing = [
+        f"{role}: {target_name(owner, attribute)}"
+        for role, (owner, attribute) in PATCHES.items()
+        if not callable(getattr(owner, attribute, None))
+    ]
+    if missing:
+        raise ImportError("stages: update PATCHES, these are gone:\n  " + "\n  ".join(missing))
+
+
+check_patches()
 
 STAGES = (
     "receive/jitter",
@@ -149,24 +166,14 @@ class Recorder:
 RECORD = Recorder()
 
 
-def _split(candidate: str) -> tuple[str, str]:
-    owner, _, attribute = candidate.rpartition(".")
-    return owner, attribute
-
-
-def resolve_patches() -> dict[str, tuple[Any, str, Any]]:
-    """role -> (owner class, attribute name, original function), all found before any patch."""
-    found = {}
-    for role, candidates in PATCHES.items():
-        owners = [_split(c) for c in candidates]
-        for owner_path, attribute in owners:
-            owner = resolve(owner_path)
-            if hasattr(owner, attribute):
-                found[role] = (owner, attribute, getattr(owner, attribute))
-                break
-        else:
-            raise SystemExit(f"stages: {role}: none of {', '.join(candidates)} exists")
-    return found
+def originals() -> dict[str, tuple[type, str, Any]]:
+    """role -> (class, attribute name, the function there now), all read before any patch."""
+    if WRAPPERS.keys() != PATCHES.keys():
+        raise RuntimeError("stages: PATCHES and WRAPPERS name different roles")
+    return {
+        role: (owner, attribute, getattr(owner, attribute))
+        for role, (owner, attribute) in PATCHES.items()
+    }
 
 
 def wrap_jitter(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -323,7 +330,7 @@ WRAPPERS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
 @contextmanager
 def instrumented() -> Iterator[None]:
     """Every PATCHES target wrapped (on its class) for the duration."""
-    found = resolve_patches()
+    found = originals()
     try:
         for role, (owner, attribute, original) in found.items():
             setattr(owner, attribute, WRAPPERS[role](original))
@@ -433,46 +440,21 @@ def parse_case(text: str) -> Case:
     return Case(server, pipeline, parse_size(size))
 
 
-@dataclass
-class InProcess:
-    url: str
-    stop: Callable[[], None]
-
-
-def start_livediff(case: Case, model_root: Path) -> InProcess:
-    start_server = resolve(*HELPERS["start server"])
-    settings_class = resolve(*HELPERS["settings"])
+def start_livediff(case: Case, model_root: Path) -> ThreadedServer:
+    """livediff serving the case's pipeline (the tiny random model for diffusion) in-process."""
     width, height = case.size
     if case.pipeline == "diffusion":
-        folders = resolve(*HELPERS["tiny model"])(model_root / "tiny-sd", "tiny", seed=0)
-        options = resolve(*HELPERS["tiny settings"])(folders, width)
+        folders = write_model_folder(model_root / "tiny-sd", "tiny", seed=0)
+        options = tiny_options(folders, width)
         options.update(width=width, height=height)
     else:
         options = {"pipeline": "passthrough", "width": width, "height": height}
-    live = start_server(settings_class(**options, log_level="warning"), ready_timeout=300)
-    return InProcess(live.url, live.stop)
+    return start_server(Settings(**options, log_level="warning"), ready_timeout=300)
 
 
-def start_baseline() -> InProcess:
-    import uvicorn
-
-    app = resolve(*HELPERS["baseline app"])
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="baseline", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the baseline server did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(timeout=20)
-
-    return InProcess(f"http://127.0.0.1:{port}", stop)
+def start_baseline() -> ThreadedServer:
+    """The aiortc-example baseline (baseline_server.py) in-process."""
+    return serve_app(baseline_app, name="baseline")
 
 
 def client(url: str, case: Case, args: argparse.Namespace) -> dict[str, Any]:
@@ -638,8 +620,6 @@ def main() -> None:
         saved = load_json(NAME)
         plot(saved["results"], saved["machine"])
         return
-    for candidates in HELPERS.values():  # fail before measuring anything
-        resolve(*candidates)
     rows = []
     print("ms per frame, mean per stage; total = the server's time; g2g = the client's p50")
     print(TABLE.header(), flush=True)
@@ -655,7 +635,7 @@ def main() -> None:
         "codec": args.codec,
         "fps_in": 30,
         "client_receiver": "marker",
-        "patched": {role: list(c) for role, c in PATCHES.items()},
+        "patched": {role: target_name(*target) for role, target in PATCHES.items()},
     }
     path = save_json(NAME, info, config, rows)
     plot(rows, info)

@@ -19,7 +19,7 @@ import pytest
 
 from livediff.testing.framecode import Scene
 from livediff.testing.peers import NumberedVideoTrack
-from tests.conftest import LiveServer
+from livediff.testing.servers import LiveServer
 from tests.server.faulty import FaultyTransform
 from tests.server.streaming import publish, sample_offer, wait_until
 from tests.server.test_api import metric

@@ -34,7 +34,7 @@ from livediff.testing.framecode import Scene, numbered_frame
 from livediff.testing.peers import FrameRecorder, accept_answer, client_peer, local_offer
 
 if TYPE_CHECKING:
-    from tests.conftest import LiveServer
+    from livediff.testing.servers import LiveServer
 
 pytestmark = [
     pytest.mark.slow,

@@ -26,7 +26,7 @@ from livediff.server.app import create_app
 from livediff.server.http import json_depth, load_json
 from livediff.testing.peers import NumberedVideoTrack, accept_answer, add_camera, client_peer
 from livediff.testing.peers import local_offer as make_offer
-from tests.conftest import LiveServer, start_server
+from livediff.testing.servers import LiveServer, start_server
 from tests.strategies import RealOffers, deep_json, mutated_offers, params_bodies, real_offers
 
 #: Examples per fuzz test: the whole module runs in about 30 s on two cores.

@@ -15,8 +15,8 @@ from livediff.media.sdp import OfferLimits, OfferTooLargeError, parse_offer
 from livediff.pixels import fit_within
 from livediff.server.limits import RateLimiter
 from livediff.server.service import EndedSessions
+from livediff.testing.servers import LiveServer
 from livediff.transforms.diffusion.params import MAX_BLEND, DiffusionParams
-from tests.conftest import LiveServer
 from tests.server.streaming import sample_offer
 from tests.server.test_faults import labelled
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import httpx
 
-from tests.conftest import LiveServer
+from livediff.testing.servers import LiveServer
 from tests.server.faulty import ModelSwitchTransform
 from tests.server.streaming import publish, sample_offer
 

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.conftest import LiveServer
+from livediff.testing.servers import LiveServer
 from tests.server.streaming import sample_offer
 
 SDP = {"content-type": "application/sdp"}

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from tests.conftest import LiveServer
+from livediff.testing.servers import LiveServer
 from tests.server.streaming import publish, wait_until
 
 FRAME_TICKS = 3000  # 90 kHz ticks per frame at 30 fps

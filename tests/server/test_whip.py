@@ -17,7 +17,7 @@ from livediff.testing.peers import (
     client_peer,
     local_offer,
 )
-from tests.conftest import LiveServer
+from livediff.testing.servers import LiveServer
 from tests.server.streaming import wait_until
 
 SDP = {"content-type": "application/sdp"}

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from livediff.config import Settings
-from tests.conftest import LiveServer, start_server
+from livediff.testing.servers import LiveServer, start_server
 from tests.web.prompt_tint import DiffusionParamsTint, GatedTint, PromptTint
 
 CHROMIUM = Path("/usr/bin/chromium")

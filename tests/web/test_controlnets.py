@@ -17,9 +17,9 @@ import pytest
 
 from livediff.config import Settings
 from livediff.server.service import SessionRecord
+from livediff.testing.servers import LiveServer
 from livediff.transforms.diffusion.control_params import MAX_CONTROLNETS, ControlNetSpec
 from livediff.transforms.diffusion.params import DiffusionParams
-from tests.conftest import LiveServer
 from tests.web.controlnet_echo import UNLOADABLE, ControlNetEcho, ControlNetEchoParams
 from tests.web.pagekit import eventually, only_session, start_live, wait_playing, wait_state
 
@@ -292,7 +292,7 @@ def test_the_diffusion_pipeline_takes_controlnets_from_the_panel(
     tiny_controlnet: str,
     open_page: Callable[..., Any],
 ) -> None:
-    from tests.transforms.diffusion.conftest import tiny_options
+    from livediff.testing.models import tiny_options
 
     # A server with an allow-list of model ids serves only those it names.
     allow_list = "allow_models" in Settings.model_fields

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from livediff.testing.servers import LiveServer
 from livediff.transforms.diffusion.params import DiffusionParams
-from tests.conftest import LiveServer
 
 pytestmark = pytest.mark.browser
 

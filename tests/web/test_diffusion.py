@@ -8,10 +8,9 @@ from typing import Any
 
 import pytest
 
-from livediff.testing.models import ModelFolders, write_model_folder
+from livediff.testing.models import ModelFolders, tiny_options, write_model_folder
+from livediff.testing.servers import LiveServer
 from livediff.transforms.diffusion.transform import DiffusionTransform
-from tests.conftest import LiveServer
-from tests.transforms.diffusion.conftest import tiny_options
 from tests.web.pagekit import eventually, only_session, start_live
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

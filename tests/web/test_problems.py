@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import LiveServer
+from livediff.testing.servers import LiveServer
 from tests.web.conftest import GATED_TINT, PROMPT_TINT
 from tests.web.pagekit import eventually, message_text, only_session, start_live, wait_state
 from tests.web.prompt_tint import GatedTint

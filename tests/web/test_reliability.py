@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import LiveServer
+from livediff.testing.servers import LiveServer
 from tests.server.faulty import FaultyTransform
 from tests.web.conftest import PROMPT_TINT
 from tests.web.pagekit import eventually, message_text, only_session, start_live

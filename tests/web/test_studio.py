@@ -16,7 +16,7 @@ import av
 import httpx
 import pytest
 
-from tests.conftest import LiveServer
+from livediff.testing.servers import LiveServer
 from tests.web.conftest import DIFFUSION_PARAMS_TINT, PROMPT_TINT
 from tests.web.pagekit import (
     eventually,

@@ -1,11 +1,12 @@
 """Model configurations (published sd-turbo / TAESD ones and tiny ones) and random-weight builders.
 
 No weights can be downloaded where the tests and benchmarks run, but a random-initialised model
-with the published configuration costs the same FLOPs as the real one (see MODELS.md), and a tiny
-one exercises the same code in milliseconds. :func:`write_model_folder` saves such a model in
-diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) plus a
-separate Tiny AutoEncoder folder, so tests load it through the same path a user's ``--model``
-takes. :func:`build_components` makes the same objects in memory (for benchmarks).
+with the published configuration costs the same FLOPs as the real one (see "Models without their
+weights" in docs/diffusion.md), and a tiny one exercises the same code in milliseconds.
+:func:`write_model_folder` saves such a model in diffusers layout (model_index.json, unet/, vae/,
+text_encoder/, tokenizer/, scheduler/) plus a separate Tiny AutoEncoder folder, so tests load it
+through the same path a user's ``--model`` takes (:func:`tiny_options` are the settings that serve
+it); :func:`build_components` makes the same objects in memory (for benchmarks).
 
 The configs are plain data; torch, diffusers and transformers are imported only by the builders.
 """
@@ -286,6 +287,18 @@ def write_model_folder(folder: Path | str, name: str = "tiny", *, seed: int = 0)
     _drop_config_keys(taesd_dir / "config.json", "block_out_channels")
     (model_dir / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
     return ModelFolders(model=model_dir, taesd=taesd_dir)
+
+
+def tiny_options(folders: ModelFolders, size: int = 64) -> dict[str, Any]:
+    """``Settings`` fields that serve the model in ``folders`` on the CPU at ``size`` x ``size``."""
+    return {
+        "pipeline": "diffusion",
+        "model": str(folders.model),
+        "vae": str(folders.taesd),
+        "device": "cpu",
+        "width": size,
+        "height": size,
+    }
 
 
 def _drop_config_keys(path: Path, *keys: str) -> None:

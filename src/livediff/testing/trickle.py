@@ -29,10 +29,9 @@ from av.video.stream import VideoStream
 
 from livediff.frames import now
 from livediff.livepeer.trickle import NEXT_SEQ, TrickleError, TricklePublisher, TrickleSubscriber
-from livediff.livepeer.trickle.ts import TsDemuxer
+from livediff.livepeer.trickle.ts import TS_CLOCK_HZ, TS_TIME_BASE, TsDemuxer
 from livediff.testing.framecode import Scene, numbered_frame, read_frame_number
 
-TS_TIME_BASE = Fraction(1, 90_000)
 AUDIO_RATE = 48_000
 AUDIO_FRAME = 960  # 20 ms of Opus
 
@@ -107,7 +106,7 @@ def _encode_segment(
     audio_pts = numbers.start * AUDIO_RATE // fps
     for number in numbers:
         frame = numbered_frame(first_number + number, scene)
-        frame.pts, frame.time_base = number * 90_000 // fps, TS_TIME_BASE
+        frame.pts, frame.time_base = number * TS_CLOCK_HZ // fps, TS_TIME_BASE
         if number == numbers.start:
             frame.pict_type = av.video.frame.PictureType.I
         container.mux(video.encode(frame))

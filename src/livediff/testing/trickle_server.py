@@ -1,7 +1,9 @@
 """A test double (a fake) of go-livepeer's trickle server, as an orchestrator runs it.
 
-It keeps the rules of ``trickle/trickle_server.go`` that a runner meets (see
-``/work/shared/LIVEPEER.md`` and the module docstring of ``livediff.livepeer.trickle``):
+go-livepeer's server is Go and ships with the orchestrator, so tests and benchmarks of the native
+runner (``livediff runner``) play the orchestrator's side with this one. It keeps the rules of
+``trickle/trickle_server.go`` that a runner meets (see docs/orchestrator.md, "The native runner
+contract", and the module docstring of :mod:`livediff.livepeer.trickle`):
 
 - channels exist only when the orchestrator (the test) made them: HTTP creation is off, and a
   request for any other channel gets 404;
@@ -205,8 +207,8 @@ class FakeTrickleServer:
             self.streams[stream_id] = names
 
         self._call(make())
-        urls = [f"{self.url}/{name}" for name in names]
-        return StreamChannels(*urls, names=names)
+        subscribe, publish, control, events = (f"{self.url}/{name}" for name in names)
+        return StreamChannels(subscribe, publish, control, events, names=names)
 
     def create_channel(self, name: str, mime_type: str = "application/octet-stream") -> str:
         async def make() -> None:

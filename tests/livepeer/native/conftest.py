@@ -2,18 +2,16 @@
 
 The runner (``create_runner_app``) runs under uvicorn on 127.0.0.1 in a thread and event loop of
 its own, as ``livediff runner`` would, so its tasks and threads can be counted from here. The
-trickle server double (``tests/fakes/trickle_server.py``) plays the orchestrator's side.
+trickle server double (:mod:`livediff.testing.trickle_server`) plays the orchestrator's side.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,12 +21,7 @@ import uvicorn
 from livediff.config import Settings
 from livediff.livepeer.native.app import create_runner_app
 from livediff.livepeer.native.contract import NativeRunner
-
-FAKES = Path(__file__).resolve().parents[2] / "fakes"
-if str(FAKES) not in sys.path:
-    sys.path.append(str(FAKES))  # last: the ai-runner double there must not shadow ai-runner
-
-from trickle_server import FakeTrickleServer  # noqa: E402
+from livediff.testing.trickle_server import FakeTrickleServer
 
 #: Settings every runner here starts from: quick status events, short waits.
 FAST = {"runner_status_interval_s": 0.5, "trickle_retry_delay_s": 0.05, "warmup_frames": 2}

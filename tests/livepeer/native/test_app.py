@@ -9,9 +9,9 @@ from typing import Any
 
 import httpx
 import pytest
-from trickle_server import FakeTrickleServer
 
 from livediff.config import Settings
+from livediff.testing.trickle_server import FakeTrickleServer
 from tests.livepeer.native.conftest import FAST, RunnerServer, start_runner, until
 from tests.server.faulty import GatedLoadTransform
 
@@ -117,7 +117,7 @@ async def test_refusals_take_go_livepeers_error_shape(
     not_json = await client.post(url, content=b"{", headers={**good, "Content-Type": "x/json"})
     assert not_json.status_code == 422 and "msg" in not_json.json()["detail"]
     assert runner.runner.health() == "IDLE"
-    assert runner.runner.streams_started == 0
+    assert runner.runner.streams.started == 0
 
 
 async def test_a_stream_request_is_answered_at_once_and_ai_runner_fields_are_taken(

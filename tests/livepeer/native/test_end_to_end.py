@@ -15,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-from trickle_server import FakeTrickleServer, StreamChannels
 
 from livediff.testing.models import ModelFolders, write_model_folder
 from livediff.testing.trickle import (
@@ -27,6 +26,7 @@ from livediff.testing.trickle import (
     encode_clip,
     send_json,
 )
+from livediff.testing.trickle_server import FakeTrickleServer, StreamChannels
 from tests.livepeer.native.conftest import RunnerServer, health, stream_threads, until
 
 FPS = 30

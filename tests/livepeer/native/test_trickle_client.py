@@ -8,9 +8,9 @@ import time
 
 import httpx
 import pytest
-from trickle_server import FakeTrickleServer
 
 from livediff.livepeer.trickle import CURRENT_SEQ, TrickleError, TricklePublisher, TrickleSubscriber
+from livediff.testing.trickle_server import FakeTrickleServer
 
 
 async def read_all(subscriber: TrickleSubscriber) -> list[tuple[int, bytes]]:
