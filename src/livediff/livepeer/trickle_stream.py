@@ -12,7 +12,7 @@ A stream is a session of the :class:`~livediff.engine.Engine` plus five concurre
 
 It ends when the input channel ends (404 / ``Lp-Trickle-Closed``; the frames already in the
 engine get up to a second to come out), when the output channel fails, when the transform fails
-too often, or when :meth:`LiveStream.stop` is called (a new stream replaces it, the runner
+too often, or when :meth:`TrickleStream.stop` is called (a new stream replaces it, the runner
 stops). Then every task and thread is ended, the session closed and the client closed.
 """
 
@@ -20,25 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from pydantic import ValidationError
 
 from livediff.config import Settings
 from livediff.encoding import EncoderFrames, EncoderSettings
-from livediff.engine import (
-    Engine,
-    EngineUnavailableError,
-    ModelInUseError,
-    Session,
-    UnknownSessionError,
-)
+from livediff.engine import Engine, Session, UnknownSessionError
 from livediff.livepeer.control import follow_control
 from livediff.livepeer.events import EventPublisher, StreamStatus
-from livediff.livepeer.native.schemas import LiveVideoToVideoRequest
+from livediff.livepeer.params import PARAMS_REFUSALS, refusal_message, transform_values
 from livediff.livepeer.trickle import CURRENT_SEQ, NEXT_SEQ, TricklePublisher, TrickleSubscriber
 from livediff.livepeer.ts_egress import Egress, LoopSegments, SegmentEncoder
 from livediff.livepeer.ts_ingest import Ingest
@@ -46,27 +39,18 @@ from livediff.transforms import TransformParams
 
 logger = logging.getLogger(__name__)
 
-#: Params fields of ai-runner's BaseParams that only ai-runner reads: accepted and ignored.
-RUNNER_ONLY_FIELDS = frozenset({"show_reloading_frame"})
 #: After the input ends, how long frames already in the engine may take to come out.
 DRAIN_S = 1.0
-#: Refused params updates, as the engine raises them.
-REFUSALS = (ValueError, LookupError, ModelInUseError, EngineUnavailableError)
 
 
-def stream_values(params: dict[str, Any]) -> dict[str, Any]:
-    """A stream's params without ai-runner's own fields."""
-    return {key: value for key, value in params.items() if key not in RUNNER_ONLY_FIELDS}
+@dataclass(frozen=True, slots=True)
+class StreamChannels:
+    """Where one stream's media and messages flow: its trickle channels (empty: none)."""
 
-
-def refusal_message(exc: BaseException) -> str:
-    """A short reason: pydantic's errors as 'field: message', others as they are."""
-    if isinstance(exc, ValidationError):
-        return "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'params'}: {error['msg']}"
-            for error in exc.errors(include_url=False)
-        )
-    return str(exc)
+    subscribe_url: str
+    publish_url: str
+    control_url: str = ""
+    events_url: str = ""
 
 
 def trickle_client(settings: Settings) -> httpx.AsyncClient:
@@ -81,21 +65,22 @@ def trickle_client(settings: Settings) -> httpx.AsyncClient:
     )
 
 
-class LiveStream:
+class TrickleStream:
     """One stream: its session, channels, threads and tasks."""
 
     def __init__(
         self,
         engine: Engine,
-        request: LiveVideoToVideoRequest,
+        stream_id: str,
+        channels: StreamChannels,
         params: TransformParams,
         settings: Settings,
     ) -> None:
         self.engine = engine
-        self.request = request
+        self.channels = channels
         self.params = params
         self.settings = settings
-        self.id = request.gateway_request_id or request.stream_id or secrets.token_hex(8)
+        self.id = stream_id
         self.status = StreamStatus(pipeline=settings.runner_model_id)
         self.session: Session | None = None
         self.reason: str | None = None
@@ -126,10 +111,10 @@ class LiveStream:
             await self._close(client)
 
     def _events_channel(self, client: httpx.AsyncClient) -> TricklePublisher | None:
-        if not self.request.events_url:
+        if not self.channels.events_url:
             logger.warning("stream %s has no events_url: no status events", self.id)
             return None
-        return self._publisher(client, self.request.events_url, "application/json")
+        return self._publisher(client, self.channels.events_url, "application/json")
 
     async def _open_session(self) -> Session | None:
         try:
@@ -148,14 +133,14 @@ class LiveStream:
         return self.session
 
     async def _serve(self, session: Session, client: httpx.AsyncClient) -> None:
-        output = self._publisher(client, self.request.publish_url, "video/mp2t")
+        output = self._publisher(client, self.channels.publish_url, "video/mp2t")
         egress = self._egress(session, output)
         ingest = self._ingest(session, client, egress.encoder)
         ingest_task = asyncio.ensure_future(ingest.run())
         egress_task = asyncio.ensure_future(egress.run())
         stopping = asyncio.ensure_future(self._stopping.wait())
         side = [asyncio.ensure_future(self._report(session))]
-        if self.request.control_url:
+        if self.channels.control_url:
             side.append(asyncio.ensure_future(self._control(session, client)))
         try:
             first = {ingest_task, egress_task, stopping}
@@ -182,7 +167,7 @@ class LiveStream:
     def _ingest(
         self, session: Session, client: httpx.AsyncClient, encoder: SegmentEncoder
     ) -> Ingest:
-        subscriber = self._subscriber(client, self.request.subscribe_url, NEXT_SEQ)
+        subscriber = self._subscriber(client, self.channels.subscribe_url, NEXT_SEQ)
         return Ingest(
             subscriber,
             session,
@@ -256,7 +241,7 @@ class LiveStream:
 
     # -- control ----------------------------------------------------------------------------
     async def _control(self, session: Session, client: httpx.AsyncClient) -> None:
-        subscriber = self._subscriber(client, self.request.control_url, CURRENT_SEQ)
+        subscriber = self._subscriber(client, self.channels.control_url, CURRENT_SEQ)
 
         async def apply(message: dict[str, Any]) -> None:
             await self.apply_params(session, message)
@@ -267,11 +252,11 @@ class LiveStream:
         """A full params set (fields left out go back to their defaults), through the engine;
         a refusal is an error event and the stream goes on with its params."""
         try:
-            full = self.engine.validate(stream_values(message))
+            full = self.engine.validate(transform_values(message))
             applied = await self.engine.update_params(session.id, full.model_dump())
         except UnknownSessionError:
             return  # the stream is ending
-        except REFUSALS as exc:
+        except PARAMS_REFUSALS as exc:
             message_text = f"params refused: {refusal_message(exc)}"
             self.status.error(message_text)
             self._events.error(message_text)

@@ -28,12 +28,11 @@ from livediff.engine import Session, SlotClosedError
 from livediff.frames import Frame, now
 from livediff.livepeer.events import StreamStatus
 from livediff.livepeer.trickle import PublishSegment, TricklePublisher
-from livediff.livepeer.trickle.ts import Pes
+from livediff.livepeer.trickle.ts import TS_CLOCK_HZ, TS_TIME_BASE, Pes
 from livediff.livepeer.trickle.tsmux import AudioTrack, TsMuxer
 
 logger = logging.getLogger(__name__)
 
-TS_TIME_BASE = Fraction(1, 90_000)
 #: Passed-through audio PES packets kept while the encoder thread is busy.
 AUDIO_BACKLOG = 256
 #: libx264's own keyframe interval, in GOPs: IDRs are forced at segment starts, not by it.
@@ -133,7 +132,7 @@ class SegmentEncoder:
         self._segments = segments
         self._session = session
         self._status = status
-        self._gop_ticks = round(settings.keyframe_interval_s * 90_000)
+        self._gop_ticks = round(settings.keyframe_interval_s * TS_CLOCK_HZ)
         self._cond = threading.Condition()
         self._video: Frame | None = None
         self._audio: deque[Pes] = deque(maxlen=AUDIO_BACKLOG)

@@ -15,7 +15,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from fractions import Fraction
 from typing import Protocol, cast
 
 import av
@@ -25,13 +24,12 @@ from livediff.engine import Session
 from livediff.frames import Frame, StageTimes, now
 from livediff.livepeer.events import StreamStatus
 from livediff.livepeer.trickle import SubscribeSegment, TrickleError, TrickleSubscriber
-from livediff.livepeer.trickle.ts import Pes, TsDemuxer
+from livediff.livepeer.trickle.ts import TS_TIME_BASE, Pes, TsDemuxer
 from livediff.livepeer.trickle.tsmux import AudioTrack
 
 logger = logging.getLogger(__name__)
 
 #: MPEG-TS timestamps tick at 90 kHz.
-TS_TIME_BASE = Fraction(1, 90_000)
 #: Chunks the decoder thread may have waiting before the reader pauses (backpressure).
 QUEUE_CHUNKS = 1024
 

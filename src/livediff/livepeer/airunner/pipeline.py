@@ -28,7 +28,7 @@ from runner.live.trickle import VideoFrame, VideoOutput
 from livediff.config import Settings
 from livediff.frames import Frame
 from livediff.livepeer.airunner.params import runner_settings, settings_for_params
-from livediff.livepeer.airunner.streams import PipelineStoppedError, StreamSwitch
+from livediff.livepeer.airunner.streams import AiRunnerStreams, PipelineStoppedError
 from livediff.livepeer.airunner.tensors import release_device_memory
 from livediff.pixels import wait_ready
 from livediff.transforms import resolve_transform
@@ -47,11 +47,11 @@ class LivediffPipeline(Pipeline):  # type: ignore[misc]  # ai-runner is untyped
         """ai-runner builds it with no arguments: the settings then come from ``LIVEDIFF_*``."""
         super().__init__()
         self._settings = settings
-        self._streams: StreamSwitch | None = None
+        self._streams: AiRunnerStreams | None = None
         self._inputs: OrderedDict[tuple[str, int], VideoFrame] = OrderedDict()
 
     @property
-    def streams(self) -> StreamSwitch:
+    def streams(self) -> AiRunnerStreams:
         """The engine and its current stream; raises once stopped."""
         if self._streams is None:
             raise PipelineStoppedError("the pipeline is not initialized or was stopped")
@@ -60,7 +60,7 @@ class LivediffPipeline(Pipeline):  # type: ignore[misc]  # ai-runner is untyped
     async def initialize(self, **params: Any) -> None:
         """Load the transform for ``params`` (the model they name, if any) and warm it up."""
         settings = settings_for_params(self._settings or runner_settings(), params)
-        streams = StreamSwitch(settings)
+        streams = AiRunnerStreams(settings)
         await streams.start(params)
         self._streams = streams
         logger.info(
@@ -83,12 +83,12 @@ class LivediffPipeline(Pipeline):  # type: ignore[misc]  # ai-runner is untyped
     async def get_processed_video_frame(self) -> VideoOutput:
         stream, frame = await self.streams.next_output()
         wait_ready(frame.image, frame.ready)  # ai-runner reads it on its own stream
-        source = self._inputs.pop((stream.request_id, frame.pts), None)
+        source = self._inputs.pop((stream.id, frame.pts), None)
         if source is None:
             output = VideoFrame(frame.image, frame.pts, frame.time_base, {})
         else:
             output = source.replace_tensor(frame.image)
-        return VideoOutput(output, stream.request_id)
+        return VideoOutput(output, stream.id)
 
     async def update_params(self, **params: Any) -> asyncio.Task[None] | None:
         """Apply a full params set; returns an ``asyncio.Task`` only when the model must reload."""
@@ -128,7 +128,7 @@ class LivediffPipeline(Pipeline):  # type: ignore[misc]  # ai-runner is untyped
 
 
 async def _load_once(settings: Settings) -> None:
-    streams = StreamSwitch(settings)
+    streams = AiRunnerStreams(settings)
     await streams.start({})
     await streams.stop()
     logger.info("the %s transform is prepared", settings.pipeline)

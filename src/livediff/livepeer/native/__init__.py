@@ -7,8 +7,9 @@ channels (:mod:`livediff.livepeer.trickle`). One :class:`~livediff.engine.Engine
 streams, as it serves ``livediff serve`` and the ai-runner adapter
 (:mod:`livediff.livepeer.airunner`).
 
-Modules: :mod:`.app` (routes), :mod:`.runner` (the engine and the current stream),
-:mod:`.stream` (one stream's lifecycle), :mod:`.ingest` / :mod:`.egress` (decoder and encoder
-threads), :mod:`.control` (params updates), :mod:`.events` (status and error events),
-:mod:`.schemas`, :mod:`.hardware`. Nothing here imports torch at import time.
+Modules: :mod:`.app` (routes), :mod:`.contract` (``NativeRunner``: the engine and its stream
+switch), :mod:`.schemas` (the contract's bodies). A stream's lifecycle, channels, threads,
+control and events are the Livepeer core's (:mod:`livediff.livepeer.trickle_stream` and its
+neighbours), which the Live Runner door shares. Nothing here imports torch at import time, nor
+aiortc.
 """

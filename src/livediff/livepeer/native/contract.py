@@ -2,8 +2,9 @@
 
 go-livepeer lends an IDLE container one stream at a time and never stops a stream by request:
 the stream ends when its channels close. A new ``POST /live-video-to-video`` replaces the stream
-that is running (ai-runner does the same). Health is the engine's (LOADING until warm, ERROR
-when the worker failed), and otherwise OK while a stream is running and IDLE without one.
+that is running (the :class:`~livediff.livepeer.switch.StreamSwitch` every Livepeer door uses).
+Health is the switch's: the engine's LOADING until warm and ERROR when the worker failed, and
+otherwise OK while a stream is running and IDLE without one.
 """
 
 from __future__ import annotations
@@ -11,10 +12,14 @@ from __future__ import annotations
 import logging
 import secrets
 
+from pydantic import ValidationError
+
 from livediff.config import Settings
 from livediff.engine import Engine, Health, TaskSet
 from livediff.livepeer.native.schemas import ErrorStatus, LiveVideoToVideoRequest
-from livediff.livepeer.trickle_stream import LiveStream, refusal_message, stream_values
+from livediff.livepeer.params import refusal_message, transform_values
+from livediff.livepeer.switch import StreamSwitch
+from livediff.livepeer.trickle_stream import StreamChannels, TrickleStream
 from livediff.transforms import TransformParams
 
 logger = logging.getLogger(__name__)
@@ -30,14 +35,13 @@ class RunnerRefusal(Exception):
 
 
 class NativeRunner:
-    """The engine plus the current :class:`LiveStream`."""
+    """The engine plus the :class:`TrickleStream` it serves now."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.engine = Engine(settings)
-        self.stream: LiveStream | None = None
+        self.streams: StreamSwitch[TrickleStream] = StreamSwitch(self.engine)
         self.tasks = TaskSet("runner")
-        self.streams_started = 0
 
     def start(self) -> None:
         """Load and warm up the transform in the background (health says LOADING meanwhile)."""
@@ -45,17 +49,12 @@ class NativeRunner:
 
     async def stop(self) -> None:
         """End the stream, wait for it, stop the engine."""
-        if self.stream is not None:
-            self.stream.stop("the runner is stopping")
+        await self.streams.stop("the runner is stopping")
         await self.tasks.wait()
         await self.engine.stop()
 
     def health(self) -> Health:
-        status = self.engine.health()
-        if status in ("LOADING", "ERROR"):
-            return status
-        stream = self.stream
-        return "OK" if stream is not None and not stream.ended.is_set() else "IDLE"
+        return self.streams.health()
 
     # -- stream requests --------------------------------------------------------------------
     def check(self, request: LiveVideoToVideoRequest, authorization: str | None) -> TransformParams:
@@ -68,8 +67,8 @@ class NativeRunner:
             )
         self._check_ready()
         try:
-            return self.engine.validate(stream_values(request.params))
-        except ValueError as exc:
+            return self.engine.validate(transform_values(request.params))
+        except ValidationError as exc:
             raise RunnerRefusal(422, f"invalid params: {refusal_message(exc)}") from exc
 
     def _check_token(self, authorization: str | None) -> None:
@@ -88,12 +87,14 @@ class NativeRunner:
             error = self.engine.worker.load_error
             raise RunnerRefusal(500, f"the transform failed: {error!r}")
 
-    def begin(self, request: LiveVideoToVideoRequest, params: TransformParams) -> LiveStream:
+    def begin(self, request: LiveVideoToVideoRequest, params: TransformParams) -> TrickleStream:
         """Start the stream in the background; the one running now is stopped first."""
-        previous = self.stream
-        stream = LiveStream(self.engine, request, params, self.settings)
-        self.stream = stream
-        self.streams_started += 1
+        stream_id = request.gateway_request_id or request.stream_id or secrets.token_hex(8)
+        channels = StreamChannels(
+            request.subscribe_url, request.publish_url, request.control_url, request.events_url
+        )
+        stream = TrickleStream(self.engine, stream_id, channels, params, self.settings)
+        previous = self.streams.replace(stream)
         self.tasks.spawn(self._run(previous, stream))
         logger.info(
             "stream %s requested (manifest %s, stream %s)",
@@ -103,12 +104,10 @@ class NativeRunner:
         )
         return stream
 
-    async def _run(self, previous: LiveStream | None, stream: LiveStream) -> None:
+    async def _run(self, previous: TrickleStream | None, stream: TrickleStream) -> None:
         if previous is not None:
-            previous.stop(f"stream {stream.id} replaced it")
             await previous.ended.wait()
         try:
             await stream.run()
         finally:
-            if self.stream is stream:
-                self.stream = None
+            self.streams.release(stream)

@@ -22,7 +22,11 @@ writes its payloads back out). Pure Python, no I/O: it runs on the ingest's deco
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 
+#: MPEG-TS timestamps (PTS, DTS, PCR base) count this clock; every Livepeer door uses it.
+TS_CLOCK_HZ = 90_000
+TS_TIME_BASE = Fraction(1, TS_CLOCK_HZ)
 PACKET_SIZE = 188
 SYNC_BYTE = 0x47
 PAT_PID = 0x0000
