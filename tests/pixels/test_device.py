@@ -10,6 +10,7 @@ import torch
 
 from livediff.pixels import mark_ready, to_video_frame, wait_ready
 from livediff.pixels.device import (
+    DeviceConstants,
     FrameUploader,
     constant,
     copy_yuv420_planes,
@@ -100,12 +101,20 @@ def test_decoded_planes_are_copied_straight_into_the_staging_buffer(size: tuple[
     assert np.array_equal(staged, frame.to_ndarray())
 
 
-def test_constant_tensors_are_made_once_per_device() -> None:
-    first = constant("test-weights", (1.0, 2.0), torch.device("cpu"), torch.float32)
-    again = constant("test-weights", (1.0, 2.0), torch.device("cpu"), torch.float32)
-    assert first is again
-    other = constant("test-weights", (1.0, 2.0), torch.device("cpu"), torch.float64)
+def test_constant_tensors_are_made_once_per_value_and_device() -> None:
+    cache = DeviceConstants(capacity=3)
+    cpu = torch.device("cpu")
+    first = cache.get((1.0, 2.0), cpu, torch.float32)
+    assert cache.get([1.0, 2.0], cpu, torch.float32) is first  # lists and tuples alike
+    other = cache.get((1.0, 2.0), cpu, torch.float64)
     assert other is not first and other.dtype == torch.float64
+    rows = cache.get([[0, 1], [2, 3]], cpu, torch.long)
+    assert rows.tolist() == [[0, 1], [2, 3]] and cache.misses == 3
+    cache.get((3.0,), cpu, torch.float32)  # a fourth: the least recently used goes
+    assert cache.misses == 4
+    assert cache.get((1.0, 2.0), cpu, torch.float64) is other and cache.misses == 4
+    assert cache.get((1.0, 2.0), cpu, torch.float32) is not first and cache.misses == 5
+    assert constant((1.0, 2.0), cpu, torch.float32) is constant((1.0, 2.0), cpu, torch.float32)
 
 
 def test_hand_offs_of_host_images_need_no_event() -> None:

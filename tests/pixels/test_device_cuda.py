@@ -13,8 +13,18 @@ import numpy as np
 import pytest
 import torch
 
+from livediff.frames import Image
 from livediff.pixels import mark_ready, to_video_frame, wait_ready
-from livediff.pixels.device import FrameUploader, PinnedPool, download, pinned_scope
+from livediff.pixels.device import (
+    MAX_IN_FLIGHT,
+    DeviceConstants,
+    FrameUploader,
+    PinnedPool,
+    download,
+    pinned_scope,
+    rgb_to_yuv420,
+    start_downloads,
+)
 
 pytestmark = pytest.mark.gpu
 SIZE = (96, 64)  # width, height
@@ -38,12 +48,49 @@ def test_uploads_through_pinned_staging_equal_the_cpu_path() -> None:
 
 def test_a_staging_buffer_is_not_refilled_while_its_copy_is_queued() -> None:
     pool = PinnedPool(capacity=2)
-    first, first_copied = pool.take("upload", (4, 4))
-    second, _ = pool.take("upload", (4, 4))
-    assert first.data_ptr() != second.data_ptr()  # two in turn: one fills while one copies
-    first_copied.record()
-    again, _ = pool.take("upload", (4, 4))
-    assert again.data_ptr() == first.data_ptr() and first_copied.query()
+    first = pool.take("upload", (4, 4))
+    assert first.buffer.is_pinned()
+    torch.cuda._sleep(100_000_000)  # keeps the device busy: the copy below stays queued
+    first.buffer.fill_(7)
+    on_device = torch.empty((4, 4), dtype=torch.uint8, device="cuda")
+    on_device.copy_(first.buffer, non_blocking=True)
+    first.copied.record()
+    first.release()
+    second = pool.take("upload", (4, 4))
+    assert second is not first  # its copy is still queued: another buffer, no wait
+    torch.cuda.current_stream().synchronize()
+    second.release()
+    assert pool.take("upload", (4, 4)) is first and first.copied.query()
+    assert bool((on_device == 7).all())
+
+
+def test_batch_downloads_lease_one_buffer_per_output_until_read() -> None:
+    images: list[Image | None] = [
+        torch.rand(1, 16, 32, 3, device="cuda") for _ in range(MAX_IN_FLIGHT + 3)
+    ]
+    with pinned_scope(2) as pool:
+        started = start_downloads(images, [True] * len(images))
+        assert pool.buffers("download", (24, 32)) == len(images)
+        frames = started.finish()
+    for image, frame in zip(images, frames, strict=True):
+        assert isinstance(image, torch.Tensor) and isinstance(frame, av.VideoFrame)
+        assert np.array_equal(frame.to_ndarray(), rgb_to_yuv420(image).cpu().numpy())
+
+
+def test_constants_are_made_without_waiting_and_ordered_for_other_streams() -> None:
+    device = torch.device("cuda")
+    cache = DeviceConstants()
+    cache.get((1.0,), device, torch.float32)  # the first pinned allocation may wait: not timed
+    worker_cuda_stream = torch.cuda.Stream()
+    with torch.cuda.stream(worker_cuda_stream):
+        torch.cuda._sleep(50_000_000)  # the worker's CUDA stream is busy
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            made = cache.get((0.25, 0.5), device, torch.float32)  # no wait for that work
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    read = cache.get((0.25, 0.5), device, torch.float32) * 2  # on the default CUDA stream
+    assert read.tolist() == [0.5, 1.0] and cache.misses == 2 and made.is_cuda
 
 
 def test_downloads_come_back_through_the_pinned_pool() -> None:

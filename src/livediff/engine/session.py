@@ -16,7 +16,7 @@ from livediff.engine.slot import AsyncSlot, Slot
 from livediff.engine.stats import SessionStats
 from livediff.engine.threads import post_to_loop
 from livediff.frames import Frame, Image, now
-from livediff.pixels import fit_within, mark_ready, resize
+from livediff.pixels import adopt, fit_within, mark_ready, resize
 from livediff.transforms.base import AnyJob, Job, TransformParams
 
 logger = logging.getLogger(__name__)
@@ -117,10 +117,15 @@ class Session:
         self.input.put(frame)
 
     def next_job(self) -> AnyJob | None:
-        """The waiting frame as a job (worker thread)."""
+        """The waiting frame as a job (worker thread).
+
+        A CUDA tensor frame (ai-runner's, made on another CUDA stream) is adopted first: the
+        worker's CUDA stream waits for its producer before anything reads it, the scaling down
+        of a large frame included (rule 1 of :mod:`livediff.pixels.device`)."""
         frame = self.input.take()
         if frame is None:
             return None
+        adopt(frame.image)
         if self.max_input_pixels is not None:
             fitted = fit_within(frame.image, self.max_input_pixels)
             if fitted is not frame.image:

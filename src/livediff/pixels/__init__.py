@@ -23,6 +23,7 @@ from livediff.frames import Image, ReadyEvent, RgbArray, image_size, is_tensor
 
 __all__ = [
     "Downloads",
+    "adopt",
     "finish_downloads",
     "fit_within",
     "mark_ready",
@@ -70,8 +71,7 @@ def resize(image: Image, width: int, height: int) -> Image:
         frame = av.VideoFrame.from_ndarray(image, format="rgb24")
         resized = frame.reformat(width=width, height=height, format="rgb24")
         return cast(RgbArray, resized.to_ndarray())
-    assert is_tensor(image)
-    from livediff.pixels.device import resize_tensor
+    from livediff.pixels.device import resize_tensor  # a tensor: what is left of Image
 
     return resize_tensor(image, width, height)
 
@@ -86,6 +86,18 @@ def fit_within(image: Image, max_pixels: int) -> Image:
     fitted_width = max(2, math.floor(width * scale / 2) * 2)
     fitted_height = max(2, math.floor(height * scale / 2) * 2)
     return resize(image, fitted_width, fitted_height)
+
+
+def adopt(image: Image) -> None:
+    """Rule 1 of :mod:`livediff.pixels.device`: a CUDA tensor made on another CUDA stream
+    (ai-runner's input frames) becomes safe to read on this thread's, before *any* op reads it
+    (a resize included); nothing to do for other images. Worker thread only."""
+    if isinstance(image, av.VideoFrame | np.ndarray):
+        return
+    from livediff.pixels.device import adopt as adopt_tensor
+
+    if image.is_cuda:
+        adopt_tensor(image)
 
 
 def mark_ready(image: Image) -> ReadyEvent | None:

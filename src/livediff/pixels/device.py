@@ -13,26 +13,34 @@ The ordering rule (every tensor that crosses a CUDA stream or a thread):
 1. A tensor made on another CUDA stream (ai-runner's frames, copied on the default one) is
    *adopted* before the worker reads it: the worker's CUDA stream waits for the producer's (on
    the GPU; the host does not block) and ``record_stream`` keeps its memory from being reused
-   until the worker's CUDA stream is done with it (:func:`adopt`).
+   until the worker's CUDA stream is done with it (:func:`adopt`). *Before* means before any
+   op: ``Session.next_job`` adopts a frame before it scales a large one down.
 2. A CUDA tensor the worker hands to another thread or CUDA stream (ai-runner's output) travels
    with an event recorded on the worker's CUDA stream after the kernels that wrote it
    (:func:`mark_ready`); the consumer makes its own CUDA stream wait for that event and records
    that CUDA stream on the tensor before reading it (:func:`wait_ready`).
-3. A pinned staging buffer is refilled only after the event of the last copy that used it has
-   completed (:class:`PinnedPool`); each shape has two buffers used in turn, so filling one
-   overlaps the copy out of the other.
+3. A pinned staging buffer is leased (:class:`PinnedPool`): it is filled again only after it
+   was given back *and* the event of the last copy that used it has completed. An upload gives
+   it back once its copy is queued; a download only after its pixels were read on the host
+   (:meth:`BatchDownloads.finish`), so a buffer never carries two frames at once, however many
+   outputs of one size a batch has. Filling one buffer overlaps the copy out of another.
 4. A host array read after a device-to-host copy is read after that copy's event completed
-   (:func:`download`): one wait per download, nothing else synchronises the device.
+   (:func:`download`, :meth:`BatchDownloads.finish`): one wait per batch, nothing else
+   synchronises the device.
+
+Constants (colour matrices, kernels, row indices) come from :func:`constant`: made once per
+value and device from pinned memory, so building them never waits for the device.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import av
 import numpy as np
@@ -42,13 +50,16 @@ import torch.nn.functional as F
 
 from livediff.frames import Image, RgbArray, image_size
 
+_T = TypeVar("_T")
+
 #: AVColorRange value for full-range ("JPEG") YUV.
 FULL_RANGE = 2
 #: AVColorSpace value for BT.709.
 BT709 = 1
 #: Pinned buffers a thread keeps when no worker configured its pool (tests, tools).
 DEFAULT_PINNED_BUFFERS = 8
-#: Most buffers of one shape in flight at once (more outputs of one size per batch wait).
+#: Most unleased buffers of one shape with copies still queued (past it, the oldest is waited
+#: for); leased ones (a batch's downloads, at most max_batch) never count.
 MAX_IN_FLIGHT = 8
 
 #: (R from V, G from U, G from V, B from U) for the colour matrices in use.
@@ -65,52 +76,132 @@ RGB_TO_YUV_BT601 = (
 
 
 # -- pinned staging --------------------------------------------------------------------------
-class PinnedPool:
-    """Pinned host buffers for copies to and from one thread's CUDA stream.
+class CopyEvent(Protocol):
+    """What the pool needs of a copy's event: ``torch.cuda.Event``, or on the host a
+    :class:`HostEvent` (tests may pass a double that completes later)."""
 
-    Buffers are kept per (direction, shape), two per key used in turn, each with the event of
-    the last copy that used it; at most ``capacity`` keys are kept (least recently used go).
+    def record(self, stream: Any = None) -> None: ...
+
+    def query(self) -> bool: ...
+
+    def synchronize(self) -> None: ...
+
+
+class HostEvent:
+    """The event of a copy between host buffers: complete once queued (a CPU copy is done when
+    ``copy_`` returns), so the pool's rules read the same on the CPU as on a GPU."""
+
+    def record(self, stream: Any = None) -> None:
+        """Nothing to record: the copy has already happened."""
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        """Nothing to wait for."""
+
+
+def _cuda_event() -> CopyEvent:
+    return cast(CopyEvent, torch.cuda.Event())  # type: ignore[no-untyped-call]
+
+
+class PinnedLease:
+    """One staging buffer, leased to a copy (and, for a download, to the reader of its
+    pixels) until :meth:`release`; ``copied`` is the event of the last copy that used it."""
+
+    __slots__ = ("buffer", "copied", "leased")
+
+    def __init__(self, buffer: torch.Tensor, copied: CopyEvent) -> None:
+        self.buffer = buffer
+        self.copied = copied
+        self.leased = False
+
+    def release(self) -> None:
+        """The holder is done with the buffer; it is reused once ``copied`` has completed."""
+        self.leased = False
+
+
+class PinnedPool:
+    """Pinned host buffers for copies to and from one thread's CUDA streams.
+
+    Buffers are kept per (direction, shape), at most ``capacity`` keys (least recently used
+    go). A buffer is taken as a lease: an upload gives it back as soon as its copy is queued,
+    a batch of downloads when its pixels have been read (:meth:`BatchDownloads.finish`). A
+    buffer is handed out again only when it is not leased and its last copy has completed
+    (rules 3 and 4), so a batch with more outputs of one size than the pool holds gets new
+    buffers instead of someone else's.
+
+    ``device_type`` "cpu" keeps plain host buffers with :class:`HostEvent` s (the same rules,
+    for tests and tools); ``new_event`` replaces the event type (a test's fake device).
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        device_type: str = "cuda",
+        new_event: Callable[[], CopyEvent] | None = None,
+    ) -> None:
         self.capacity = capacity
+        self._pinned = device_type == "cuda"
+        default_event = _cuda_event if self._pinned else HostEvent
+        self._new_event: Callable[[], CopyEvent] = new_event or default_event
         self._rings: OrderedDict[tuple[str, tuple[int, ...]], _Ring] = OrderedDict()
 
-    def take(self, direction: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.cuda.Event]:
-        """A free pinned uint8 buffer of ``shape`` and the event to record after the copy."""
+    def take(self, direction: str, shape: tuple[int, ...]) -> PinnedLease:
+        """A uint8 buffer of ``shape`` no copy or reader still uses, leased to the caller."""
         key = (direction, shape)
         ring = self._rings.get(key)
         if ring is None:
-            ring = self._rings[key] = _Ring(shape)
+            ring = self._rings[key] = _Ring(shape, self._pinned, self._new_event)
             if len(self._rings) > self.capacity:
                 self._rings.popitem(last=False)
         self._rings.move_to_end(key)
-        return ring.next()
+        return ring.take()
+
+    def new_event(self) -> CopyEvent:
+        """An event of the kind this pool's copies record."""
+        return self._new_event()
+
+    def buffers(self, direction: str, shape: tuple[int, ...]) -> int:
+        """How many buffers the pool holds for this key (for tests and diagnostics)."""
+        ring = self._rings.get((direction, shape))
+        return 0 if ring is None else len(ring.slots)
 
 
 class _Ring:
-    """The buffers of one key, used in turn; a new one is added (up to ``MAX_IN_FLIGHT``)
-    rather than waiting when the next one's copy is still queued (a batch of several outputs
-    of one size)."""
+    """The buffers of one key, least recently taken first.
 
-    def __init__(self, shape: tuple[int, ...]) -> None:
+    A free buffer (not leased, its copy complete) is reused; else a new one is made, unless
+    ``MAX_IN_FLIGHT`` unleased buffers still have copies queued, and then the oldest of them
+    is waited for. Leased buffers never count against that bound and are never waited for:
+    there are at most as many as a batch has outputs of this size (``max_batch``)."""
+
+    def __init__(
+        self, shape: tuple[int, ...], pinned: bool, new_event: Callable[[], CopyEvent]
+    ) -> None:
         self._shape = shape
-        self._slots: list[tuple[torch.Tensor, torch.cuda.Event]] = [self._new() for _ in range(2)]
-        self._turn = 0
+        self._pinned = pinned
+        self._new_event = new_event
+        self.slots: list[PinnedLease] = []
 
-    def _new(self) -> tuple[torch.Tensor, torch.cuda.Event]:
-        buffer = torch.empty(self._shape, dtype=torch.uint8, pin_memory=True)
-        return buffer, torch.cuda.Event()  # type: ignore[no-untyped-call]
+    def take(self) -> PinnedLease:
+        found = next((s for s in self.slots if not s.leased and s.copied.query()), None)
+        if found is None:
+            found = self._new_or_oldest_idle()
+        self.slots.remove(found)
+        self.slots.append(found)
+        found.leased = True
+        return found
 
-    def next(self) -> tuple[torch.Tensor, torch.cuda.Event]:
-        buffer, event = self._slots[self._turn]
-        busy = not event.query()  # type: ignore[no-untyped-call]
-        if busy and len(self._slots) < MAX_IN_FLIGHT:
-            self._slots.insert(self._turn, self._new())
-            buffer, event = self._slots[self._turn]
-        self._turn = (self._turn + 1) % len(self._slots)
-        event.synchronize()  # the last copy that used this buffer has finished
-        return buffer, event
+    def _new_or_oldest_idle(self) -> PinnedLease:
+        idle = [slot for slot in self.slots if not slot.leased]
+        if len(idle) < MAX_IN_FLIGHT:
+            buffer = torch.empty(self._shape, dtype=torch.uint8, pin_memory=self._pinned)
+            slot = PinnedLease(buffer, self._new_event())
+            self.slots.append(slot)
+            return slot
+        idle[0].copied.synchronize()  # the last copy that used this buffer has finished
+        return idle[0]
 
 
 _local = threading.local()
@@ -135,18 +226,84 @@ def pinned_scope(capacity: int) -> Iterator[PinnedPool]:
 
 
 # -- constants on the device ------------------------------------------------------------------
-_constants: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
-_constants_lock = threading.Lock()
+class _Constant:
+    """A constant on its device, with the event of its upload and the CUDA stream it was
+    queued on (None on the CPU)."""
+
+    __slots__ = ("cuda_stream", "ready", "tensor")
+
+    def __init__(self, values: Any, device: torch.device, dtype: torch.dtype) -> None:
+        host = torch.tensor(values, dtype=dtype)
+        self.ready: CopyEvent | None = None
+        self.cuda_stream: torch.cuda.Stream | None = None
+        if device.type != "cuda":
+            self.tensor = host.to(device)
+            return
+        # pinned and non_blocking: queued on this thread's CUDA stream, no wait for the device
+        self.tensor = host.pin_memory().to(device, non_blocking=True)
+        self.cuda_stream = torch.cuda.current_stream(device)
+        self.ready = _cuda_event()
+        self.ready.record(self.cuda_stream)
+
+    def ordered(self) -> torch.Tensor:
+        """The tensor, safe to read on this thread's CUDA stream (rule 1 for a tensor made on
+        another one: wait for its upload on the GPU, and keep its memory until this CUDA
+        stream's work on it is done)."""
+        if self.cuda_stream is None or self.ready is None:
+            return self.tensor
+        current = torch.cuda.current_stream(self.tensor.device)
+        if current != self.cuda_stream:
+            current.wait_event(cast(torch.cuda.Event, self.ready))
+            self.tensor.record_stream(current)
+        return self.tensor
 
 
-def constant(name: str, values: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``values`` as a tensor on ``device``, made once per (name, device, dtype) and reused."""
-    key = (name, device, dtype)
-    with _constants_lock:
-        found = _constants.get(key)
-        if found is None:
-            found = _constants[key] = torch.tensor(values, dtype=dtype, device=device)
-    return found
+class DeviceConstants:
+    """Small constant tensors (colour matrices, kernels, ControlNet row indices and scales),
+    one per (values, device, dtype), made once and then reused.
+
+    ``torch.tensor(values, device=cuda)`` copies from pageable memory and so waits for every
+    kernel queued on the CUDA stream: a host wait per call. A cached constant is made once,
+    from pinned memory without a wait, and a batch that needs the same values again finds it
+    here. At most ``capacity`` are kept (least recently used go); ``misses`` counts the ones
+    made.
+    """
+
+    def __init__(self, capacity: int = 512) -> None:
+        self.capacity = capacity
+        self.misses = 0
+        self._entries: OrderedDict[tuple[Any, ...], _Constant] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, values: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``values`` (numbers or nested sequences of them) as a tensor on ``device``."""
+        key = (_frozen(values), device, dtype)
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None:
+                found = self._entries[key] = _Constant(values, device, dtype)
+                self.misses += 1
+                if len(self._entries) > self.capacity:
+                    self._entries.popitem(last=False)
+            self._entries.move_to_end(key)
+        return found.ordered()
+
+
+def _frozen(values: Any) -> Any:
+    """``values`` with every sequence a tuple (hashable, equal for equal numbers)."""
+    if isinstance(values, list | tuple):
+        return tuple(_frozen(value) for value in values)
+    return values
+
+
+#: The process's constants (keyed by device, so every worker shares it safely).
+constants = DeviceConstants()
+
+
+def constant(values: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` as a tensor on ``device``, made once per (values, device, dtype) and reused
+    (see :class:`DeviceConstants`). Read-only: every caller shares it."""
+    return constants.get(values, device, dtype)
 
 
 # -- host -> device ---------------------------------------------------------------------------
@@ -293,9 +450,9 @@ def upload_yuv420(
         host = np.empty(shape, dtype=np.uint8)
         copy_yuv420_planes(frame, host)
         return torch.from_numpy(host)
-    pinned, copied = pinned_pool().take("upload", shape)
-    copy_yuv420_planes(frame, pinned.numpy())
-    return _to_device(pinned, copied, device, cuda_stream)
+    lease = pinned_pool().take("upload", shape)
+    copy_yuv420_planes(frame, lease.buffer.numpy())
+    return _to_device(lease, device, cuda_stream)
 
 
 def upload_array(
@@ -304,22 +461,22 @@ def upload_array(
     """A uint8 array as a tensor on ``device`` (queued on ``cuda_stream``, not waited for)."""
     if device.type != "cuda":
         return torch.from_numpy(np.ascontiguousarray(array))
-    pinned, copied = pinned_pool().take("upload", tuple(array.shape))
-    pinned.numpy()[...] = array
-    return _to_device(pinned, copied, device, cuda_stream)
+    lease = pinned_pool().take("upload", tuple(array.shape))
+    lease.buffer.numpy()[...] = array
+    return _to_device(lease, device, cuda_stream)
 
 
 def _to_device(
-    pinned: torch.Tensor,
-    copied: torch.cuda.Event,
-    device: torch.device,
-    cuda_stream: torch.cuda.Stream | None = None,
+    lease: PinnedLease, device: torch.device, cuda_stream: torch.cuda.Stream | None = None
 ) -> torch.Tensor:
+    """Queue the copy of a filled upload buffer and give the buffer back (rule 3: the pool
+    hands it out again only after this copy's event)."""
     target = cuda_stream if cuda_stream is not None else torch.cuda.current_stream(device)
     with torch.cuda.stream(target):
-        on_device = torch.empty(pinned.shape, dtype=torch.uint8, device=device)
-        on_device.copy_(pinned, non_blocking=True)
-        copied.record(target)
+        on_device = torch.empty(lease.buffer.shape, dtype=torch.uint8, device=device)
+        on_device.copy_(lease.buffer, non_blocking=True)
+        lease.copied.record(target)
+    lease.release()
     return on_device
 
 
@@ -369,7 +526,7 @@ def rgb_to_yuv420(tensor: torch.Tensor) -> torch.Tensor:
     rgb = (tensor if tensor.dim() == 4 else tensor[None]).clamp(0, 1).permute(0, 3, 1, 2)
     rgb = rgb.to(torch.float32)
     height, width = rgb.shape[-2:]
-    weights = constant("rgb_to_yuv_bt601", RGB_TO_YUV_BT601, rgb.device, torch.float32)
+    weights = constant(RGB_TO_YUV_BT601, rgb.device, torch.float32)
     luma = torch.einsum("c,nchw->hw", weights[0], rgb) * 219 + 16
     blocks = F.avg_pool2d(rgb, 2)[0]
     chroma = torch.einsum("kc,chw->khw", weights[1:], blocks) * 224 + 128
@@ -395,18 +552,24 @@ def resize_tensor(tensor: torch.Tensor, width: int, height: int) -> torch.Tensor
 
 # -- device -> host ---------------------------------------------------------------------------
 def download(pixels: torch.Tensor) -> npt.NDArray[np.uint8]:
-    """A uint8 tensor on the host (rule 4: one wait, for this copy's event).
+    """A uint8 tensor on the host, as an array of its own (rule 4: one wait, for this copy's
+    event)."""
+    return _downloaded(pixels, np.array)
 
-    From CUDA the result is the thread's pinned buffer, valid until the second next download
-    of the same shape (callers copy it: ``av.VideoFrame.from_ndarray`` does).
-    """
+
+def _downloaded(pixels: torch.Tensor, read: Callable[[npt.NDArray[np.uint8]], _T]) -> _T:
+    """``read(host pixels)``: from CUDA through a pinned buffer leased until ``read`` returns
+    (``read`` copies what it keeps: ``np.array``, ``av.VideoFrame.from_ndarray``)."""
     if pixels.device.type != "cuda":
-        return np.ascontiguousarray(pixels.numpy())
-    host, copied = pinned_pool().take("download", tuple(pixels.shape))
-    host.copy_(pixels, non_blocking=True)
-    copied.record()
-    copied.synchronize()
-    return cast(npt.NDArray[np.uint8], host.numpy())
+        return read(np.ascontiguousarray(pixels.numpy()))
+    lease = pinned_pool().take("download", tuple(pixels.shape))
+    try:
+        lease.buffer.copy_(pixels, non_blocking=True)
+        lease.copied.record()
+        lease.copied.synchronize()
+        return read(cast(npt.NDArray[np.uint8], lease.buffer.numpy()))
+    finally:
+        lease.release()
 
 
 def _rgb_uint8(tensor: torch.Tensor) -> torch.Tensor:
@@ -417,15 +580,22 @@ def _rgb_uint8(tensor: torch.Tensor) -> torch.Tensor:
 
 def tensor_to_rgb_array(tensor: torch.Tensor) -> RgbArray:
     """uint8 RGB (H, W, 3) of a float [0, 1] tensor, a copy of its own on the host."""
-    return download(_rgb_uint8(tensor)).copy()
+    return download(_rgb_uint8(tensor))
 
 
 def tensor_to_video_frame(tensor: torch.Tensor) -> av.VideoFrame:
     """A CUDA tensor of even size becomes yuv420p on the device; others become rgb24."""
     width, height = image_size(tensor)
     if tensor.device.type == "cuda" and width % 2 == 0 and height % 2 == 0:
-        return av.VideoFrame.from_ndarray(download(rgb_to_yuv420(tensor)), format="yuv420p")
-    return av.VideoFrame.from_ndarray(download(_rgb_uint8(tensor)), format="rgb24")
+        return _downloaded(rgb_to_yuv420(tensor), _video_frame("yuv420p"))
+    return _downloaded(_rgb_uint8(tensor), _video_frame("rgb24"))
+
+
+def _video_frame(pixel_format: str) -> Callable[[npt.NDArray[np.uint8]], av.VideoFrame]:
+    def read(pixels: npt.NDArray[np.uint8]) -> av.VideoFrame:
+        return av.VideoFrame.from_ndarray(pixels, format=pixel_format)  # copies the pixels
+
+    return read
 
 
 # -- hand-offs across CUDA streams and threads ------------------------------------------------
@@ -450,44 +620,92 @@ def wait_ready(image: Image, ready: torch.cuda.Event | None) -> None:
 
 
 class BatchDownloads:
-    """A batch's outputs on their way back: yuv420p planes copied into pinned buffers, and one
-    event after everything the batch queued (compute and copies alike)."""
+    """A batch's outputs on their way back: yuv420p planes copied into leased pinned buffers,
+    and one event after everything the batch queued (compute and copies alike).
 
-    def __init__(self, images: list[Image | None], pending: list[tuple[int, torch.Tensor]]) -> None:
+    The buffers stay leased until :meth:`finish` has read them (or, should it never run, until
+    this object is collected: the pool then reuses them only after their copies completed),
+    so no other copy can land in a buffer before its pixels reached their session.
+    """
+
+    def __init__(
+        self,
+        images: list[Image | None],
+        pending: list[tuple[int, PinnedLease]],
+        done: CopyEvent | None,
+    ) -> None:
+        """``done``: recorded after everything the batch queued (None: nothing to wait for)."""
         self.images = images
         self.pending = pending
-        self.done: torch.cuda.Event | None = None
-        devices = {
-            image.device for image in images if isinstance(image, torch.Tensor) and image.is_cuda
-        }
-        if devices:
-            self.done = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            self.done.record(torch.cuda.current_stream(next(iter(devices))))
+        self.done = done
+        self._release = weakref.finalize(self, _release_all, [lease for _, lease in pending])
 
     def finish(self) -> list[Image | None]:
         """Wait once (rule 4), then make the video frames (``from_ndarray`` copies the pixels
-        out of the pinned buffers, which may then be reused)."""
+        out of the pinned buffers), then give the buffers back."""
         if self.done is not None:
             self.done.synchronize()
         images = list(self.images)
-        for index, host in self.pending:
-            images[index] = av.VideoFrame.from_ndarray(host.numpy(), format="yuv420p")
+        try:
+            for index, lease in self.pending:
+                images[index] = av.VideoFrame.from_ndarray(lease.buffer.numpy(), format="yuv420p")
+        finally:
+            self._release()
         return images
+
+
+def _release_all(leases: list[PinnedLease]) -> None:
+    for lease in leases:
+        lease.release()
 
 
 def start_downloads(images: list[Image | None], wanted: list[bool]) -> BatchDownloads:
     """Queue the download of every CUDA tensor output of even size whose consumer ``wanted``
     video frames, as yuv420p made on the device (half the bytes of RGB)."""
-    pending: list[tuple[int, torch.Tensor]] = []
-    for index, (image, wants) in enumerate(zip(images, wanted, strict=True)):
-        if not (wants and isinstance(image, torch.Tensor) and image.is_cuda):
-            continue
-        width, height = image_size(image)
-        if width % 2 or height % 2:
-            continue
+    chosen = [
+        index
+        for index, (image, wants) in enumerate(zip(images, wanted, strict=True))
+        if wants and _downloadable(image)
+    ]
+    return queue_downloads(images, chosen, pinned_pool())
+
+
+def _downloadable(image: Image | None) -> bool:
+    if not (isinstance(image, torch.Tensor) and image.is_cuda):
+        return False
+    width, height = image_size(image)
+    return width % 2 == 0 and height % 2 == 0
+
+
+def queue_downloads(
+    images: list[Image | None], chosen: list[int], pool: PinnedPool
+) -> BatchDownloads:
+    """For each chosen output (a tensor of even size): yuv420p planes made where it is, a
+    buffer leased from ``pool``, the copy queued and its event recorded. Nothing waits here;
+    the device part of :func:`start_downloads`, apart so that a CPU pool can run it."""
+    pending: list[tuple[int, PinnedLease]] = []
+    for index in chosen:
+        image = images[index]
+        assert isinstance(image, torch.Tensor)
         planes = rgb_to_yuv420(image)
-        host, copied = pinned_pool().take("download", tuple(planes.shape))
-        host.copy_(planes, non_blocking=True)
-        copied.record()
-        pending.append((index, host))
-    return BatchDownloads(images, pending)
+        lease = pool.take("download", tuple(planes.shape))
+        lease.buffer.copy_(planes, non_blocking=True)
+        lease.copied.record()
+        pending.append((index, lease))
+    return BatchDownloads(images, pending, _batch_done(images, pending, pool))
+
+
+def _batch_done(
+    images: list[Image | None], pending: list[tuple[int, PinnedLease]], pool: PinnedPool
+) -> CopyEvent | None:
+    """The event :meth:`BatchDownloads.finish` waits for: on the CUDA stream of the outputs'
+    device when any output is a CUDA tensor (so the worker's ``finished`` counts the GPU's
+    time), else after the pool's copies when there are any."""
+    devices = {
+        image.device for image in images if isinstance(image, torch.Tensor) and image.is_cuda
+    }
+    if not devices and not pending:
+        return None
+    done = pool.new_event()
+    done.record(torch.cuda.current_stream(next(iter(devices))) if devices else None)
+    return done

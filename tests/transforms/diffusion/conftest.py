@@ -6,11 +6,14 @@ loaded through the same path a user's ``--model`` folder takes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from livediff.config import Settings
 from livediff.frames import Frame
@@ -87,3 +90,70 @@ class Stream:
 def params_for(transform: DiffusionTransform, **values: Any) -> DiffusionParams:
     defaults = {**transform.default_params(transform.settings), **transform.loaded_params()}
     return DiffusionParams.model_validate({**defaults, **values})
+
+
+def write_controlnet(folder: Path, unet: Any, seed: int) -> str:
+    """A random ControlNet for ``unet`` saved in diffusers layout; returns its folder.
+
+    Built from the UNet (``ControlNetModel.from_unet``) with its zero convolutions randomised,
+    so that it does change the output."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet)
+    for name, parameter in controlnet.named_parameters():
+        if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
+            torch.nn.init.normal_(parameter, std=0.3)
+    controlnet.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def controlnets(tmp_path_factory: pytest.TempPathFactory, tiny_model: ModelFolders) -> list[str]:
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model.model / "unet")
+    root = tmp_path_factory.mktemp("controlnets")
+    return [write_controlnet(root / f"cn{seed}", unet, seed) for seed in (1, 2)]
+
+
+def ready(transform: DiffusionTransform, *model_ids: str) -> None:
+    """Wait until the pool has loaded the ControlNets (they load in the background)."""
+    pool = transform._unet_batch().controlnets
+    assert pool is not None
+    deadline = time.monotonic() + 60
+    while any(pool.get(model_id) is None for model_id in model_ids):
+        assert time.monotonic() < deadline, "the ControlNets never loaded"
+        time.sleep(0.02)
+
+
+def spec(model_id: str, **values: Any) -> dict[str, Any]:
+    """A ``controlnets`` entry (passthrough preprocessor unless ``values`` say otherwise)."""
+    return {"model_id": model_id, "preprocessor": "passthrough", **values}
+
+
+def write_depth_model(folder: Path) -> Path:
+    """A tiny random Depth Anything (DINOv2 backbone) saved in transformers' layout."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+
+    torch.manual_seed(0)
+    backbone = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=14,
+        image_size=140,
+        out_features=["stage1", "stage2"],
+        reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=32,
+        neck_hidden_sizes=[16, 32],
+        reassemble_factors=[2, 1],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+    )
+    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
+    return folder

@@ -19,51 +19,27 @@ import pytest
 import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline
 from pydantic import ValidationError
+from torch._dynamo.utils import counters
 
+from livediff.pixels.device import constants
 from livediff.testing.models import ModelFolders, build_components, tiny_options
 from livediff.testing.servers import LiveServer
 from livediff.transforms.diffusion.transform import DiffusionTransform
 from tests.server.streaming import publish
-from tests.transforms.diffusion.conftest import SIZE, Stream, camera_frames
-
-
-def write_controlnet(folder: Path, unet: Any, seed: int) -> str:
-    """A random ControlNet for ``unet`` saved in diffusers layout; returns its folder."""
-    torch.manual_seed(seed)
-    controlnet = ControlNetModel.from_unet(unet)
-    for name, parameter in controlnet.named_parameters():
-        if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
-            torch.nn.init.normal_(parameter, std=0.3)
-    controlnet.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def controlnets(tmp_path_factory: pytest.TempPathFactory, tiny_model: ModelFolders) -> list[str]:
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(tiny_model.model / "unet")
-    root = tmp_path_factory.mktemp("controlnets")
-    return [write_controlnet(root / f"cn{seed}", unet, seed) for seed in (1, 2)]
+from tests.transforms.diffusion.conftest import (
+    SIZE,
+    Stream,
+    camera_frames,
+    ready,
+    spec,
+    write_controlnet,
+    write_depth_model,
+)
 
 
 @pytest.fixture
 def transform(make_transform: Callable[..., DiffusionTransform]) -> DiffusionTransform:
     return make_transform()
-
-
-def ready(transform: DiffusionTransform, *model_ids: str) -> None:
-    """Wait until the pool has loaded the ControlNets (they load in the background)."""
-    pool = transform._unet_batch().controlnets
-    assert pool is not None
-    deadline = time.monotonic() + 60
-    while any(pool.get(model_id) is None for model_id in model_ids):
-        assert time.monotonic() < deadline, "the ControlNets never loaded"
-        time.sleep(0.02)
-
-
-def spec(model_id: str, **values: Any) -> dict[str, Any]:
-    return {"model_id": model_id, "preprocessor": "passthrough", **values}
 
 
 def reference_pipe(transform: DiffusionTransform, folders: list[str]) -> Any:
@@ -138,20 +114,19 @@ def controlnet_rows(transform: DiffusionTransform, model_id: str) -> Iterator[li
     """Record how many UNet rows go through the ControlNet in each call inside the block."""
     pool = transform._unet_batch().controlnets
     assert pool is not None
-    call = pool.get(model_id)
-    assert call is not None
+    forward = pool.get(model_id)
+    assert forward is not None
     rows: list[int] = []
-    forward = call.forward
 
     def counting(*inputs: torch.Tensor) -> Any:
         rows.append(inputs[0].shape[0])
         return forward(*inputs)
 
-    call.forward = counting
+    pool._ready[model_id] = counting
     try:
         yield rows
     finally:
-        call.forward = forward
+        pool._ready[model_id] = forward
 
 
 @pytest.mark.parametrize(
@@ -272,3 +247,89 @@ async def test_adding_a_controlnet_mid_stream_keeps_frames_flowing(
     longest_gap = max(b - a for a, b in pairwise(arrivals))
     assert info["params"]["controlnets"][0]["model_id"] == controlnets[0]
     assert longest_gap < 1.0, f"the stream stalled {longest_gap:.2f} s while the ControlNet loaded"
+
+
+@contextmanager
+def tensors_from_host(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Record every ``torch.tensor`` call inside the block (on a GPU, with ``device=cuda``, a
+    copy from pageable memory that waits for the CUDA stream)."""
+    made: list[str] = []
+    original = torch.tensor
+
+    def recording(*args: Any, **kwargs: Any) -> torch.Tensor:
+        made.append(repr(args[0])[:60] if args else repr(kwargs)[:60])
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "tensor", recording)
+        yield made
+
+
+def test_a_steady_batch_with_controlnets_makes_no_constants(
+    make_transform: Callable[..., DiffusionTransform],
+    controlnets: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Row indices and scales, the depth model's mean and std, the Canny kernels: made on the
+    first batch, found in the device constants on the next (no host copy, so no host wait)."""
+    depth = write_depth_model(tmp_path / "depth")
+    transform = make_transform(depth_model=str(depth))
+    canny = spec(controlnets[0], preprocessor="canny", conditioning_scale=0.7)
+    depth_entry = spec(
+        controlnets[1], preprocessor="depth", preprocessor_params={"detect_resolution": 140}
+    )
+    streams = [
+        Stream(transform, t_index_list=[10, 30], controlnets=[canny]),
+        Stream(
+            transform,
+            cfg_type="full",
+            guidance_scale=2.0,
+            controlnets=[
+                depth_entry,
+                spec(controlnets[0], conditioning_scale=0.3),
+            ],
+        ),
+    ]
+    frames = camera_frames(4)
+    transform.process([stream.job(frames[0]) for stream in streams])
+    ready(transform, *controlnets)
+    transform.process([stream.job(frames[1]) for stream in streams])  # makes the constants
+    misses = constants.misses
+    with tensors_from_host(monkeypatch) as made:
+        for frame in frames[2:]:
+            transform.process([stream.job(frame) for stream in streams])
+    assert made == []
+    assert constants.misses == misses
+
+
+def test_controlnets_are_neither_padded_nor_compiled_under_compile(
+    make_transform: Callable[..., DiffusionTransform],
+    controlnets: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With --compile the UNet and the VAE are planned in buckets; a ControlNet and the UNet
+    with its residuals run eager on the real rows: nothing compiles while serving."""
+    rows: list[int] = []
+    forward = ControlNetModel.forward
+
+    def counting(self: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        rows.append(sample.shape[0])
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(ControlNetModel, "forward", counting)
+    torch._dynamo.reset()
+    try:
+        transform = make_transform(compile=True, compile_backend="eager", batch_buckets=[1, 2, 4])
+        stream = Stream(transform, t_index_list=[5, 20, 35], controlnets=[spec(controlnets[0])])
+        frames = camera_frames(4)
+        stream.feed(frames[0])
+        ready(transform, controlnets[0])
+        graphs = int(counters["stats"]["unique_graphs"])
+        rows.clear()
+        outputs = [stream.feed(frame) for frame in frames[1:]]
+        assert rows == [3, 3, 3]  # 3 steps: not padded to the bucket of 4
+        assert int(counters["stats"]["unique_graphs"]) == graphs, "compiled while serving"
+        assert all(isinstance(output, torch.Tensor) for output in outputs[1:])
+    finally:
+        torch._dynamo.reset()

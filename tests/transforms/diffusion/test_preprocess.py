@@ -16,7 +16,8 @@ from livediff.transforms.diffusion.models import (
     locate_controlnet,
     locate_depth_model,
 )
-from livediff.transforms.diffusion.preprocess import Preprocessors, hysteresis
+from livediff.transforms.diffusion.preprocess import Preprocessors, grey, hysteresis, ridges
+from tests.transforms.diffusion.conftest import write_depth_model
 
 SIZE = 96
 
@@ -88,7 +89,7 @@ def test_canny_on_the_device_matches_opencv(
 def test_canny_of_a_colour_frame_matches_opencv_within_a_pixel(
     preprocessors: Preprocessors,
 ) -> None:
-    """Colour frames: kornia's grey is not rounded to 8 bits as OpenCV's is."""
+    """Colour frames: our grey (kornia's) is not rounded to 8 bits as OpenCV's is."""
     cv2 = pytest.importorskip("cv2")
     image = scene()
     ours = preprocessors("canny", as_tensor(image), {"low_threshold": 50, "high_threshold": 150})
@@ -99,7 +100,7 @@ def test_canny_of_a_colour_frame_matches_opencv_within_a_pixel(
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_hysteresis_equals_kornias_own_loop(seed: int) -> None:
-    import kornia
+    kornia = pytest.importorskip("kornia")  # a test reference only: serving does not need it
 
     cv2 = pytest.importorskip("cv2")
     grey = cv2.cvtColor(noisy_scene(seed), cv2.COLOR_RGB2GRAY)
@@ -109,6 +110,25 @@ def test_hysteresis_equals_kornias_own_loop(seed: int) -> None:
     _, classes = kornia.filters.canny(frame, hysteresis=False, **options)
     assert bool((classes == 0.5).any()) and bool((classes == 1).any())
     assert torch.equal(hysteresis(classes), looped)
+
+
+@pytest.mark.parametrize("seed", [None, 0, 1, 2])
+@pytest.mark.parametrize("thresholds", [(20, 120), (100, 200)])
+def test_ridges_equal_kornias_exactly(seed: int | None, thresholds: tuple[int, int]) -> None:
+    """Ours (constants cached on the device) against kornia's Canny before hysteresis, which
+    builds its Sobel kernel from a host list on every call (a host wait per batch on a GPU)."""
+    kornia = pytest.importorskip("kornia")  # a test reference only: serving does not need it
+
+    image = scene() if seed is None else noisy_scene(seed)
+    frames = torch.cat([as_tensor(image), as_tensor(image[::-1].copy())])
+    low, high = (value / 255 for value in thresholds)
+    _, theirs = kornia.filters.canny(
+        frames, low_threshold=low, high_threshold=high, kernel_size=1, hysteresis=False
+    )
+    ours = ridges(grey(frames), low, high)
+    assert bool((ours == 1).any())
+    assert seed is None or bool((ours == 0.5).any())  # the noisy scenes have weak ridges too
+    assert torch.equal(ours, theirs)
 
 
 def serpentine(height: int, width: int) -> torch.Tensor:
@@ -162,32 +182,6 @@ def test_passthrough_and_batches(preprocessors: Preprocessors) -> None:
     assert torch.allclose(batched, alone)
     with pytest.raises(ValueError, match="unknown preprocessor"):
         preprocessors("sobel", frames, {})
-
-
-def write_depth_model(folder: Path) -> Path:
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
-
-    torch.manual_seed(0)
-    backbone = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=14,
-        image_size=140,
-        out_features=["stage1", "stage2"],
-        reshape_hidden_states=False,
-    )
-    config = DepthAnythingConfig(
-        backbone_config=backbone,
-        reassemble_hidden_size=32,
-        neck_hidden_sizes=[16, 32],
-        reassemble_factors=[2, 1],
-        fusion_hidden_size=16,
-        head_hidden_size=8,
-    )
-    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
-    return folder
 
 
 def test_depth_runs_through_depth_anything(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from livediff.testing.models import ModelFolders, tiny_options
 from livediff.testing.servers import LiveServer
 from livediff.transforms.diffusion.shapes import PaddedCall
 from livediff.transforms.diffusion.transform import DiffusionTransform
+from livediff.transforms.diffusion.unet_batch import UNetBatch
 from tests.server.streaming import publish
 from tests.transforms.diffusion.conftest import SIZE, Stream, camera_frames
 
@@ -95,6 +97,39 @@ def compiled(make_transform: Callable[..., DiffusionTransform]) -> Iterator[Diff
     torch._dynamo.reset()
     yield make_transform(**COMPILED)
     torch._dynamo.reset()
+
+
+def test_every_bucket_runs_twice_at_load_with_cudnn_tuning_on_only_then(
+    make_transform: Callable[..., DiffusionTransform], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CUDA graph trees warm a function up on its first call and record on the second: each
+    bucket of the UNet and both VAE halves runs twice at load, so no graph is recorded (and
+    no device sync taken) on a served batch; cuDNN's autotuner is on only meanwhile."""
+    calls: dict[str, list[tuple[int, bool]]] = defaultdict(list)
+    for name in ("_unet_forward", "_encode_forward", "_decode_forward"):
+        forward = getattr(UNetBatch, name)
+
+        def counting(
+            self: UNetBatch, *inputs: torch.Tensor, _f: Any = forward, _n: str = name
+        ) -> Any:
+            calls[_n].append((inputs[0].shape[0], torch.backends.cudnn.benchmark))
+            return _f(self, *inputs)
+
+        monkeypatch.setattr(UNetBatch, name, counting)
+    torch._dynamo.reset()
+    try:
+        transform = make_transform(**COMPILED)
+        assert sorted(calls) == ["_decode_forward", "_encode_forward", "_unet_forward"]
+        for name, made in calls.items():
+            assert Counter(rows for rows, _ in made) == dict.fromkeys(BUCKETS, 2), name
+            assert all(tuning for _, tuning in made), f"{name} planned without cuDNN tuning"
+        assert not torch.backends.cudnn.benchmark  # off while serving
+        calls.clear()
+        Stream(transform).feed(camera_frames(1)[0])
+        assert [rows for rows, _ in calls["_unet_forward"]] == [1]
+        assert not any(tuning for made in calls.values() for _, tuning in made)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_sessions_coming_and_going_pick_buckets_and_never_recompile(

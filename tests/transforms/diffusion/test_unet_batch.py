@@ -186,3 +186,35 @@ def test_full_vae_and_residual_cfg_modes_run(
         results[cfg_type] = outputs[-1]
     for cfg_type in ("self", "initialize", "full"):
         assert not torch.allclose(results[cfg_type], results["none"], atol=1e-4), cfg_type
+
+
+def test_residual_cfg_keeps_its_noise_in_bfloat16(
+    make_transform: Callable[..., DiffusionTransform], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Self-CFG's virtual noise ``(x_t - alpha x_0) / beta`` subtracts two nearly equal numbers
+    and divides by a small beta (late steps): kept in float32 under a bfloat16 model, it is the
+    float32 reference (for the newest frame, exactly the noise that was added)."""
+    transform = make_transform(dtype="bfloat16")
+    unet_batch = transform._unet_batch()
+    table = unet_batch.schedule.table((19, 99))
+    assert table.alpha.dtype == table.beta.dtype == torch.float32
+    seen: list[tuple[torch.Tensor, ...]] = []
+    negative = unet_batch._negative_epsilon
+
+    def recording(entry: Any, output: torch.Tensor) -> torch.Tensor:
+        result = negative(entry, output)
+        table = entry.state.table
+        reference = (entry.x_t.double() - table.alpha.double() * entry.sources.double()) / (
+            table.beta.double()
+        )
+        seen.append((result, reference, entry.state.noise))
+        return result
+
+    monkeypatch.setattr(unet_batch, "_negative_epsilon", recording)
+    stream = Stream(transform, t_index_list=[40, 49], cfg_type="self", guidance_scale=1.5)
+    outputs = [stream.feed(frame) for frame in camera_frames(3)]
+    assert outputs[-1] is not None and bool(torch.isfinite(outputs[-1]).all())
+    for result, reference, noise in seen:
+        assert result.dtype == torch.float32
+        torch.testing.assert_close(result[:1].double(), noise[:1].double(), atol=1e-4, rtol=0)
+        torch.testing.assert_close(result.double(), reference, atol=1e-4, rtol=0)

@@ -29,6 +29,14 @@ class ModelBundle:
     text_encoder: Any
     tokenizer: Any
     scheduler: Any
+    #: The UNet as diffusers built it, when ``unet`` is its compiled wrapper (same weights).
+    eager_unet: Any = None
+
+    @property
+    def uncompiled_unet(self) -> Any:
+        """The UNet to call with inputs no compiled plan covers (ControlNet residuals): run
+        eager, never compiled while serving."""
+        return self.unet if self.eager_unet is None else self.eager_unet
 
     @property
     def vae_scale_factor(self) -> int:
@@ -146,7 +154,9 @@ def prepare(
         bundle.unet.to(memory_format=torch.channels_last)
         bundle.vae.to(memory_format=torch.channels_last)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # few shapes (the buckets), each autotuned once
+        # off while serving: each new shape would be timed again (a stall); the planned ones
+        # are tuned at load (shapes.cudnn_autotuning) and their choices cached
+        torch.backends.cudnn.benchmark = False
     if compile_options is not None:
         compile_modules(bundle, compile_options)
     return bundle
@@ -190,6 +200,7 @@ def compile_modules(bundle: ModelBundle, options: CompileOptions) -> None:
     settings: dict[str, Any] = {"dynamic": False, "backend": options.backend}
     if options.backend == "inductor":
         settings["mode"] = options.mode
+    bundle.eager_unet = bundle.unet
     bundle.unet = torch.compile(bundle.unet, **settings)
     bundle.vae.encoder = torch.compile(bundle.vae.encoder, **settings)
     bundle.vae.decoder = torch.compile(bundle.vae.decoder, **settings)

@@ -11,7 +11,11 @@ Residuals: for each ControlNet in use, the UNet rows of the sessions whose entry
 row's step (``ControlNetSpec.active``) go through it in one call, each with its own frame's
 control image (a frame's rows, its guidance rows too, share one), are scaled by the entry's
 ``conditioning_scale`` and added into the batch's residuals; several ControlNets add up (what
-diffusers' multi-ControlNet does).
+diffusers' multi-ControlNet does). The rows' indices and scales are device constants made once
+per value (:func:`livediff.pixels.device.constant`), so a batch never waits for the host.
+
+ControlNets run eager, on the real rows only, under ``--compile`` too: none is compiled, so
+none is padded to the shape buckets or copied into static buffers (see docs/diffusion.md).
 """
 
 from __future__ import annotations
@@ -29,13 +33,15 @@ from typing import Any
 import torch
 from pydantic_core import ValidationError
 
+from livediff.pixels.device import constant
 from livediff.transforms.diffusion.control_params import ControlNetSpec
 from livediff.transforms.diffusion.models import ModelUnavailableError, hub_offline
-from livediff.transforms.diffusion.shapes import PaddedCall
 
 logger = logging.getLogger(__name__)
 
 Locate = Callable[[str, bool], Path]
+#: A loaded ControlNet: (x_t, timesteps, embeddings, control images) -> (down blocks..., mid).
+ControlNetForward = Callable[..., tuple[torch.Tensor, ...]]
 
 
 class ControlNetPool:
@@ -47,17 +53,12 @@ class ControlNetPool:
         device: torch.device,
         dtype: torch.dtype,
         locate: Locate,
-        *,
-        buckets: Sequence[int] | None = None,
-        static_buffers: bool = False,
     ) -> None:
         self._unet_config = unet_config
         self._device = device
         self._dtype = dtype
         self._locate = locate
-        self._buckets = buckets
-        self._static = static_buffers
-        self._ready: dict[str, PaddedCall] = {}
+        self._ready: dict[str, ControlNetForward] = {}
         self._last_used: dict[str, float] = {}
         self._loading: dict[str, concurrent.futures.Future[Any]] = {}
         self._failed: dict[str, str] = {}
@@ -107,7 +108,7 @@ class ControlNetPool:
         return None
 
     # -- frames (worker thread) ---------------------------------------------------------------
-    def get(self, model_id: str) -> PaddedCall | None:
+    def get(self, model_id: str) -> ControlNetForward | None:
         """The ControlNet's call when it is loaded; else its load starts (None meanwhile)."""
         self._last_used[model_id] = time.monotonic()
         found = self._ready.get(model_id)
@@ -122,7 +123,9 @@ class ControlNetPool:
             return None
         return self._settle(model_id, future)
 
-    def _settle(self, model_id: str, future: concurrent.futures.Future[Any]) -> PaddedCall | None:
+    def _settle(
+        self, model_id: str, future: concurrent.futures.Future[Any]
+    ) -> ControlNetForward | None:
         with self._lock:
             self._loading.pop(model_id, None)
         try:
@@ -140,12 +143,7 @@ class ControlNetPool:
         thread): a ControlNet built or loaded elsewhere, as the benchmarks do."""
         if misfit := self._misfit_config(model.config):
             raise ValueError(misfit)
-        self._ready[model_id] = PaddedCall(
-            _controlnet_forward(model),
-            self._buckets,
-            static_buffers=self._static,
-            name=f"controlnet {model_id}",
-        )
+        self._ready[model_id] = _controlnet_forward(model)
         self._last_used[model_id] = time.monotonic()
 
     def _load(self, model_id: str) -> Any:
@@ -175,7 +173,7 @@ class ControlNetPool:
         self._ready.clear()
 
 
-def _controlnet_forward(model: Any) -> Callable[..., tuple[torch.Tensor, ...]]:
+def _controlnet_forward(model: Any) -> ControlNetForward:
     def forward(
         x_t: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor, cond: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
@@ -207,15 +205,15 @@ def residuals(
     timesteps: torch.Tensor,
     embeddings: torch.Tensor,
 ) -> tuple[torch.Tensor, ...] | None:
-    """The summed, scaled residuals (down blocks..., mid) for every row; None if no loaded
-    ControlNet acts on any row."""
+    """The summed, scaled residuals (down blocks..., mid) for every row, in ``x_t``'s dtype (the
+    model's); None if no loaded ControlNet acts on any row."""
     total: list[torch.Tensor] | None = None
     for model_id, rows in uses.items():
         call = pool.get(model_id)
         if call is None or not rows:
             continue
-        index = torch.tensor([use.row for use in rows], device=x_t.device)
-        scale = torch.tensor([use.scale for use in rows], device=x_t.device, dtype=x_t.dtype)
+        index = constant(tuple(use.row for use in rows), x_t.device, torch.long)
+        scale = constant(tuple(use.scale for use in rows), x_t.device, x_t.dtype)
         cond = torch.cat([use.image for use in rows]).to(x_t.dtype)
         outputs = call(x_t[index], timesteps[index], embeddings[index], cond)
         if total is None:

@@ -1,9 +1,12 @@
 """Control images for ControlNets, made on the worker's device, batched across sessions.
 
-``canny`` (OpenCV's Canny: kornia's ridges, a sync-free hysteresis), ``depth`` (Depth Anything V2
-Small through transformers, loaded on first use like the other models) and ``passthrough`` (the
-frame itself). Input and output are (B, 3, H, W) float32 RGB in [0, 1] on the device: no PIL,
-no host round trip.
+``canny`` (OpenCV's Canny: Sobel ridges as kornia finds them, a sync-free hysteresis),
+``depth`` (Depth Anything V2 Small through transformers, loaded on first use like the other
+models) and ``passthrough`` (the frame itself). Input and output are (B, 3, H, W) float32 RGB in
+[0, 1] on the device: no PIL, no host round trip, and no host wait: every constant (the grey
+weights, the Sobel kernels, ImageNet's mean and std) comes from the device constants made once
+(:func:`livediff.pixels.device.constant`), where ``torch.tensor(values, device=cuda)`` would
+wait for the CUDA stream on every batch.
 """
 
 from __future__ import annotations
@@ -16,13 +19,26 @@ import torch
 import torch.nn.functional as F
 
 from livediff.config import Settings
+from livediff.pixels.device import constant
 from livediff.transforms.diffusion.models import locate_depth_model
 
 #: ImageNet statistics Depth Anything was trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-#: Lowest Canny threshold passed to kornia (which refuses 0) on its [0, 1] scale.
+#: Lowest Canny threshold on the [0, 1] scale (as kornia, which refuses 0).
 MIN_THRESHOLD = 1e-6
+#: Grey from RGB (BT.601 luma, OpenCV's and kornia's weights).
+GREY_WEIGHTS = (0.299, 0.587, 0.114)
+#: The unnormalised 3x3 Sobel kernels, d/dx then d/dy, as conv2d weights (2, 1, 3, 3).
+SOBEL = (
+    (((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0)),),
+    (((-1.0, -2.0, -1.0), (0.0, 0.0, 0.0), (1.0, 2.0, 1.0)),),
+)
+#: Inside the gradient magnitude's square root (kornia's eps): a flat pixel's magnitude.
+EPS = 1e-6
+#: (dy, dx) of the neighbour ahead along each quantised gradient axis (0: along x, 1: the
+#: down-right diagonal, 2: along y, 3: the down-left diagonal); the one behind is its negation.
+AXIS_STEPS = ((0, 1), (1, 1), (1, 0), (1, -1))
 
 
 class Preprocessors:
@@ -51,8 +67,8 @@ class Preprocessors:
         sized = F.interpolate(
             images, size=(resolution, resolution), mode="bilinear", antialias=True
         )
-        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+        mean = constant(IMAGENET_MEAN, images.device, torch.float32).view(1, 3, 1, 1)
+        std = constant(IMAGENET_STD, images.device, torch.float32).view(1, 3, 1, 1)
         normalised = ((sized - mean) / std).to(next(model.parameters()).dtype)
         depth = model(pixel_values=normalised).predicted_depth.to(torch.float32)[:, None]
         depth = F.interpolate(depth, size=(height, width), mode="bilinear", align_corners=False)
@@ -80,23 +96,55 @@ def canny(images: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """Canny edges (white on black, 3 channels) with thresholds on the 0-255 scale.
 
     As OpenCV's ``cv2.Canny(gray, low, high, L2gradient=True)``, which ControlNet annotators
-    call: no blur first, the unnormalised 3x3 Sobel magnitude (kornia's on [0, 1] is OpenCV's
-    on 0-255 divided by 255). kornia finds and classifies the ridges; :func:`hysteresis` keeps
-    the weak ones connected to strong ones without kornia's loop, which reads the device once
-    per pixel of the longest weak chain (hundreds of syncs a 512x512 frame).
+    call: no blur first, the unnormalised 3x3 Sobel magnitude (on [0, 1], OpenCV's on 0-255
+    divided by 255). :func:`ridges` classifies the pixels; :func:`hysteresis` keeps the weak ones
+    connected to strong ones without a loop that reads the device (kornia's reads it once per
+    pixel of the longest weak chain: hundreds of syncs a 512x512 frame).
     """
-    import kornia
-
-    low_scaled = max(low / 255, MIN_THRESHOLD)  # kornia wants a positive low threshold
+    low_scaled = max(low / 255, MIN_THRESHOLD)
     high_scaled = max(high / 255, low_scaled)
-    _, classes = kornia.filters.canny(
-        images.to(torch.float32),
-        low_threshold=low_scaled,
-        high_threshold=high_scaled,
-        kernel_size=1,
-        hysteresis=False,
-    )
+    classes = ridges(grey(images.to(torch.float32)), low_scaled, high_scaled)
     return hysteresis(classes).expand(-1, 3, -1, -1).contiguous()
+
+
+def grey(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB -> (B, 1, H, W) luma, in the order kornia sums it."""
+    weights = constant(GREY_WEIGHTS, images.device, images.dtype)
+    red, green, blue = images.unbind(dim=1)
+    out = torch.addcmul(red * weights[0], green, weights[1])
+    return torch.addcmul(out, blue, weights[2])[:, None]
+
+
+def ridges(grey: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Canny's classes before hysteresis: 1 (strong), 0.5 (weak) or 0, per pixel of ``grey``
+    (B, 1, H, W), thresholds on its scale (strict: above ``low`` is weak).
+
+    Non-maximum suppression as OpenCV's (and kornia's, which this equals exactly): the gradient
+    direction is rounded to a multiple of 45 degrees; along x (y) a pixel must beat its left
+    (upper) neighbour and at least tie its right (lower) one, so of two equal pixels across a
+    step the left (upper) one is kept; along a diagonal it must beat both. The magnitude is
+    taken one pixel beyond the image too (zero gradient there), so a flat pixel is never kept.
+    """
+    kernels = constant(SOBEL, grey.device, grey.dtype)
+    gradients = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), kernels)
+    gx, gy = gradients[:, :1], gradients[:, 1:]
+    gx_padded, gy_padded = F.pad(gx, (1, 1, 1, 1)), F.pad(gy, (1, 1, 1, 1))
+    padded = torch.sqrt(gx_padded * gx_padded + gy_padded * gy_padded + EPS)
+    axis = torch.remainder((torch.nan_to_num(torch.atan2(gy, gx)) * (4 / math.pi)).round(), 4)
+    height, width = grey.shape[-2:]
+
+    def shifted(dy: int, dx: int) -> torch.Tensor:
+        return padded[..., 1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
+
+    magnitude = shifted(0, 0)
+    kept = torch.zeros_like(magnitude, dtype=torch.bool)
+    for index, (dy, dx) in enumerate(AXIS_STEPS):
+        ahead, behind = shifted(dy, dx), shifted(-dy, -dx)
+        ties_ahead = index in (0, 2)  # right and down accept a tie
+        beats_ahead = magnitude >= ahead if ties_ahead else magnitude > ahead
+        kept |= (axis == index) & beats_ahead & (magnitude > behind)
+    magnitude = magnitude * (kept & (magnitude > padded[..., :1, :1]))
+    return ((magnitude > low).to(grey.dtype) + (magnitude > high).to(grey.dtype)) * 0.5
 
 
 def hysteresis(classes: torch.Tensor) -> torch.Tensor:

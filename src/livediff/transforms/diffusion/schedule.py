@@ -8,6 +8,11 @@ into ``x_0``, and applies the consistency-model boundary condition
 an LCMScheduler). With one step and a trailing Euler scheduler this is exactly diffusers'
 img2img: Euler scales its input by ``1 / sqrt(sigma^2 + 1) = alpha_t`` and its last step lands
 on ``x_0``.
+
+The tables and all the step arithmetic are float32 whatever the model's dtype (:data:`STEP_DTYPE`):
+residual CFG's ``(x_t - alpha * x_0) / beta`` subtracts two nearly equal numbers and divides
+by a small one, which in bfloat16 (8 bits of mantissa) leaves mostly rounding error. Only the
+UNet's and the ControlNets' inputs are cast to the model's dtype.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ from typing import Any
 import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+#: The dtype of the coefficient tables, the latents between steps and the step arithmetic.
+STEP_DTYPE = torch.float32
 
 
 @dataclass(frozen=True)
 class StepTable:
-    """Per-step coefficients of one ``t_index_list``, each shaped (steps, 1, 1, 1)."""
+    """Per-step coefficients of one ``t_index_list``, each shaped (steps, 1, 1, 1), in
+    :data:`STEP_DTYPE`."""
 
     timesteps: torch.Tensor
     alpha: torch.Tensor
@@ -38,7 +46,7 @@ class StepTable:
 class Schedule:
     """The model scheduler's noise levels, as per-step coefficient tables."""
 
-    def __init__(self, scheduler: Any, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, scheduler: Any, device: torch.device) -> None:
         config = scheduler.config
         self.prediction_type = str(config.get("prediction_type", "epsilon"))
         if self.prediction_type not in PREDICTION_TYPES:
@@ -47,7 +55,7 @@ class Schedule:
         self._alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32).cpu()
         self._boundary = getattr(scheduler, "get_scalings_for_boundary_condition_discrete", None)
         self.device = device
-        self.dtype = dtype
+        self.dtype = STEP_DTYPE
         self._tables: dict[tuple[int, ...], StepTable] = {}
 
     def table(self, timesteps: tuple[int, ...]) -> StepTable:
@@ -64,8 +72,8 @@ class Schedule:
         scalings = [self._scalings(t) for t in timesteps]
 
         def column(values: torch.Tensor | list[float]) -> torch.Tensor:
-            tensor = torch.as_tensor(values, dtype=torch.float32).view(-1, 1, 1, 1)
-            return tensor.to(self.device, self.dtype)
+            tensor = torch.as_tensor(values, dtype=STEP_DTYPE).view(-1, 1, 1, 1)
+            return tensor.to(self.device)
 
         return StepTable(
             timesteps=torch.tensor(timesteps, dtype=torch.long, device=self.device),
@@ -82,6 +90,21 @@ class Schedule:
         return float(c_skip), float(c_out)
 
     # -- the per-row maths (rows: a slice of the UNet batch and its table rows) ------------------
+    # Every argument is in STEP_DTYPE (the UNet's output is cast up before it gets here).
+    @staticmethod
+    def noised(
+        x_0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
+    ) -> torch.Tensor:
+        """``x_t = alpha x_0 + beta noise``."""
+        return alpha * x_0 + beta * noise
+
+    @staticmethod
+    def residual_noise(
+        x_t: torch.Tensor, x_0: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
+    ) -> torch.Tensor:
+        """Residual CFG's virtual noise: the noise that takes ``x_0`` to ``x_t``."""
+        return (x_t - alpha * x_0) / beta
+
     def to_epsilon(
         self, output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
     ) -> torch.Tensor:
@@ -90,7 +113,7 @@ class Schedule:
             return output
         if self.prediction_type == "v_prediction":
             return alpha * output + beta * x_t
-        return (x_t - alpha * output) / beta
+        return self.residual_noise(x_t, output, alpha, beta)
 
     @staticmethod
     def denoise(epsilon: torch.Tensor, x_t: torch.Tensor, table: StepTable) -> torch.Tensor:

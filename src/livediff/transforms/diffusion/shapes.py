@@ -4,8 +4,19 @@ A live server's batch changes whenever a session joins or leaves, changes its st
 CFG type. Compiled code (``torch.compile``, CUDA graphs) is specialised to shapes, and a new
 shape means a recompile that freezes every stream (under max-autotune, minutes on a GPU). So
 calls are padded up to a *bucket* (``Settings.batch_buckets``, e.g. 1, 2, 4, 8 rows), and a
-batch larger than the largest bucket runs in pieces of that size. Each bucket compiles once, at
-load (:meth:`PaddedCall.precompile`); serving only picks one.
+batch larger than the largest bucket runs in pieces of that size. Each bucket compiles, and
+records its CUDA graph, at load (:meth:`PaddedCall.precompile`); serving only picks one.
+
+CUDA graphs (cudagraph trees, under ``reduce-overhead`` and ``max-autotune``) run a function's
+first call as a warm-up and record on the second, so each bucket runs twice at load, each time
+as a new step (``cudagraph_mark_step_begin``). What a call returns is copied out of the graph's
+buffers at once (:meth:`PaddedCall._ours`), so no graph's output is alive when the next compiled
+call starts: every graph is a root of the tree, recorded once per bucket, and any order of
+encode, UNet and decode buckets a batch takes replays graphs recorded at load.
+
+cuDNN's autotuner (``torch.backends.cudnn.benchmark``) is on only while the buckets are planned
+(:func:`cudnn_autotuning`): with it on, every convolution shape not seen before is timed
+again, which in eager code (any batch size) would stall a batch whenever a session joins.
 
 The padded inputs are kept in static buffers, one per bucket and input: CUDA graphs replay from
 fixed addresses, so the rows are copied into the same tensors call after call (and marked as
@@ -17,12 +28,27 @@ sample), so they never change the real rows; their results are dropped.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 Forward = Callable[..., Any]
+#: Runs of each bucket at load: cudagraph trees warm a function up on its first call and
+#: record its graph on the second.
+PLANNING_RUNS = 2
+
+
+@contextmanager
+def cudnn_autotuning() -> Iterator[None]:
+    """cuDNN's autotuner on for the block (the planned shapes are timed and their choices
+    cached), off after it: other shapes take cuDNN's heuristics instead of a timing run."""
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = False
 
 
 class PaddedCall:
@@ -87,17 +113,20 @@ class PaddedCall:
         return buffer
 
     def precompile(self, *examples: torch.Tensor) -> None:
-        """Run every bucket once with inputs shaped like ``examples`` (one row each): the
-        compile, the autotuning and the CUDA graph capture of each bucket happen now."""
+        """Run every bucket :data:`PLANNING_RUNS` times with inputs shaped like ``examples``
+        (one row each), each run a new CUDA-graph step: the compile, the autotuning, the
+        warm-up and the CUDA graph recording of each bucket happen now."""
         for size in self.buckets:
-            self(
-                *(
-                    example[:1]
-                    .expand(size, *example.shape[1:])
-                    .contiguous(memory_format=_layout(example))
-                    for example in examples
-                )
-            )
+            inputs = [
+                example[:1]
+                .expand(size, *example.shape[1:])
+                .contiguous(memory_format=_layout(example))
+                for example in examples
+            ]
+            for _ in range(PLANNING_RUNS):
+                if self.static_buffers:  # CUDA graphs: a new step, as each served batch is
+                    torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
+                self(*inputs)
 
 
 def _layout(tensor: torch.Tensor) -> torch.memory_format:

@@ -162,12 +162,7 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
             cuda_graphs=cuda_graphs,
             buckets=buckets,
             controlnets=ControlNetPool(
-                bundle.unet.config,
-                self._device,
-                self._dtype,
-                self._locate_controlnet,
-                buckets=buckets,
-                static_buffers=cuda_graphs,
+                bundle.unet.config, self._device, self._dtype, self._locate_controlnet
             ),
             preprocess=Preprocessors(self._device, self._dtype, self.settings),
         )

@@ -12,7 +12,9 @@ technique. One call of :meth:`UNetBatch.process` takes the newest frame of sever
   ``none``: none), each row with its own timestep and prompt embedding,
 - applies guidance (residual CFG uses the virtual residual noise
   ``(x_t - alpha_t * x_0(input)) / beta_t`` instead of a negative UNet row), the scheduler step
-  and re-noises the unfinished frames for their next step,
+  and re-noises the unfinished frames for their next step, all in float32 (``STEP_DTYPE``: the
+  latents between steps too); only what goes into the UNet and the ControlNets is cast to the
+  model's dtype,
 - decodes the frames that finished their last step in one VAE batch.
 
 A session with N steps shows frame k when frame k + N - 1 arrives; until its stream batch has
@@ -38,8 +40,8 @@ from livediff.transforms.diffusion.control import ControlNetPool, RowControl, re
 from livediff.transforms.diffusion.control_params import ControlNetSpec
 from livediff.transforms.diffusion.params import DiffusionParams
 from livediff.transforms.diffusion.prompts import PromptEncoder
-from livediff.transforms.diffusion.schedule import Schedule
-from livediff.transforms.diffusion.shapes import PaddedCall
+from livediff.transforms.diffusion.schedule import STEP_DTYPE, Schedule
+from livediff.transforms.diffusion.shapes import PaddedCall, cudnn_autotuning
 from livediff.transforms.diffusion.state import LatentShape, SessionCache, follow_params
 
 #: Frames (B, 3, H, W) in [0, 1] -> control images of the same shape, by preprocessor and params.
@@ -95,7 +97,7 @@ class UNetBatch:
         self.cuda_graphs = cuda_graphs
         #: Memory format of what goes into the UNet and the VAE (match the weights' format).
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.schedule = Schedule(bundle.scheduler, device, dtype)
+        self.schedule = Schedule(bundle.scheduler, device)
         self.prompts = PromptEncoder(
             bundle.tokenizer, bundle.text_encoder, device, dtype, prompt_cache_size
         )
@@ -107,9 +109,6 @@ class UNetBatch:
         self.preprocess = preprocess
         #: A ControlNet no frame used for this long is freed.
         self.controlnet_idle_s = 30.0
-        self._unet_control_call = PaddedCall(
-            self._unet_forward, buckets, static_buffers=cuda_graphs, name="unet+controlnet"
-        )
         self._unet_call = PaddedCall(
             self._unet_forward, buckets, static_buffers=cuda_graphs, name="unet"
         )
@@ -204,9 +203,10 @@ class UNetBatch:
         for entry, source in zip(group, sources.tensor_split(len(group)), strict=True):
             entry.source = source
         x_t, timesteps, embeddings = self._unet_inputs(group)
-        extra = self._control_residuals(group, x_t, timesteps, embeddings)
+        x_model = x_t.to(self.dtype)  # the step arithmetic stays in STEP_DTYPE
+        extra = self._control_residuals(group, x_model, timesteps, embeddings)
         self._mark("controlnet")
-        output = self.unet(x_t, timesteps, embeddings, extra)
+        output = self.unet(x_model, timesteps, embeddings, extra).to(STEP_DTYPE)
         self._mark("unet")
         finished: list[_Entry] = []
         finished_latents: list[torch.Tensor] = []
@@ -247,7 +247,7 @@ class UNetBatch:
         assert table is not None and state.noise is not None and state.cond is not None
         assert entry.source is not None
         steps = table.steps
-        newest = table.alpha[:1] * entry.source + table.beta[:1] * state.noise[:1]
+        newest = Schedule.noised(entry.source, state.noise[:1], table.alpha[:1], table.beta[:1])
         if steps > 1 and state.latents is None:
             state.latents = torch.zeros_like(state.noise[1:])
             state.sources = torch.zeros_like(state.noise[1:])
@@ -286,7 +286,9 @@ class UNetBatch:
             epsilon = negative + params.guidance_scale * (epsilon - negative)
         denoised = self.schedule.denoise(epsilon, x_t, table)
         if steps > 1:
-            state.latents = table.alpha[1:] * denoised[:-1] + table.beta[1:] * state.noise[1:]
+            state.latents = Schedule.noised(
+                denoised[:-1], state.noise[1:], table.alpha[1:], table.beta[1:]
+            )
             state.sources = entry.sources[:-1]
         state.filled += 1
         return denoised[-1:] if state.filled >= steps else None
@@ -298,7 +300,8 @@ class UNetBatch:
         steps, x_t = table.steps, entry.x_t
         if params.cfg_type == "full":
             return self.schedule.to_epsilon(output[steps:], x_t, table.alpha, table.beta)
-        residual = (x_t - table.alpha * entry.sources) / table.beta * params.delta
+        virtual = Schedule.residual_noise(x_t, entry.sources, table.alpha, table.beta)
+        residual = virtual * params.delta
         if params.cfg_type == "initialize":
             first = self.schedule.to_epsilon(
                 output[steps:], x_t[:1], table.alpha[:1], table.beta[:1]
@@ -308,7 +311,7 @@ class UNetBatch:
 
     # -- the models -------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/8, W/8)."""
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/8, W/8) in STEP_DTYPE."""
         pixels = images.to(self.bundle.vae_dtype).contiguous(memory_format=self.memory_format)
         return cast(torch.Tensor, self._encode_call(pixels))
 
@@ -326,16 +329,22 @@ class UNetBatch:
         embeddings: torch.Tensor,
         residuals: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
-        """The UNet's noise estimate; ``residuals`` (ControlNets' down blocks..., mid) added."""
-        x_t = x_t.contiguous(memory_format=self.memory_format)
+        """The UNet's noise estimate (in the model's dtype; ``x_t`` is cast to it).
+
+        With ``residuals`` (ControlNets' down blocks..., mid) the UNet runs uncompiled and
+        unpadded: the compiled one is planned for its plain call only, and a variant with
+        residuals would compile (and record graphs) while serving."""
+        x_t = x_t.to(self.dtype).contiguous(memory_format=self.memory_format)
         if residuals is None:
             return cast(torch.Tensor, self._unet_call(x_t, timesteps, embeddings))
-        return cast(torch.Tensor, self._unet_control_call(x_t, timesteps, embeddings, *residuals))
+        unet = self.bundle.uncompiled_unet
+        return _run_unet(unet, x_t, timesteps, embeddings, *residuals)
 
     @torch.inference_mode()
     def precompile(self, width: int, height: int) -> None:
-        """Run the UNet and both VAE halves at every bucket for ``width`` x ``height`` frames
-        (see :mod:`.shapes`): compiling, autotuning and graph capture happen here, at load."""
+        """Run the UNet and both VAE halves at every bucket for ``width`` x ``height`` frames,
+        each twice (see :meth:`PaddedCall.precompile`), with cuDNN's autotuner on only here:
+        compiling, autotuning and CUDA graph recording happen at load, never while serving."""
         factor = self.bundle.vae_scale_factor
         latent = torch.zeros(
             (1, self.bundle.latent_channels, height // factor, width // factor),
@@ -346,34 +355,25 @@ class UNetBatch:
         embedding = self.prompts.encode("")
         timestep = self.schedule.table((self.schedule.train_steps // 2,)).timesteps[:1]
         # inference tensors, like the ones served (dynamo guards on the difference)
-        self._unet_call.precompile(latent, timestep, embedding)
-        self._encode_call.precompile(pixels.contiguous(memory_format=self.memory_format))
-        self._decode_call.precompile(latent.to(self.bundle.vae_dtype))
+        with cudnn_autotuning():
+            self._unet_call.precompile(latent, timestep, embedding)
+            self._encode_call.precompile(pixels.contiguous(memory_format=self.memory_format))
+            self._decode_call.precompile(latent.to(self.bundle.vae_dtype))
 
     def _encode_forward(self, pixels: torch.Tensor) -> torch.Tensor:
         encoded = self.bundle.vae.encode(pixels)
         latents = getattr(encoded, "latents", None)
         if latents is None:
             latents = encoded.latent_dist.mode()
-        return (latents * self.bundle.vae_scaling).to(self.dtype)  # type: ignore[no-any-return]
+        return latents.to(STEP_DTYPE) * self.bundle.vae_scaling  # type: ignore[no-any-return]
 
     def _decode_forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.bundle.vae.decode(latents, return_dict=False)[0].to(self.dtype)  # type: ignore[no-any-return]
 
     def _unet_forward(
-        self,
-        x_t: torch.Tensor,
-        timesteps: torch.Tensor,
-        embeddings: torch.Tensor,
-        *residuals: torch.Tensor,
+        self, x_t: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor
     ) -> torch.Tensor:
-        extra: dict[str, Any] = {}
-        if residuals:
-            extra["down_block_additional_residuals"] = residuals[:-1]
-            extra["mid_block_additional_residual"] = residuals[-1]
-        return self.bundle.unet(  # type: ignore[no-any-return]
-            x_t, timesteps, encoder_hidden_states=embeddings, return_dict=False, **extra
-        )[0]
+        return _run_unet(self.bundle.unet, x_t, timesteps, embeddings)
 
     # -- ControlNets ------------------------------------------------------------------------------
     def _control_residuals(
@@ -412,6 +412,23 @@ class UNetBatch:
             images = self.preprocess(kind, frames, params)
             for entry, image in zip(entries, images.tensor_split(len(entries)), strict=True):
                 entry.state.push_control(key, image)
+
+
+def _run_unet(
+    unet: Any,
+    x_t: torch.Tensor,
+    timesteps: torch.Tensor,
+    embeddings: torch.Tensor,
+    *residuals: torch.Tensor,
+) -> torch.Tensor:
+    """``unet``'s noise estimate, with ControlNet ``residuals`` (down blocks..., mid) if any."""
+    extra: dict[str, Any] = {}
+    if residuals:
+        extra["down_block_additional_residuals"] = residuals[:-1]
+        extra["mid_block_additional_residual"] = residuals[-1]
+    return unet(  # type: ignore[no-any-return]
+        x_t, timesteps, encoder_hidden_states=embeddings, return_dict=False, **extra
+    )[0]
 
 
 def similarities_of(entries: list[_Entry]) -> list[float]:
