@@ -9,7 +9,7 @@ configs, which costs the same time as the real ones (see "Models without their w
 docs/diffusion.md, with the FLOPs a frame costs and the published speeds to compare with).
 
 Measured, for eager and compiled engines (one load each: steps and session counts are params,
-they pick a bucket and never recompile):
+they pick a bucket and never recompile), one row per case:
 
 - 1, 2 and 4 steps, one session: ms per frame (worker batch time), fps, and the stages inside
   the batch (upload + colour conversion, VAE encode, UNet, VAE decode) from CUDA events;
@@ -19,11 +19,14 @@ they pick a bucket and never recompile):
   step, with random ControlNets of the base UNet's size (``ControlNetModel.from_unet``) and a
   random Depth Anything V2 Small-sized depth model.
 
+A case that cannot finish fails alone, with its reason, and the run goes on: a session the
+engine ended (the transform failed ``ERROR_LIMIT`` frames in a row, e.g. a missing package) or
+no result within ``--row-timeout`` seconds. The JSON report (``--json``) is rewritten after every
+row, so a run stopped from outside keeps every row it measured; the exit status is 1 when a case
+failed.
+
     python benchmarks/gpu_engine.py --compile-backend eager        # CPU dry run: tiny, 64 px
     python benchmarks/gpu_engine.py --preset sd-turbo --size 512   # the GPU run (device/run.sh)
-
-It prints a table and writes ``benchmarks/results/gpu_engine-<device>.json`` (and a copy to
-``$OUT`` when set, as on the lent GPU machine).
 """
 
 from __future__ import annotations
@@ -34,10 +37,13 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import av
 import numpy as np
@@ -45,6 +51,8 @@ import torch
 
 from livediff.config import Settings
 from livediff.engine import Engine, Session
+from livediff.engine.errors import EngineUnavailableError
+from livediff.engine.slot import SlotClosedError
 from livediff.frames import Frame, Image
 from livediff.pixels import to_video_frame
 from livediff.testing.models import build_components
@@ -54,6 +62,7 @@ from livediff.transforms.diffusion.clock import StageClock
 from livediff.transforms.diffusion.models import ModelChoice
 from livediff.transforms.diffusion.transform import DiffusionTransform
 
+T = TypeVar("T")
 RESULTS = Path(__file__).resolve().parent / "results"
 #: t_index_list for 1, 2 and 4 steps (sd-turbo style: strength 0.5 and below)
 STEP_INDICES = {1: [25], 2: [25, 37], 4: [25, 31, 37, 43]}
@@ -154,6 +163,10 @@ def write_depth_model(folder: Path, preset: str) -> str:
     return str(folder)
 
 
+#: Frames failed in a row after which the engine ends a measured session (and its case fails).
+ERROR_LIMIT = 3
+
+
 def engine_settings(args: argparse.Namespace, compiled: bool) -> Settings:
     return Settings(
         depth_model=args.depth_model,
@@ -172,7 +185,63 @@ def engine_settings(args: argparse.Namespace, compiled: bool) -> Settings:
         compile_cache_dir=args.compile_cache_dir,
         batch_buckets=args.buckets,
         warmup_frames=8,
+        transform_error_limit=ERROR_LIMIT,
     )
+
+
+class CaseFailedError(Exception):
+    """A case that cannot finish; the message says why."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row: its name, its sessions' params, how many sessions, what the row adds."""
+
+    name: str
+    params: dict[str, Any]
+    sessions: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def cases(args: argparse.Namespace, compiled: bool) -> list[Case]:
+    """Steps (one session), ControlNets (eager only: they are not compiled), then sessions."""
+    steps = [Case(f"steps={n}", {"t_index_list": STEP_INDICES[n]}) for n in args.steps]
+    controls = [
+        Case(f"controlnets={setting}", control_params(setting), extra={"controlnets": setting})
+        for setting in ([] if compiled else args.controlnets)
+    ]
+    sessions = [
+        Case(f"sessions={n}", {"t_index_list": STEP_INDICES[1]}, n) for n in args.sessions if n > 1
+    ]
+    return steps + controls + sessions
+
+
+def set_stage_clock(engine: Engine, clock: StageClock | None) -> None:
+    """Worker thread only: the clock the transform marks its stages on. The worker reads it in
+    every batch, so setting it from the event loop would race with a batch in flight (a batch
+    half on one clock); run through ``engine.on_worker`` it lands between batches."""
+    engine.worker_side.worker_thread.assert_current()
+    engine.transform.unet_batch.clock = clock  # type: ignore[attr-defined]
+
+
+async def open_measured(engine: Engine, params: dict[str, Any], seed: int) -> Session:
+    """A session whose end (the engine ends it after ERROR_LIMIT failed frames in a row) closes
+    its output slots, so that a reader waiting for its next frame wakes up and says why."""
+    opened: list[Session] = []
+
+    def ended(_reason: str) -> None:
+        for session in opened:
+            session.close_outputs()
+
+    session = await engine.open_session(
+        engine.validate({**params, "seed": seed}), adapt_output=VideoFrames(), on_end=ended
+    )
+    opened.append(session)  # before any frame: the end is posted to this loop, so it comes later
+    return session
+
+
+def session_ended(session: Session) -> CaseFailedError:
+    return CaseFailedError(f"session ended: {session.end_reason}")
 
 
 async def run_session(
@@ -180,8 +249,11 @@ async def run_session(
 ) -> list[tuple[float, float]]:
     """Keep the session's input slot full (a new frame whenever the worker took the last one,
     like a camera faster than the model) until ``count`` outputs came back; (received,
-    finished) times of each."""
+    finished) times of each. Raises :class:`CaseFailedError` when the session ends first."""
     slot = session.subscribe(asyncio.get_running_loop())
+    if session.end_reason is not None:  # ended before this slot existed: nothing will close it
+        session.unsubscribe(slot)
+        raise session_ended(session)
     outputs: list[Frame] = []
 
     async def feed() -> None:
@@ -196,101 +268,195 @@ async def run_session(
     try:
         while len(outputs) < count:
             outputs.append(await slot.get())
+    except SlotClosedError:
+        raise session_ended(session) from None
     finally:
         feeder.cancel()
         session.unsubscribe(slot)
     return [(out.times.received, out.times.finished) for out in outputs]
 
 
-async def measure(
-    engine: Engine, params: dict[str, Any], sessions: int, frames: list[av.VideoFrame], count: int
-) -> dict[str, Any]:
-    """``sessions`` sessions with ``params``, ``count`` frames each after a warm-up."""
-    opened = [
-        await engine.open_session(
-            engine.validate({**params, "seed": 1 + k}), adapt_output=VideoFrames()
-        )
-        for k in range(sessions)
-    ]
-    steps = len(params["t_index_list"])
+async def all_or_first_failure(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Every result, or the first failure with the other coroutines cancelled and finished."""
+    tasks = [asyncio.ensure_future(coro) for coro in coros]
     try:
-        await asyncio.gather(*(run_session(s, frames, steps + 2) for s in opened))
-        clock = StageClock(torch.device(engine.transform.device))
-        engine.transform.unet_batch.clock = clock  # type: ignore[attr-defined]
-        started = time.perf_counter()
-        runs = await asyncio.gather(*(run_session(s, frames, count) for s in opened))
-        elapsed = time.perf_counter() - started
-        engine.transform.unet_batch.clock = None  # type: ignore[attr-defined]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error
+    return [task.result() for task in tasks]
+
+
+@dataclass
+class Measured:
+    """What one case's measured window gave: its length, each session's (received, finished)
+    times, the stage clock's durations and the frames that failed."""
+
+    elapsed: float
+    runs: list[list[tuple[float, float]]]
+    stages: dict[str, list[float]]
+    failed_frames: int
+
+
+async def measure(
+    engine: Engine, case: Case, frames: list[av.VideoFrame], count: int
+) -> dict[str, Any]:
+    """``case.sessions`` sessions with ``case.params``, ``count`` frames each after a warm-up."""
+    steps = len(case.params["t_index_list"])
+    clock = StageClock(torch.device(engine.transform.device))
+    opened: list[Session] = []
+    try:
+        for k in range(case.sessions):
+            opened.append(await open_measured(engine, case.params, 1 + k))
+        await all_or_first_failure([run_session(s, frames, steps + 2) for s in opened])
+        await engine.on_worker(lambda: set_stage_clock(engine, clock))
+        started = time.perf_counter()
+        runs = await all_or_first_failure([run_session(s, frames, count) for s in opened])
+        elapsed = time.perf_counter() - started
+    finally:
+        await engine.on_worker(lambda: set_stage_clock(engine, None))
         for session in opened:
             await engine.close_session(session.id, "measured")
-    stages = {
-        name: round(statistics.median(values), 3) for name, values in clock.durations().items()
-    }
-    latencies = [(finished - received) * 1000 for run in runs for received, finished in run]
+    failed = sum(session.stats.errors for session in opened)
+    return summarise(case, count, Measured(elapsed, runs, clock.durations(), failed))
+
+
+def summarise(case: Case, count: int, measured: Measured) -> dict[str, Any]:
+    stages = {name: round(statistics.median(values), 3) for name, values in measured.stages.items()}
+    latencies = [
+        (finished - received) * 1000 for run in measured.runs for received, finished in run
+    ]
     return {
-        "sessions": sessions,
-        "steps": steps,
-        "fps_total": round(sessions * count / elapsed, 2),
-        "fps_per_session": round(count / elapsed, 2),
-        "ms_per_frame": round(elapsed * 1000 / count, 3),
+        "case": case.name,
+        "sessions": case.sessions,
+        "steps": len(case.params["t_index_list"]),
+        "fps_total": round(case.sessions * count / measured.elapsed, 2),
+        "fps_per_session": round(count / measured.elapsed, 2),
+        "ms_per_frame": round(measured.elapsed * 1000 / count, 3),
         "latency_ms_p50": round(statistics.median(latencies), 3),
+        "failed_frames": measured.failed_frames,
         "stages_ms": stages,
+        **case.extra,
     }
 
 
-async def engine_runs(
-    args: argparse.Namespace, compiled: bool
-) -> tuple[list[dict[str, Any]], Engine]:
+class Report:
+    """The run's figures as one JSON document, written again after every row: a run stopped
+    from outside (a step's timeout on the GPU machine) leaves every row it measured."""
+
+    def __init__(self, path: Path, machine: dict[str, Any], config: dict[str, Any]) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {
+            "machine": machine,
+            "config": config,
+            "livediff": [],
+            "diffusers": [],
+            "failed": [],
+        }
+        self.save()
+
+    def add(self, section: str, row: dict[str, Any]) -> None:
+        """A measured row of ``section`` ('livediff' or 'diffusers')."""
+        self.data[section].append(row)
+        print(json.dumps({section: row}), flush=True)
+        self.save()
+
+    def fail(self, case: str, compiled: bool, reason: str) -> None:
+        """A case that could not be measured, and why."""
+        self.add("failed", {"case": case, "compiled": compiled, "error": reason})
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.data["failed"])
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".tmp")
+        partial.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        os.replace(partial, self.path)
+
+
+async def measure_cases(
+    engine: Engine, args: argparse.Namespace, compiled: bool, report: Report
+) -> None:
+    """Every case in turn; one that fails is reported with its reason and the next one runs."""
+    frames = camera(args.size)
+    for case in cases(args, compiled):
+        try:
+            row = await asyncio.wait_for(
+                measure(engine, case, frames, args.frames), args.row_timeout
+            )
+        except TimeoutError:
+            report.fail(case.name, compiled, f"no result within {args.row_timeout} s")
+            continue
+        except (CaseFailedError, EngineUnavailableError) as exc:
+            report.fail(case.name, compiled, str(exc))
+            continue
+        report.add("livediff", {**row, "compiled": compiled})
+
+
+async def start_engine(args: argparse.Namespace, compiled: bool, report: Report) -> Engine | None:
+    """A loaded (and, when ``compiled``, compiled) engine; None, reported, if it did not load."""
     RandomWeightsTransform.preset = args.preset
     settings = engine_settings(args, compiled)
     engine = Engine(settings, RandomWeightsTransform(settings))
     loading = time.perf_counter()
-    await engine.start()
-    load_s = time.perf_counter() - loading
-    if not compiled and args.controlnets:
-        await engine.on_worker(lambda: add_random_controlnets(engine))
-    frames = camera(args.size)
-    results = []
-    for steps in args.steps:
-        row = await measure(engine, {"t_index_list": STEP_INDICES[steps]}, 1, frames, args.frames)
-        results.append({**row, "compiled": compiled, "load_s": round(load_s, 1)})
-        print(json.dumps(results[-1]), flush=True)
-    for setting in args.controlnets if not compiled else []:
-        row = await measure(engine, control_params(setting), 1, frames, args.frames)
-        results.append({**row, "compiled": compiled, "controlnets": setting})
-        print(json.dumps(results[-1]), flush=True)
-    for sessions in args.sessions:
-        if sessions == 1:
-            continue
-        row = await measure(
-            engine, {"t_index_list": STEP_INDICES[1]}, sessions, frames, args.frames
-        )
-        results.append({**row, "compiled": compiled, "load_s": round(load_s, 1)})
-        print(json.dumps(results[-1]), flush=True)
-    return results, engine
+    try:
+        await engine.start()
+    except Exception as exc:
+        report.fail("load", compiled, repr(exc))
+        await engine.stop()
+        return None
+    load_s = round(time.perf_counter() - loading, 1)
+    report.data.setdefault("load_s", {})["compiled" if compiled else "eager"] = load_s
+    print(json.dumps({"load_s": load_s, "compiled": compiled}), flush=True)
+    return engine
 
 
-def diffusers_runs(engine: Engine, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """diffusers' img2img on the eager engine's components (worker idle), batch 1."""
+async def engine_runs(args: argparse.Namespace, compiled: bool, report: Report) -> None:
+    """One engine's rows (and diffusers' beside the eager one)."""
+    engine = await start_engine(args, compiled, report)
+    if engine is None:
+        return
+    try:
+        if not compiled and args.controlnets:
+            await engine.on_worker(lambda: add_random_controlnets(engine))
+        await measure_cases(engine, args, compiled, report)
+        if not compiled and not args.no_diffusers:
+            await asyncio.to_thread(diffusers_runs, engine, args, report)
+    finally:
+        await engine.stop()
+
+
+def diffusers_runs(engine: Engine, args: argparse.Namespace, report: Report) -> None:
+    """diffusers' img2img on the eager engine's components (worker idle), batch 1; a failure
+    (diffusers' own code) is reported as the row's and ends the comparison."""
     bundle = engine.transform.unet_batch.bundle  # type: ignore[attr-defined]
     device = torch.device(engine.transform.device)
-    pipe = diffusers_img2img(bundle)
-    dtype = next(bundle.unet.parameters()).dtype
-    image = torch.rand((1, 3, args.size, args.size), device=device, dtype=dtype)
-    rows = []
-    for steps in args.steps:
-        for _ in range(3):
-            diffusers_frame(pipe, image, steps)
-        count = max(5, args.frames // 4)
-        started = time.perf_counter()
-        for _ in range(count):
-            diffusers_frame(pipe, image, steps)
-        elapsed = time.perf_counter() - started
-        row = {"steps": steps, "fps": count / elapsed, "ms_per_frame": elapsed * 1000 / count}
-        rows.append({key: round(value, 3) for key, value in row.items()})
-        print(json.dumps({"diffusers": rows[-1]}), flush=True)
-    return rows
+    try:
+        pipe = diffusers_img2img(bundle)
+        dtype = next(bundle.unet.parameters()).dtype
+        image = torch.rand((1, 3, args.size, args.size), device=device, dtype=dtype)
+        for steps in args.steps:
+            report.add("diffusers", diffusers_row(pipe, image, steps, args.frames))
+    except Exception as exc:
+        report.fail("diffusers", False, repr(exc))
+
+
+def diffusers_row(pipe: Any, image: torch.Tensor, steps: int, frames: int) -> dict[str, Any]:
+    for _ in range(3):
+        diffusers_frame(pipe, image, steps)
+    count = max(5, frames // 4)
+    started = time.perf_counter()
+    for _ in range(count):
+        diffusers_frame(pipe, image, steps)
+    elapsed = time.perf_counter() - started
+    row = {"steps": steps, "fps": count / elapsed, "ms_per_frame": elapsed * 1000 / count}
+    return {key: round(value, 3) for key, value in row.items()}
 
 
 def diffusers_frame(pipe: Any, image: torch.Tensor, steps: int) -> None:
@@ -324,7 +490,7 @@ STAGES = ("upload", "encode", "controlnet", "unet", "decode")
 def print_table(report: dict[str, Any]) -> None:
     print(f"\n{report['machine']}")
     header = (
-        f"{'engine':<9} {'steps':>5} {'sessions':>8} {'ms/frame':>9} {'fps':>8} {'fps/sess':>9}"
+        f"{'engine':<15} {'steps':>5} {'sessions':>8} {'ms/frame':>9} {'fps':>8} {'fps/sess':>9}"
     )
     print(f"{header}  stages ms ({', '.join(STAGES)})")
     for row in report["livediff"]:
@@ -339,25 +505,28 @@ def print_table(report: dict[str, Any]) -> None:
     for row in report["diffusers"]:
         timing = f"{row['ms_per_frame']:>9.2f} {row['fps']:>8.1f}"
         print(f"{'diffusers':<15} {row['steps']:>5} {1:>8} {timing}")
+    for row in report["failed"]:
+        kind = "compiled" if row["compiled"] else "eager"
+        print(f"FAILED {kind} {row['case']}: {row['error']}")
 
 
-async def main(args: argparse.Namespace) -> dict[str, Any]:
-    report: dict[str, Any] = {
-        "machine": machine_info(args.device),
-        "config": vars(args),
-        "livediff": [],
-        "diffusers": [],
-    }
+def default_json(args: argparse.Namespace, machine: dict[str, Any]) -> Path:
+    """benchmarks/results/gpu_engine-<preset>-<size>-<card or cpu>[-eager|-compiled].json"""
+    label = machine.get("gpu", "cpu").lower().replace(" ", "-")
+    kinds = {"off": "eager", "on": "compiled"}
+    suffix = f"-{kinds[args.compile[0]]}" if len(set(args.compile)) == 1 else ""
+    return RESULTS / f"gpu_engine-{args.preset}-{args.size}-{label}{suffix}.json"
+
+
+async def main(args: argparse.Namespace) -> Report:
+    machine = machine_info(args.device)
+    report = Report(args.json or default_json(args, machine), machine, vars(args))
     for compiled in args.compile:
-        rows, engine = await engine_runs(args, compiled == "on")
-        report["livediff"].extend(rows)
-        if compiled == "off" and not args.no_diffusers:
-            report["diffusers"] = await asyncio.to_thread(diffusers_runs, engine, args)
-        await engine.stop()
+        await engine_runs(args, compiled == "on", report)
     return report
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny", choices=["tiny", "sd-turbo"])
     parser.add_argument("--size", type=int, default=64)
@@ -369,7 +538,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--compile-cache-dir", default=None)
     parser.add_argument("--buckets", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--frames", type=int, default=40)
+    parser.add_argument("--frames", type=int, default=40, help="measured frames per session")
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument(
         "--controlnets",
@@ -378,19 +547,31 @@ def parse() -> argparse.Namespace:
         choices=["none", "canny", "depth", "canny+depth"],
         help="ControlNet settings measured at 1 step on the eager engine (none to skip all)",
     )
-    return parser.parse_args()
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="the report, rewritten after every row (default: benchmarks/results/gpu_engine-"
+        "<preset>-<size>-<card>[-eager|-compiled].json)",
+    )
+    parser.add_argument(
+        "--row-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a case may take (warm-up included) before it fails",
+    )
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The whole benchmark; 1 when a case failed."""
+    scratch = Path(tempfile.mkdtemp(prefix="livediff-bench-"))
+    args.depth_model = write_depth_model(scratch / "depth", args.preset)
+    report = asyncio.run(main(args))
+    print_table(report.data)
+    print(f"wrote {report.path}")
+    return 1 if report.failed else 0
 
 
 if __name__ == "__main__":
-    arguments = parse()
-    scratch = Path(tempfile.mkdtemp(prefix="livediff-bench-"))
-    arguments.depth_model = write_depth_model(scratch / "depth", arguments.preset)
-    result = asyncio.run(main(arguments))
-    print_table(result)
-    label = result["machine"].get("gpu", "cpu").lower().replace(" ", "-")
-    name = f"gpu_engine-{arguments.preset}-{arguments.size}-{label}.json"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
-    if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / name).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS / name}")
+    sys.exit(run(parse()))

@@ -1,0 +1,35 @@
+# shellcheck shell=bash
+# The GPU runs' cases, in one place: `run.sh --suite NAME` runs suite_NAME's steps in order.
+#
+# A step is `step NAME BUDGET_S COMMAND...`: COMMAND runs under `timeout BUDGET_S`, its output goes
+# to $OUT/NAME.txt (and the console), and run.txt gets a line with the seconds it took and how it
+# ended. A benchmark step writes its rows to $OUT/NAME.json as each is measured.
+#
+# Every suite must fit the run's deadline (DEADLINE_S in run.sh: 450 s, so that a run ends within
+# 8 minutes on an H100 with room to spare): its budgets add up to DEADLINE_S less SETUP_BUDGET_S
+# at most (run.sh checks this before it starts). And it may leave at most 7 files in $OUT beside
+# run.txt: the device tool brings back 8.
+#
+# What run.sh sets for the steps: PYTHON; BENCH, benchmarks/gpu_engine.py with the run's preset
+# and size (sd-turbo at 512 on the GPU, the tiny model at 64 in a dry run), frames, compile
+# backend (inductor, or eager in a dry run) and row timeout; GPU_TESTS, the test files that hold
+# gpu-marked tests; PYTEST, pytest with the options of an unattended run; OUT.
+
+# The engine: the CUDA tests, then sd-turbo eager (steps, ControlNets, sessions, diffusers), then
+# compiled with CUDA graphs for buckets 1 and 4 (six cold inductor compiles: UNet, TAESD encoder
+# and decoder, each at two batch sizes).
+suite_engine() {
+    step tests 90 "${PYTEST[@]}" "${GPU_TESTS[@]}"
+    step engine-eager 90 "${BENCH[@]}" --compile off --json "$OUT/engine-eager.json"
+    step engine-compiled 240 "${BENCH[@]}" --compile on --no-diffusers --buckets 1 4 \
+        --sessions 1 2 4 --json "$OUT/engine-compiled.json"
+}
+
+# The second run, of the same shape and deadline: what the engine run leaves out (compiled
+# buckets 2 and 8), and the place for the next wave's cases (issue 20's temporal tools, 22's
+# SDXL-Turbo and IP-Adapter, 23's video pipeline): one `step` line each, with its own budget,
+# taken from this one's until the budgets fill DEADLINE_S.
+suite_next() {
+    step engine-compiled-2-8 240 "${BENCH[@]}" --compile on --no-diffusers --buckets 2 8 \
+        --steps 2 --sessions 2 8 --json "$OUT/engine-compiled-2-8.json"
+}

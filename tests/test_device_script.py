@@ -1,0 +1,215 @@
+"""The GPU run (benchmarks/device/run.sh) and the engine benchmark it runs, checked on the CPU.
+
+The benchmark swaps the transform's stage clock on the worker thread only (issue 18, defect 7:
+from the event loop it raced with the batch in flight); a case whose session the engine ends, or
+that gives no result in time, fails with its reason and the run goes on; and the script's dry run
+writes every file the GPU run writes, with well-formed rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from livediff.engine import Engine
+from livediff.engine.threads import THREAD_CHECKS, WrongThreadError
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_SH = REPO / "benchmarks" / "device" / "run.sh"
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    """benchmarks/gpu_engine.py as a module (benchmarks/ is no package)."""
+    spec = importlib.util.spec_from_file_location("gpu_engine", REPO / "benchmarks/gpu_engine.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def arguments(bench: ModuleType, tmp_path: Path, *extra: str) -> Any:
+    args = bench.parse(["--device", "cpu", "--size", str(SIZE), "--controlnets", *extra])
+    args.depth_model = str(tmp_path / "no-depth-model")  # no case here uses one
+    return args
+
+
+@pytest.fixture
+async def engine(bench: ModuleType, tmp_path: Path) -> AsyncIterator[Engine]:
+    """The benchmark's eager engine on the tiny random model, 64 px, up to 2 sessions."""
+    args = arguments(bench, tmp_path, "--sessions", "1", "2")
+    report = bench.Report(tmp_path / "load.json", {}, {})
+    started = await bench.start_engine(args, False, report)
+    assert started is not None, report.data["failed"]
+    yield started
+    await started.stop()
+
+
+def one_step(bench: ModuleType, sessions: int) -> Any:
+    return bench.Case("steps=1", {"t_index_list": bench.STEP_INDICES[1]}, sessions)
+
+
+async def test_the_stage_clock_is_swapped_on_the_worker_thread(
+    bench: ModuleType, engine: Engine
+) -> None:
+    unet_batch: Any = engine.transform.unet_batch  # type: ignore[attr-defined]
+    swapped_on: list[str] = []
+
+    class Recorded(type(unet_batch)):  # type: ignore[misc]
+        """Records the thread of every write of ``clock``."""
+
+        @property
+        def clock(self) -> Any:
+            return self.__dict__["clock"]
+
+        @clock.setter
+        def clock(self, value: Any) -> None:
+            swapped_on.append(threading.current_thread().name)
+            self.__dict__["clock"] = value
+
+    unet_batch.__class__ = Recorded
+    row = await bench.measure(engine, one_step(bench, 2), bench.camera(SIZE), 3)
+    assert swapped_on == ["livediff-worker", "livediff-worker"]  # on, then off
+    assert unet_batch.clock is None
+    assert {"upload", "encode", "unet", "decode"} <= row["stages_ms"].keys()
+    assert row["sessions"] == 2 and row["failed_frames"] == 0 and row["fps_total"] > 0
+
+
+@pytest.mark.skipif(not THREAD_CHECKS, reason="thread checks are off (python -O)")
+async def test_the_stage_clock_is_refused_from_the_event_loop(
+    bench: ModuleType, engine: Engine
+) -> None:
+    with pytest.raises(WrongThreadError, match="set_stage_clock runs on the worker thread only"):
+        bench.set_stage_clock(engine, None)
+
+
+async def test_a_case_whose_session_the_engine_ends_fails_with_the_reason(
+    bench: ModuleType, engine: Engine, tmp_path: Path
+) -> None:
+    def missing_package(jobs: list[Any]) -> list[Any]:
+        raise ModuleNotFoundError("No module named 'kornia'")
+
+    await engine.on_worker(lambda: setattr(engine.transform, "process", missing_package))
+    args = arguments(bench, tmp_path, "--steps", "1", "--sessions", "1", "2")
+    report = bench.Report(tmp_path / "rows.json", {}, {})
+    await asyncio.wait_for(bench.measure_cases(engine, args, False, report), 60)
+    written = json.loads(report.path.read_text())
+    assert [row["case"] for row in written["failed"]] == ["steps=1", "sessions=2"]
+    for row in written["failed"]:
+        assert row["error"] == (
+            f"session ended: the transform failed on {bench.ERROR_LIMIT} frames in a row:"
+            " ModuleNotFoundError(\"No module named 'kornia'\")"
+        )
+    assert written["livediff"] == []
+
+
+async def test_a_case_without_a_result_in_time_fails_and_the_next_one_runs(
+    bench: ModuleType, engine: Engine, tmp_path: Path
+) -> None:
+    process = engine.transform.process
+
+    def holding_two_steps(jobs: list[Any]) -> list[Any]:
+        """Outputs of 2-step sessions never come (the worker itself stays responsive)."""
+        images = process(jobs)
+        return [
+            None if len(job.params.t_index_list) == 2 else image
+            for job, image in zip(jobs, images, strict=True)
+        ]
+
+    await engine.on_worker(lambda: setattr(engine.transform, "process", holding_two_steps))
+    args = arguments(bench, tmp_path, "--steps", "2", "--sessions", "1", "2", "--frames", "2")
+    args.row_timeout = 3.0  # the held case waits it out; the next one takes well under 1 s
+    report = bench.Report(tmp_path / "rows.json", {}, {})
+    await asyncio.wait_for(bench.measure_cases(engine, args, False, report), 60)
+    assert report.data["failed"] == [
+        {"case": "steps=2", "compiled": False, "error": "no result within 3.0 s"}
+    ]
+    assert [row["case"] for row in report.data["livediff"]] == ["sessions=2"]
+
+
+def run_script(out: Path, *options: str, frames: int = 2) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "FRAMES": str(frames)}
+    return subprocess.run(
+        ["bash", str(RUN_SH), *options],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("suite", ["engine", "next"])
+def test_each_suite_fits_the_deadline(suite: str, tmp_path: Path) -> None:
+    done = run_script(tmp_path, "--plan", "--suite", suite)
+    assert done.returncode == 0, done.stdout + done.stderr
+    planned = re.search(
+        r"^plan: setup \(30 s\), .+: (\d+) s$", (tmp_path / "run.txt").read_text(), re.M
+    )
+    assert planned is not None
+    assert int(planned.group(1)) <= 450
+
+
+def test_an_unknown_suite_is_refused(tmp_path: Path) -> None:
+    done = run_script(tmp_path, "--suite", "nope", "--dry-run")
+    assert done.returncode == 2
+    assert "no suite 'nope'" in done.stderr
+
+
+ROW_KEYS = {"case", "sessions", "steps", "fps_total", "ms_per_frame", "stages_ms", "compiled"}
+
+
+def check_report(path: Path, compiled: bool) -> dict[str, Any]:
+    report = json.loads(path.read_text())
+    assert report["failed"] == []
+    assert report["livediff"], f"no rows in {path.name}"
+    for row in report["livediff"]:
+        assert row.keys() >= ROW_KEYS
+        assert row["compiled"] is compiled
+        assert row["fps_total"] > 0 and row["ms_per_frame"] > 0 and row["failed_frames"] == 0
+        assert {"encode", "unet", "decode"} <= row["stages_ms"].keys()
+    return report
+
+
+@pytest.mark.slow
+def test_the_dry_run_writes_every_file_with_well_formed_rows(tmp_path: Path) -> None:
+    done = run_script(tmp_path, "--dry-run")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "engine-compiled.json",
+        "engine-compiled.txt",
+        "engine-eager.json",
+        "engine-eager.txt",
+        "run.txt",
+        "tests.txt",
+    ]
+    steps = (tmp_path / "run.txt").read_text()
+    for name in ("tests", "engine-eager", "engine-compiled"):
+        assert any(line.startswith(name) and line.endswith(" ok") for line in steps.splitlines())
+    eager = check_report(tmp_path / "engine-eager.json", compiled=False)
+    cases = [row["case"] for row in eager["livediff"]]
+    assert "controlnets=canny+depth" in cases and "sessions=8" in cases
+    assert [row["steps"] for row in eager["diffusers"]] == [1, 2, 4]
+    compiled = check_report(tmp_path / "engine-compiled.json", compiled=True)
+    assert [row["case"] for row in compiled["livediff"]] == [
+        "steps=1",
+        "steps=2",
+        "steps=4",
+        "sessions=2",
+        "sessions=4",
+    ]
+    assert compiled["config"]["buckets"] == [1, 4]
