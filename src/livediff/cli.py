@@ -1,6 +1,7 @@
 """The ``livediff`` command: ``livediff serve`` runs the service; ``livediff runner`` answers
 go-livepeer's live runner contract itself (trickle in and out, no ai-runner);
 ``livediff prepare-models`` downloads the diffusion model that ``serve`` will need;
+``livediff tls-cert`` writes a self-signed certificate for ``serve --tls-cert/--tls-key``;
 ``livediff bench NAME`` runs a benchmark of a source checkout.
 
 Every option falls back to its ``LIVEDIFF_<NAME>`` environment variable, then to the default in
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -52,6 +54,16 @@ SERVE_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--compile-mode", "compile_mode", {"choices": choices_of("compile_mode")}),
     ("--host", "host", {"help": "address to listen on"}),
     ("--port", "port", {"type": int, "help": "port to listen on"}),
+    (
+        "--tls-cert",
+        "tls_cert",
+        {
+            "metavar": "PATH",
+            "help": "serve HTTPS on the port with this PEM certificate (needs --tls-key;"
+            " `livediff tls-cert` writes a self-signed pair)",
+        },
+    ),
+    ("--tls-key", "tls_key", {"metavar": "PATH", "help": "the certificate's PEM private key"}),
     ("--pipeline", "pipeline", {"help": "transform: passthrough, diffusion or module:Class"}),
     ("--width", "width", {"type": int, "help": "default output width"}),
     ("--height", "height", {"type": int, "help": "default output height"}),
@@ -97,6 +109,11 @@ SERVE_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ),
     ("--max-viewers", "max_viewers", {"type": int, "help": "WHEP viewers per session"}),
     (
+        "--max-decode-pixels",
+        "max_decode_pixels",
+        {"type": int, "help": "larger video (coded size) is refused before it is decoded"},
+    ),
+    (
         "--session-rate",
         "session_rate_per_min",
         {"type": float, "help": "sessions and viewers one client IP may open a minute (0: any)"},
@@ -107,6 +124,33 @@ SERVE_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
         {"type": int, "help": "sessions and viewers one client IP may open at once"},
     ),
 ]
+
+#: The Live Runner door (go-livepeer >= 0.9): with --live-runner-orch, serve registers itself.
+LIVE_RUNNER_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--live-runner-orch", "live_runner_orch", {"help": "orchestrator URL to register with"}),
+    (
+        "--live-runner-secret",
+        "live_runner_secret",
+        {"help": "the orchestrator's -orchSecret (better: LIVEDIFF_LIVE_RUNNER_SECRET)"},
+    ),
+    (
+        "--live-runner-url",
+        "live_runner_url",
+        {"help": "where the orchestrator reaches this service, e.g. http://10.0.0.5:8000"},
+    ),
+    ("--live-runner-app", "live_runner_app", {"help": "the app name discovery lists"}),
+    (
+        "--live-runner-price",
+        "live_runner_price",
+        {"type": float, "help": "USD per --live-runner-price-unit (on-chain orchestrators)"},
+    ),
+    (
+        "--live-runner-price-unit",
+        "live_runner_price_unit",
+        {"choices": ["hour", "720p", "fixed"], "help": "what the price is per"},
+    ),
+]
+SERVE_OPTIONS += LIVE_RUNNER_OPTIONS
 
 
 def with_default(field: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -145,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the depth preprocessor's model to fetch (default "
         f"{Settings.model_fields['depth_model'].default})",
     )
+    add_tls_cert_parser(commands)
     add_bench_parser(commands)
     return parser
 
@@ -165,15 +210,17 @@ def serve(args: argparse.Namespace) -> int:
     from livediff.server.app import create_app
 
     settings = settings_from_args(args)
+    tls = tls_options(settings)  # a bad certificate or key fails here, before anything starts
     app = create_app(settings)  # a bad pipeline fails here, before logging is taken over
     configure_logging(settings.log_level, settings.log_format)
-    run_uvicorn(uvicorn, app, settings)
+    run_uvicorn(uvicorn, app, settings, tls)
     return 0
 
 
-def run_uvicorn(uvicorn: Any, app: Any, settings: Settings) -> None:
+def run_uvicorn(uvicorn: Any, app: Any, settings: Settings, tls: dict[str, str]) -> None:
     """Serve ``app`` until SIGTERM or SIGINT; then open requests get ``shutdown_timeout_s`` and
-    the app's lifespan closes every session. uvicorn logs through livediff's handler."""
+    the app's lifespan closes every session. uvicorn logs through livediff's handler. ``tls``
+    (from :func:`tls_options`) makes it HTTPS."""
     uvicorn.run(
         app,
         host=settings.host,
@@ -181,7 +228,33 @@ def run_uvicorn(uvicorn: Any, app: Any, settings: Settings) -> None:
         log_level=settings.log_level,
         log_config=None,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        **tls,
     )
+
+
+class TLSSetupError(ValueError):
+    """The TLS certificate and key cannot serve HTTPS."""
+
+
+def tls_options(settings: Settings) -> dict[str, str]:
+    """uvicorn's ``ssl_certfile`` and ``ssl_keyfile`` for ``tls_cert`` and ``tls_key`` (none
+    for plain HTTP), once they are known to load as a certificate and its unencrypted key."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return {}
+    cert, key = (str(Path(path).expanduser()) for path in (settings.tls_cert, settings.tls_key))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:  # a password callback, so that an encrypted key is refused, not asked for on a tty
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except (ssl.SSLError, OSError) as exc:
+        why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        if "PEM lib" in why:  # OpenSSL's word for a file it could not read as PEM
+            why = "a file that is not PEM, or an encrypted key"
+        raise TLSSetupError(
+            f"cannot serve HTTPS with certificate {cert} and key {key} ({why}): both must be"
+            " PEM files, the key unencrypted and the certificate's own; `livediff tls-cert`"
+            " writes a matching pair"
+        ) from exc
+    return {"ssl_certfile": cert, "ssl_keyfile": key}
 
 
 # -- livediff runner: the native runner contract (livediff.livepeer.native) ------------------------
@@ -203,10 +276,11 @@ def runner(args: argparse.Namespace) -> int:
     from livediff.livepeer.native.app import create_runner_app
 
     settings = settings_from_args(args)
+    tls = tls_options(settings)
     app = create_runner_app(settings)
     configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per trickle request
-    run_uvicorn(uvicorn, app, settings)
+    run_uvicorn(uvicorn, app, settings, tls)
     return 0
 
 
@@ -226,6 +300,50 @@ def prepare_models(args: argparse.Namespace) -> int:
     if args.controlnets or args.depth_model:
         depth = args.depth_model or settings.depth_model
         print(f"depth: {locate_depth_model(depth, settings.model_dir, download=True)}")
+    return 0
+
+
+# -- livediff tls-cert: a self-signed pair for serve --tls-cert/--tls-key -------------------------
+def add_tls_cert_parser(commands: Any) -> None:
+    tls_parser = commands.add_parser(
+        "tls-cert",
+        help="write a self-signed certificate and key for serve --tls-cert/--tls-key",
+        description="Write a self-signed certificate (ECDSA P-256) valid for localhost, the "
+        "loopback addresses, this machine's host name and every --host, and its private key "
+        "(readable by you only), so that `livediff serve` can serve the studio over HTTPS to "
+        "other machines. Browsers warn about a self-signed certificate until you trust it.",
+    )
+    tls_parser.add_argument("--cert", default="livediff-cert.pem", help="certificate file")
+    tls_parser.add_argument("--key", default="livediff-key.pem", help="private key file")
+    tls_parser.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another DNS name or IP address browsers will use (repeatable), e.g. the LAN IP",
+    )
+    tls_parser.add_argument("--days", type=int, default=365, help="valid this many days")
+    tls_parser.add_argument("--force", action="store_true", help="replace existing files")
+
+
+def tls_cert(args: argparse.Namespace) -> int:
+    from livediff.server.tls import default_hosts, write_self_signed
+
+    try:
+        made = write_self_signed(
+            Path(args.cert), Path(args.key), default_hosts(args.hosts), args.days, force=args.force
+        )
+    except (OSError, ValueError) as exc:
+        print(f"livediff: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {made.cert} and {made.key}: self-signed for {', '.join(made.hosts)},"
+        f" valid {args.days} days\n"
+        f"SHA-256 fingerprint: {made.fingerprint}\n"
+        f"public key (SPKI) SHA-256: {made.spki_sha256}\n"
+        f"serve: livediff serve --host 0.0.0.0 --tls-cert {made.cert} --tls-key {made.key}"
+    )
     return 0
 
 
@@ -291,6 +409,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": serve,
     "runner": runner,
     "prepare-models": prepare_models,
+    "tls-cert": tls_cert,
     "bench": bench,
 }
 
@@ -304,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             field = ".".join(str(part) for part in error["loc"]) or "settings"
             print(f"livediff: invalid {field}: {error['msg']}", file=sys.stderr)
         return 2
-    except LookupError as exc:
+    except (LookupError, TLSSetupError) as exc:
         print(f"livediff: {exc}", file=sys.stderr)
         return 2
 

@@ -6,6 +6,7 @@ Every field can be set from the environment as ``LIVEDIFF_<FIELD>`` (lists as JS
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
@@ -61,6 +62,34 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(
         5.0, gt=0, le=600, description="On SIGTERM, open HTTP requests get this long to finish."
     )
+    tls_cert: str | None = Field(
+        None,
+        description="PEM certificate (chain) file: with tls_key, serve HTTPS instead of HTTP on"
+        " the same port (page, API, WHIP/WHEP); browsers give the camera only to https pages"
+        " away from localhost. `livediff tls-cert` writes a self-signed pair.",
+    )
+    tls_key: str | None = Field(
+        None, description="PEM private key file of tls_cert (unencrypted); set both or neither."
+    )
+
+    @field_validator("tls_cert", "tls_key")
+    @classmethod
+    def _check_tls_file(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).expanduser().is_file():
+            raise ValueError(
+                f"no file at {path!r}: give the path of a PEM file (`livediff tls-cert` writes a"
+                " self-signed certificate and key)"
+            )
+        return path
+
+    @model_validator(mode="after")
+    def _check_tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(
+                "tls_cert and tls_key go together: give both (--tls-cert and --tls-key, or"
+                " LIVEDIFF_TLS_CERT and LIVEDIFF_TLS_KEY) to serve HTTPS, or neither for HTTP"
+            )
+        return self
 
     # -- limits (reliability and security) ---------------------------------------------------
     max_input_pixels: int = Field(
@@ -68,6 +97,13 @@ class Settings(BaseSettings):
         ge=64 * 64,
         description="Input frames with more pixels are scaled down (aspect kept) on the worker"
         " thread before the transform.",
+    )
+    max_decode_pixels: int = Field(
+        4096 * 2304,
+        ge=64 * 64,
+        description="Incoming video whose coded frame size (read from the VP8 key frame or"
+        " H.264 SPS, before decoding) has more pixels is not decoded: its frames are dropped,"
+        " and a session that keeps sending it is ended.",
     )
     max_sdp_bytes: int = Field(
         64 * 1024, ge=1024, le=1 << 20, description="Larger SDP offers get 400."
@@ -102,8 +138,30 @@ class Settings(BaseSettings):
         3,
         ge=0,
         le=100,
-        description="Restarts of a failed worker (out of memory, died) allowed in 10 minutes;"
-        " beyond them its sessions end and /health stays ERROR.",
+        description="Restarts of a failed worker (out of memory, died, hung) allowed in 10"
+        " minutes; beyond them its sessions end and /health stays ERROR (after a hang, the"
+        " service exits non-zero instead).",
+    )
+    batch_timeout_factor: float = Field(
+        10.0,
+        ge=0,
+        description="Watchdog: a batch running longer than this many times the slowest batch"
+        " seen since the worker started (at least batch_timeout_min_s) is hung; 0 = no limit.",
+    )
+    batch_timeout_min_s: float = Field(
+        10.0, gt=0, description="Watchdog: the least time a batch may run before it is hung."
+    )
+    batch_timeout_first_s: float = Field(
+        600.0,
+        ge=0,
+        description="Watchdog: the limit of a batch with a session or params that the worker"
+        " has not run yet (the first batch after a load, which may still compile); 0 = none.",
+    )
+    load_timeout_s: float = Field(
+        3600.0,
+        ge=0,
+        description="Watchdog: the limit of a load with its warm-up and of any other call on"
+        " the worker thread (which may reload a model); 0 = no limit.",
     )
 
     # -- engine ----------------------------------------------------------------------------
@@ -245,6 +303,46 @@ class Settings(BaseSettings):
         False,
         description="Verify trickle servers' TLS certificates (orchestrators use self-signed).",
     )
+
+    # -- the Live Runner door (go-livepeer >= 0.9): registers itself with an orchestrator ------
+    live_runner_orch: str | None = Field(
+        None,
+        description="The orchestrator's runner-facing URL (its -liveRunnerAddr); set to register.",
+    )
+    live_runner_secret: SecretStr | None = Field(
+        None, description="The orchestrator's -orchSecret, to bootstrap the registration."
+    )
+    live_runner_url: str | None = Field(
+        None, description="Where the orchestrator reaches this service (e.g. http://10.0.0.5:8000)."
+    )
+    live_runner_app: str = Field(
+        "live-video-to-video/livediff", description="The app name discovery lists (pipeline/model)."
+    )
+    live_runner_id: str | None = Field(
+        None, description="A runner id to propose at registration (default: the orchestrator's)."
+    )
+    live_runner_price: float | None = Field(
+        None, gt=0, description="Price in USD per unit (needed on-chain; offchain: leave unset)."
+    )
+    live_runner_price_unit: Literal["hour", "720p", "fixed"] = Field(
+        "hour", description="What live_runner_price is per: hour, 720p (at 30 fps) or fixed."
+    )
+    live_runner_gpu: int = Field(
+        0, ge=-1, description="The CUDA device index reported in the registration (-1: none)."
+    )
+    live_runner_retry_max_s: float = Field(
+        30.0, gt=0, description="Longest wait between tries while the orchestrator is unreachable."
+    )
+
+    @model_validator(mode="after")
+    def _check_live_runner(self) -> Settings:
+        if self.live_runner_orch and not (self.live_runner_url and self.live_runner_secret):
+            raise ValueError(
+                "registering with an orchestrator (live_runner_orch) needs live_runner_url "
+                "(where the orchestrator reaches this service) and live_runner_secret (its "
+                "-orchSecret)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_bitrates(self) -> Settings:

@@ -91,7 +91,7 @@ class ModelSwitchTransform(Transform):
         return [job.frame.image for job in jobs]
 
 
-Fault = Literal["raise", "sleep", "oom", "cuda_oom", "die"]
+Fault = Literal["raise", "sleep", "oom", "cuda_oom", "die", "hang"]
 
 
 class WorkerKilled(BaseException):
@@ -110,10 +110,13 @@ class FaultyTransform(Transform):
     Test servers run in the test's process, so commands are class attributes: ``arm(fault,
     frames)`` makes the next ``frames`` calls of process() raise (``raise``), sleep
     ``sleep_s`` (``sleep``), exhaust the fake memory budget (``oom``: MemoryError), raise
-    torch's CUDA OutOfMemoryError (``cuda_oom``) or kill the worker thread (``die``). From any
-    client, params ``leak_mb`` spends the fake budget frame by frame. Every load after the
-    first (a restart) waits for ``reload_gate`` and raises when ``fail_reloads`` is set.
-    ``reset()`` puts the commands back.
+    torch's CUDA OutOfMemoryError (``cuda_oom``), kill the worker thread (``die``) or block
+    until ``reset()`` (``hang``: a call that never returns, as far as the engine can tell;
+    ``hung`` counts the calls blocked now). From any client, params ``leak_mb`` spends the
+    fake budget frame by frame. Every load but the first instance's first (a restart, or a new
+    instance replacing a hung one) waits for ``reload_gate`` and raises when ``fail_reloads``
+    is set. ``reset()`` puts the commands back and releases every blocked call (tests call it
+    as they begin and end, so no thread outlives them).
     """
 
     name = "faulty"
@@ -122,6 +125,9 @@ class FaultyTransform(Transform):
     sleep_s: ClassVar[float] = 0.5
     fail_reloads: ClassVar[bool] = False
     reload_gate: ClassVar[threading.Event] = threading.Event()
+    hung: ClassVar[int] = 0
+    built: ClassVar[int] = 0
+    _release: ClassVar[threading.Event] = threading.Event()
     _armed: ClassVar[list[Fault]] = []
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
@@ -130,10 +136,15 @@ class FaultyTransform(Transform):
         self.used_mb = 0.0
         self.loads = 0
         self.closes = 0
+        with FaultyTransform._lock:
+            FaultyTransform.built += 1
+            self.replacement = FaultyTransform.built > 1
 
     @classmethod
     def arm(cls, fault: Fault, frames: int = 1) -> None:
         with cls._lock:
+            if fault == "hang":
+                cls._release.clear()
             cls._armed.extend([fault] * frames)
 
     @classmethod
@@ -142,6 +153,8 @@ class FaultyTransform(Transform):
             cls._armed.clear()
         cls.fail_reloads = False
         cls.reload_gate.set()
+        cls._release.set()
+        FaultyTransform.built = 0
 
     @classmethod
     def _next_fault(cls) -> Fault | None:
@@ -150,7 +163,7 @@ class FaultyTransform(Transform):
 
     def load(self) -> None:
         self.loads += 1
-        if self.loads == 1:
+        if self.loads == 1 and not self.replacement:
             return
         if not self.reload_gate.wait(30):
             raise TimeoutError("the test never opened the reload gate")
@@ -180,8 +193,43 @@ class FaultyTransform(Transform):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
         if fault == "die":
             raise WorkerKilled
+        if fault == "hang":
+            self._block()
+
+    @staticmethod
+    def _block() -> None:
+        with FaultyTransform._lock:  # the counter of every subclass is this class's
+            FaultyTransform.hung += 1
+        try:
+            FaultyTransform._release.wait()
+        finally:
+            with FaultyTransform._lock:
+                FaultyTransform.hung -= 1
 
     def _spend(self, megabytes: float) -> None:
         self.used_mb += megabytes
         if self.used_mb > self.budget_mb:
             raise MemoryError(f"the fake memory budget of {self.budget_mb:g} MB is exhausted")
+
+
+class AcceleratorTransform(FaultyTransform):
+    """A FaultyTransform that says it runs on an accelerator (``mps``; it never touches one),
+    as a transform on a GPU would: a hang there is one the process cannot recover from."""
+
+    name = "faulty-accelerator"
+
+    @property
+    def device(self) -> str:
+        return "mps"
+
+
+class HangingAcceleratorTransform(AcceleratorTransform):
+    """Every process() after the warm-up's blocks (``hang``) until ``reset()``, which only a
+    test in the same process calls: for a ``livediff serve`` subprocess, whose exit ends it."""
+
+    name = "hanging-accelerator"
+
+    def process(self, jobs: Sequence[Job]) -> list[Image | None]:
+        if any(job.session_id != "warm-up" for job in jobs):
+            self._misbehave("hang")
+        return super().process(jobs)

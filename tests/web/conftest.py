@@ -58,31 +58,41 @@ def camera_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="package")
-def browser(camera_file: Path) -> Iterator[Any]:
-    """Headless Chromium with a fake camera, for the tests of this package; camera permission is
-    given per context."""
+def playwright_driver() -> Iterator[Any]:
+    """Playwright (sync API) for this package: one per thread, so every browser launches here."""
     if not CHROMIUM.exists():
         pytest.skip(f"Chromium is not installed at {CHROMIUM} (Debian: apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=[
-                "--no-sandbox",
-                "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-video-capture={camera_file}",
-                "--allow-loopback-in-peer-connection",
-                "--autoplay-policy=no-user-gesture-required",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-            ],
-        )
-        yield launched
-        launched.close()
+        yield playwright
+
+
+@pytest.fixture(scope="package")
+def browser(playwright_driver: Any, camera_file: Path) -> Iterator[Any]:
+    """Headless Chromium with a fake camera, for the tests of this package; camera permission is
+    given per context."""
+    launched = playwright_driver.chromium.launch(
+        executable_path=str(CHROMIUM), args=chromium_args(camera_file)
+    )
+    yield launched
+    launched.close()
+
+
+def chromium_args(camera_file: Path) -> list[str]:
+    """Chromium's flags for the tests: no sandbox, and ``camera_file`` as the camera."""
+    return [
+        "--no-sandbox",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-video-capture={camera_file}",
+        "--allow-loopback-in-peer-connection",
+        "--autoplay-policy=no-user-gesture-required",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+    ]
 
 
 @pytest.fixture

@@ -7,9 +7,10 @@ it), how the model is warmed up, how a session opens and closes, and what its st
 adapts it to a protocol and nothing more: the server keeps its peers and HTTP mapping, the runner
 its stream-id switching and tensor contract.
 
-Threads: this class is the event loop's side. It keeps the sessions, the recovery of a dead
-worker and the worker itself, and sends whatever touches the transform to the worker thread's
-side, :class:`~livediff.engine.worker_side.WorkerSide`, through one hand-off (:meth:`_to_worker`);
+Threads: this class is the event loop's side. It keeps the sessions, the recovery of a dead or
+hung worker (and the watchdog that finds a hung one) and the worker itself, and sends whatever
+touches the transform to the worker thread's side,
+:class:`~livediff.engine.worker_side.WorkerSide`, through one hand-off (:meth:`_to_worker`);
 the worker reaches the loop back through one other (:func:`post_to_loop`). Methods that change
 the loop's state check that they run on the loop (:mod:`livediff.engine.threads`); those that
 only read (:meth:`health`, :meth:`check_can_open`, :meth:`validate`, :meth:`session_stats`) may
@@ -27,15 +28,16 @@ from typing import Any, Literal, TypeVar
 from livediff.config import Settings
 from livediff.engine.errors import EngineUnavailableError, UnknownSessionError
 from livediff.engine.params import ParamsRules
-from livediff.engine.recovery import Recovery
+from livediff.engine.recovery import ExitProcess, HangLimits, Recovery, Watchdog, exit_now
 from livediff.engine.session import Adapter, Session, unchanged
 from livediff.engine.stats import Metrics, SessionStats
 from livediff.engine.tasks import TaskSet
 from livediff.engine.threads import ThreadOwner, post_to_loop
 from livediff.engine.warmup import WarmupImage, warmup_card, warmup_video_frame
-from livediff.engine.worker import Worker, WorkerFaultError, WorkerState
+from livediff.engine.worker import Activity, Worker, WorkerFaultError, WorkerHungError, WorkerState
 from livediff.engine.worker_side import WorkerSide
-from livediff.transforms import AnyTransform, TransformParams, resolve_transform
+from livediff.frames import now
+from livediff.transforms import AnyJob, AnyTransform, TransformParams, resolve_transform
 
 logger = logging.getLogger(__name__)
 
@@ -54,21 +56,17 @@ class Engine:
         transform: AnyTransform | None = None,
         *,
         warmup_image: WarmupImage | None = None,
+        exit_process: ExitProcess = exit_now,
     ) -> None:
         """``warmup_image(width, height, device)`` makes the warm-up frames in the form the face
-        delivers frames in (default: yuv420p video frames, as WebRTC decoders give them)."""
+        delivers frames in (default: yuv420p video frames, as WebRTC decoders give them).
+        ``exit_process(status)`` ends the process after a hang it cannot recover from."""
         self.settings = settings
         self.metrics = Metrics()
         self.transform = transform or resolve_transform(settings.pipeline)(settings)
         self.params_rules = ParamsRules(settings, self.transform)
-        self.worker_side = WorkerSide(
-            settings,
-            self.transform,
-            self.metrics,
-            self.params_rules,
-            warmup_image=warmup_image or warmup_video_frame,
-            report_fault=self._report_fault,
-        )
+        self._warmup_image = warmup_image or warmup_video_frame
+        self.worker_side = self._build_worker_side(self.transform)
         #: The event loop's thread, claimed by :meth:`start` (lenient until then: an engine not
         #: started yet is used from one thread).
         self.loop_thread = ThreadOwner("event loop", strict=False)
@@ -77,8 +75,23 @@ class Engine:
         self.tasks = TaskSet("engine")
         self._reserved = 0  # sessions being opened (counted against the limit and the model)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._recovery = Recovery(settings, self.metrics)
+        self._recovery = Recovery(settings, self.metrics, exit_process=exit_process)
         self._stopping = False
+        self._watchdog = Watchdog(
+            HangLimits.from_settings(settings), lambda: self.worker, self._worker_hung
+        )
+        self._watching = TaskSet("the engine's watchdog")
+
+    def _build_worker_side(self, transform: AnyTransform) -> WorkerSide:
+        """The worker-thread half for ``transform``: at start, and anew after a hang."""
+        return WorkerSide(
+            self.settings,
+            transform,
+            self.metrics,
+            self.params_rules,
+            warmup_image=self._warmup_image,
+            report_fault=self._report_fault,
+        )
 
     def _build_worker(self) -> Worker:
         """The one place a Worker is made: at start, and again after a worker failed."""
@@ -126,11 +139,15 @@ class Engine:
     def _bind_loop(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.loop_thread.claim()
+        if not self._watching:
+            self._watching.spawn(self._watchdog.run())
 
     async def stop(self) -> None:
-        """End every session, wait for background work, then stop the worker thread."""
+        """End every session, wait for background work, then stop the worker thread (a hung
+        one is not waited for)."""
         self.loop_thread.assert_current()
         self._stopping = True
+        self._watching.cancel()
         await asyncio.gather(
             *(self.close_session(sid, "the engine is stopping") for sid in list(self.sessions))
         )
@@ -180,10 +197,64 @@ class Engine:
         self.worker = self._build_worker()
         await asyncio.wrap_future(self.worker.start())
 
-    async def _reattach(self) -> int:
+    async def _reattach(
+        self,
+        stuck: tuple[tuple[Session, AnyJob], ...] = (),
+        fault: WorkerFaultError | None = None,
+    ) -> int:
+        """Serve the open sessions on the new worker; the ``stuck`` jobs of those fail first
+        (their sessions count the error and show their last good frame)."""
         sessions = list(self.sessions.values())
-        await self._to_worker(lambda worker: self.worker_side.reattach(worker, sessions))
+        failing = [(session, job) for session, job in stuck if session in sessions]
+
+        def on_worker(worker: Worker) -> None:
+            self.worker_side.reattach(worker, sessions)
+            finished = now()
+            for session, job in failing:
+                if session.end_reason is None and fault is not None:
+                    session.fail(job, fault.cause, finished)
+
+        await self._to_worker(on_worker)
         return len(sessions)
+
+    # -- hangs: a worker stuck in a transform call is abandoned -----------------------------
+    def _worker_hung(self, worker: Worker, activity: Activity, fault: WorkerHungError) -> None:
+        """The watchdog's report: ``worker`` is stuck in ``activity``. Abandon it; then replace
+        it with a worker on a new transform, or exit where this process cannot recover."""
+        self.loop_thread.assert_current()
+        if self._stopping or self._recovery.exiting or worker is not self.worker:
+            return
+        if not worker.abandon(activity, fault):
+            return  # it returned just now
+        self.metrics.workers_abandoned.inc()
+        self.metrics.errors.labels(fault.kind).inc()
+        logger.error("%s; the worker is abandoned", fault.cause)
+        why = self._recovery.exit_reason(self.transform.device)
+        if why is not None:
+            self.tasks.spawn(self._recovery.exit_after_hang(fault, why, self._open_sessions))
+        elif self._recovery.fault is None:  # else a recovery is under way: its start fails
+            self._recovery.begin(fault)
+            self.tasks.spawn(self._recover_from_hang(fault, activity))
+
+    def _open_sessions(self) -> list[Session]:
+        return list(self.sessions.values())
+
+    async def _recover_from_hang(self, fault: WorkerHungError, stuck: Activity) -> None:
+        """As for a dead worker, but on a new transform instance (the stuck thread still holds
+        the old one); the frames stuck in the batch fail, as a frame that raised does."""
+        self.loop_thread.assert_current()
+        if not self._stopping:
+            await self._recovery.recover(
+                fault,
+                self._start_fresh_worker,
+                lambda: self._reattach(stuck.batch, fault),
+                self.sessions.values,
+            )
+
+    async def _start_fresh_worker(self) -> None:
+        self.transform = type(self.transform)(self.settings)
+        self.worker_side = self._build_worker_side(self.transform)
+        await self._start_new_worker()
 
     def _unavailable(self) -> EngineUnavailableError:
         restarting = self._loop is not None and not self._stopping
@@ -315,7 +386,10 @@ class Engine:
         session.on_end = None
         session.end(reason)
         if self.worker.alive:
-            await self._to_worker(lambda worker: worker.detach_here(session))
+            try:
+                await self._to_worker(lambda worker: worker.detach_here(session))
+            except EngineUnavailableError as exc:  # it died or hung meanwhile: nothing to detach
+                logger.info("session %s: not detached from the worker: %s", session_id, exc)
         session.close_outputs()
         logger.info("session %s closed: %s", session_id, reason)
         return True

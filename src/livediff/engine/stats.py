@@ -34,6 +34,7 @@ ERROR_KINDS = (
     "session_failed",  # a session ended after transform_error_limit failures in a row
     "out_of_memory",  # MemoryError or torch's OutOfMemoryError: the worker restarts
     "worker_died",  # the worker thread ended on another error: it restarts
+    "worker_hung",  # a transform call ran past its watchdog limit: a new worker takes over
     "worker_restart_failed",  # a restarted worker could not load: its sessions end
     "peer_failed",  # a peer connection failed (ICE, DTLS)
 )
@@ -58,7 +59,9 @@ class Metrics:
         self.frames_dropped = Counter(
             "livediff_frames_dropped_total",
             "Frames that went no further: replaced in a newest-wins slot (input, output), not"
-            " video (ingest), pts not advancing (egress), skipped as unchanged (similarity).",
+            " video (ingest), pts not advancing (egress), skipped as unchanged (similarity),"
+            " not decoded for a coded size over max_decode_pixels (oversize) or a size header"
+            " that cannot be read (size_unreadable).",
             ["stage"],
             registry=reg,
         )
@@ -91,7 +94,7 @@ class Metrics:
         self.errors = Counter(
             "livediff_errors_total",
             "Errors by kind: transform (a frame raised), session_failed (ended by repeated"
-            " failures), out_of_memory and worker_died (the worker restarts),"
+            " failures), out_of_memory, worker_died and worker_hung (the worker restarts),"
             " worker_restart_failed, peer_failed.",
             ["kind"],
             registry=reg,
@@ -101,6 +104,12 @@ class Metrics:
         self.worker_restarts = Counter(
             "livediff_worker_restarts_total",
             "Workers rebuilt after a fault (the transform closed and loaded again).",
+            registry=reg,
+        )
+        self.workers_abandoned = Counter(
+            "livediff_workers_abandoned_total",
+            "Worker threads left stuck in a transform call past its watchdog limit (a daemon"
+            " thread that cannot be stopped; a new worker on a new transform took over).",
             registry=reg,
         )
         self.input_downscaled = Counter(

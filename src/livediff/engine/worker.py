@@ -3,6 +3,11 @@
 The thread owns the device (and, on CUDA, its own CUDA stream): the transform is loaded, warmed,
 called and closed there, and nowhere else. The event loop only hands it frames through the
 sessions' slots and small calls through :meth:`Worker.call`.
+
+What the thread is busy with (a load, a call, a batch) and since when is its
+:attr:`Worker.activity`, which the engine's watchdog reads; a worker stuck in one past its limit
+is given up on with :meth:`Worker.abandon`, and its thread, if the call ever returns, ends
+without touching anything that another worker serves now.
 """
 
 from __future__ import annotations
@@ -10,11 +15,12 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from livediff.engine.session import Session
 from livediff.engine.stats import Metrics
@@ -62,6 +68,29 @@ class WorkerFaultError(Exception):
         return "out_of_memory" if is_out_of_memory(self.cause) else "worker_died"
 
 
+class TransformHungError(TimeoutError):
+    """A call into the transform ran past its watchdog limit (it may never return)."""
+
+
+class WorkerHungError(WorkerFaultError):
+    """The worker was given up on: its thread is stuck in a transform call
+    (:class:`TransformHungError` says which and for how long)."""
+
+    @property
+    def kind(self) -> str:
+        return "worker_hung"
+
+
+class _AbandonedError(BaseException):
+    """Unwinds an abandoned worker's thread once its stuck call returns (not an Exception, so
+    that nothing on the way counts it as a frame's error)."""
+
+
+#: What the worker thread is busy with: loading (and warming up) the transform, running a call
+#: (which may reload a model), or running a batch.
+ActivityKind = Literal["load", "call", "batch"]
+
+
 @dataclass(slots=True)
 class _Outcome:
     image: Image | None = None
@@ -72,6 +101,25 @@ class _Outcome:
 class _Call:
     fn: Callable[[], Any]
     future: concurrent.futures.Future[Any]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Activity:
+    """One stretch of work on the worker thread, as the watchdog sees it."""
+
+    kind: ActivityKind
+    #: ``time.monotonic()`` when it began.
+    started: float
+    #: A batch with a session, or a session's params, that this worker has not run before: it
+    #: may allocate or compile for new shapes, so it gets the first-batch limit.
+    novel: bool = False
+    #: The batch's sessions and jobs (a batch only).
+    batch: tuple[tuple[Session, AnyJob], ...] = ()
+    #: The call's future (a call only), failed if the worker is abandoned in it.
+    future: concurrent.futures.Future[Any] | None = None
+
+    def elapsed(self, moment: float | None = None) -> float:
+        return (time.monotonic() if moment is None else moment) - self.started
 
 
 @contextmanager
@@ -128,12 +176,19 @@ class Worker:
         self._cond = threading.Condition()
         self._sessions: list[Session] = []
         self._calls: list[_Call] = []
+        self._taken: list[_Call] = []  # calls taken off the queue, not run yet
         self._rotation = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.state = WorkerState.NEW
         self.load_error: BaseException | None = None
         self._loaded: concurrent.futures.Future[None] = concurrent.futures.Future()
+        #: What the thread is busy with now (None while it waits for work), for the watchdog.
+        self.activity: Activity | None = None
+        #: The longest a settled batch (no new session or params) has taken, in seconds.
+        self.slowest_batch_s = 0.0
+        self._ran_params: dict[str, object] = {}  # each session's params the last batch ran
+        self._abandoned = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> concurrent.futures.Future[None]:
@@ -145,13 +200,36 @@ class Worker:
         return self._loaded
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the current batch, close the transform and end the thread."""
+        """Finish the current batch, close the transform and end the thread (an abandoned
+        worker is not waited for: its thread may never return)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+            if self._abandoned:
+                return
         if self._thread is not None:
             self._thread.join(timeout)
         self.state = WorkerState.STOPPED
+
+    def abandon(self, activity: Activity, fault: WorkerHungError) -> bool:
+        """Give up on the thread, stuck in ``activity`` (any thread; the engine's watchdog).
+
+        From now on the worker refuses calls and fails the ones waiting (and the one stuck)
+        with ``fault``; its thread, should the stuck call return, ends without delivering
+        anything or touching the sessions, which another worker serves by then. Returns False
+        when ``activity`` ended meanwhile (nothing is abandoned then)."""
+        with self._cond:
+            if self.activity is not activity or self._abandoned:
+                return False
+            self._abandoned = self._stopping = True
+            self.fault = fault
+            self.state = WorkerState.ERROR
+            waiting = [pending.future for pending in [*self._taken, *self._calls]]
+            self._calls = []
+            for future in [*waiting, activity.future, self._loaded]:
+                if future is not None and not future.done():
+                    future.set_exception(fault)
+        return True
 
     @property
     def attached(self) -> tuple[Session, ...]:
@@ -160,7 +238,18 @@ class Worker:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """The thread runs and serves (an abandoned worker's thread is not alive in this
+        sense, even while it is still stuck)."""
+        return self._thread is not None and self._thread.is_alive() and not self._abandoned
+
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned
+
+    @property
+    def stuck(self) -> bool:
+        """Abandoned, and its thread has not returned from the stuck call (yet)."""
+        return self._abandoned and self._thread is not None and self._thread.is_alive()
 
     # -- sessions and calls (any thread) ------------------------------------------------------
     def notify(self) -> None:
@@ -197,6 +286,7 @@ class Worker:
     def detach_here(self, session: Session) -> None:
         """:meth:`detach`, from a call already running on the worker thread."""
         self.owner.assert_current()
+        self._ran_params.pop(session.id, None)
         if session in self._sessions:
             self._sessions.remove(session)
             self.transform.close_session(session.transform_state)
@@ -205,17 +295,72 @@ class Worker:
     # -- the thread ----------------------------------------------------------------------------
     def _main(self) -> None:
         self.owner.claim()
-        with device_scope(self.transform.device, self._pinned_buffers):
-            if not self._load():
-                return
-            try:
-                self._serve()
-            except BaseException as exc:  # the thread ends here: say why, whatever it was
-                fault = exc if isinstance(exc, WorkerFaultError) else WorkerFaultError(exc)
-                self._shutdown()
-                self._died(fault)
-            else:
-                self._shutdown()
+        try:
+            with device_scope(self.transform.device, self._pinned_buffers):
+                if self._load():
+                    self._serve_to_the_end()
+        except _AbandonedError as exc:
+            self._leave(exc.__context__)
+
+    def _serve_to_the_end(self) -> None:
+        try:
+            self._serve()
+        except _AbandonedError:
+            raise
+        except BaseException as exc:  # the thread ends here: say why, whatever it was
+            fault = exc if isinstance(exc, WorkerFaultError) else WorkerFaultError(exc)
+            self._shutdown()
+            self._died(fault)
+        else:
+            self._shutdown()
+
+    @contextmanager
+    def _busy(
+        self,
+        kind: ActivityKind,
+        *,
+        batch: Batch | None = None,
+        future: concurrent.futures.Future[Any] | None = None,
+    ) -> Iterator[Activity]:
+        """Mark the thread busy with ``kind`` for the watchdog; when the worker was abandoned
+        meanwhile, end the thread as the work returns (whatever it returned or raised)."""
+        novel = self._learn_params(batch) if batch else False
+        activity = Activity(kind, time.monotonic(), novel, tuple(batch or ()), future)
+        with self._cond:
+            self.activity = activity
+        try:
+            yield activity
+        finally:
+            with self._cond:
+                self.activity = None
+                abandoned = self._abandoned
+            if abandoned:
+                raise _AbandonedError  # an abandoned worker's results and errors go nowhere
+
+    def _learn_params(self, batch: Batch) -> bool:
+        """Whether ``batch`` has a session, or a session's params, not run before."""
+        novel = False
+        for session, job in batch:
+            if self._ran_params.get(session.id) is not job.params:
+                self._ran_params[session.id] = job.params
+                novel = True
+        return novel
+
+    def _leave(self, returned: BaseException | None) -> None:
+        """The stuck call of an abandoned worker returned: end the thread. The sessions are
+        another worker's now (with their transform state made anew), so only this worker's
+        own transform is closed."""
+        outcome = "returned" if returned is None else f"raised {returned!r}"
+        logger.warning(
+            "the abandoned %s worker's stuck call %s after all; its thread ends",
+            self.transform.name,
+            outcome,
+        )
+        self._sessions.clear()
+        try:
+            self.transform.close()
+        except Exception:
+            logger.exception("closing the abandoned %s transform failed", self.transform.name)
 
     def _died(self, fault: WorkerFaultError) -> None:
         """The thread is ending on ``fault``: refuse and fail every call, then report it."""
@@ -233,18 +378,29 @@ class Worker:
 
     def _load(self) -> bool:
         try:
-            self.transform.load()
-            if self._after_load is not None:
-                self._after_load()
+            with self._busy("load"):
+                self.transform.load()
+                if self._after_load is not None:
+                    self._after_load()
         except Exception as exc:
             logger.exception("loading the %s transform failed", self.transform.name)
             self.load_error = exc
             self.state = WorkerState.ERROR
-            self._loaded.set_exception(exc)
+            self._settle_load(exc)
             return False
         self.state = WorkerState.READY
-        self._loaded.set_result(None)
+        self._settle_load(None)
         return True
+
+    def _settle_load(self, error: BaseException | None) -> None:
+        """Complete the load's future, unless whoever waited for it cancelled it."""
+        try:
+            if error is None:
+                self._loaded.set_result(None)
+            else:
+                self._loaded.set_exception(error)
+        except concurrent.futures.InvalidStateError:
+            logger.info("the %s transform's load ended with nobody waiting", self.transform.name)
 
     def _serve(self) -> None:
         staged: Batch = []  # the next batch, its inputs already moving
@@ -264,6 +420,7 @@ class Worker:
             while not (ready or self._stopping or self._calls or self._any_ready()):
                 self._cond.wait()
             calls, self._calls = self._calls, []
+            self._taken = list(calls)
             batch = [] if self._stopping or ready else self._take_batch()
         return calls, batch
 
@@ -300,16 +457,19 @@ class Worker:
                     break
         return batch
 
-    @staticmethod
-    def _run_call(pending: _Call) -> BaseException | None:
+    def _run_call(self, pending: _Call) -> BaseException | None:
         """Run a call; returns what it raised when that ends the worker (out of memory)."""
-        if not pending.future.set_running_or_notify_cancel():
-            return None
+        with self._cond:
+            self._taken.remove(pending)
+            if not pending.future.set_running_or_notify_cancel():
+                return None
         try:
-            pending.future.set_result(pending.fn())
+            with self._busy("call", future=pending.future):
+                result = pending.fn()
         except Exception as exc:
             pending.future.set_exception(exc)
             return exc if is_out_of_memory(exc) else None
+        pending.future.set_result(result)
         return None
 
     def _run_batch(self, batch: Batch) -> Batch:
@@ -317,7 +477,18 @@ class Worker:
 
         The device is waited for once per batch: after the outputs' downloads are queued and
         the next batch's uploads are on their way, so ``finished`` is when the device finished.
+        The whole of it is one activity for the watchdog; results are delivered only after it,
+        so that an abandoned worker delivers nothing.
         """
+        with self._busy("batch", batch=batch) as activity:
+            outcomes, staged = self._compute(batch)
+        finished = now()
+        if not activity.novel:
+            self.slowest_batch_s = max(self.slowest_batch_s, activity.elapsed())
+        self._deliver(batch, outcomes, finished)
+        return staged
+
+    def _compute(self, batch: Batch) -> tuple[list[_Outcome], Batch]:
         started = now()
         for _, job in batch:
             job.frame.times.started = started
@@ -328,7 +499,9 @@ class Worker:
         staged = self._stage_next()
         for outcome, image in zip(outcomes, finish_downloads(downloads), strict=True):
             outcome.image = image
-        finished = now()
+        return outcomes, staged
+
+    def _deliver(self, batch: Batch, outcomes: list[_Outcome], finished: float) -> None:
         self._metrics.batch_size.observe(len(batch))
         for (session, job), outcome in zip(batch, outcomes, strict=True):
             if job.skipped:
@@ -337,7 +510,6 @@ class Worker:
                 session.complete(job, outcome.image, finished)
             else:
                 session.fail(job, outcome.error, finished)
-        return staged
 
     def _process(self, jobs: list[AnyJob]) -> list[_Outcome]:
         """Run the batch; when it raises, run its jobs one by one to find whose frame failed."""

@@ -39,6 +39,7 @@ from livediff.engine.tasks import TaskSet
 from livediff.media import aiortc_private, dtls_compat
 from livediff.media.codecs import codec_preferences, install_encoder
 from livediff.media.egress import ProcessedVideoTrack
+from livediff.media.frame_size import DecodeSizeGuard
 from livediff.media.ingest import pump_video
 from livediff.media.jitter import use_marker_jitter_buffer
 from livediff.media.sdp import Offer, OfferError
@@ -185,6 +186,14 @@ class PublisherPeer(Peer):
         self._params_channel: RTCDataChannel | None = None
         self._audio_transceiver: RTCRtpTransceiver | None = None
         self._audio_returns = False
+        self._video: RTCRtpTransceiver | None = None
+        #: Decides which received video frames are decoded (none over max_decode_pixels).
+        self.size_guard = DecodeSizeGuard(
+            settings.max_decode_pixels,
+            on_drop=self._dropped_before_decoding,
+            on_refused=session.end,
+            name=f"session {session.id}: the publisher",
+        )
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
 
@@ -197,7 +206,8 @@ class PublisherPeer(Peer):
         loop = asyncio.get_running_loop()
         output = ProcessedVideoTrack(self.session, loop) if offer.receives_video else None
         video = self._video_transceiver(output, "sendrecv" if output else "recvonly")
-        use_marker_jitter_buffer(video.receiver)
+        use_marker_jitter_buffer(video.receiver, self.size_guard)
+        self._video = video
         transceivers = [video]
         if offer.audio is not None and offer.audio.direction in ("sendrecv", "sendonly"):
             self._audio_returns = offer.audio.direction == "sendrecv"
@@ -206,7 +216,15 @@ class PublisherPeer(Peer):
             transceivers.append(self._audio_transceiver)
         return transceivers
 
+    def _dropped_before_decoding(self, stage: str) -> None:
+        self.session.stats.on_dropped(stage)
+
     def _after_remote_description(self) -> None:
+        if self._video is not None:
+            negotiated = aiortc_private.negotiated_codecs(self._video)
+            self.size_guard.use_codecs(
+                {c.payloadType: c.name for c in negotiated if c.payloadType is not None}
+            )
         if self.audio_source is None:
             return
         # Something must read the audio, or aiortc's queue for it grows without end.

@@ -7,6 +7,7 @@ engine session plus its peers), independent of HTTP routes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -14,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI
 
@@ -32,9 +33,15 @@ from livediff.transforms import AnyTransform, TransformParams
 logger = logging.getLogger(__name__)
 
 
+#: A record's life: ``open`` (serving), ``closing`` (its peers and engine session are being
+#: released), ``ended`` (released; out of ``records``). Each change is one step on the loop.
+RecordState = Literal["open", "closing", "ended"]
+
+
 @dataclass
 class SessionRecord:
-    """A session as the server knows it: the engine session and the peers around it."""
+    """A session as the server knows it: the engine session, the peers around it, and where it
+    is in its life (``state``, and the first ``end_reason``), which every route reads."""
 
     session: Session
     kind: str
@@ -43,6 +50,10 @@ class SessionRecord:
     created_at: float = field(default_factory=time.time)
     viewers: dict[str, ViewerPeer] = field(default_factory=dict)
     viewers_opening: int = 0  # WHEP offers being answered (counted against max_viewers)
+    state: RecordState = "open"
+    end_reason: str | None = None
+    #: Set when the record is ``ended``: everything the session held is released.
+    released: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def id(self) -> str:
@@ -51,11 +62,27 @@ class SessionRecord:
     @property
     def connection(self) -> str:
         """closed, live or connecting: the session's end and its publisher's peer state."""
-        if self.session.end_reason is not None:
+        if self.state != "open" or self.session.end_reason is not None:
             return "closed"
         return {"connected": "live", "failed": "closed", "closed": "closed"}.get(
             self.publisher.connection_state, "connecting"
         )
+
+    def begin_close(self, reason: str) -> bool:
+        """open -> closing with the first reason the session ended for (the engine's, if it
+        ended the session itself first); False if it was not open. One step, on the loop."""
+        if self.state != "open":
+            return False
+        self.session.end(reason)  # keeps a reason the engine set first
+        self.state = "closing"
+        self.end_reason = self.session.end_reason or reason
+        return True
+
+    def not_open(self) -> UnknownSessionError:
+        """The 404 for a request that needs this session open."""
+        if self.state == "closing":
+            return UnknownSessionError(f"session {self.id!r} is closing: {self.end_reason}")
+        return UnknownSessionError(f"session {self.id!r} ended: {self.end_reason}")
 
 
 #: Most ended sessions remembered at once (the oldest are forgotten first).
@@ -153,11 +180,21 @@ class LivediffService:
 
     # -- sessions -----------------------------------------------------------------------------
     def get(self, session_id: str) -> SessionRecord:
-        self.engine.get(session_id)  # raises UnknownSessionError for a closed one
-        return self.records[session_id]
+        """The open session ``session_id``; UnknownSessionError (404) for one that is closing,
+        ended or unknown. Only the record is read: its state changes in one step."""
+        record = self.records.get(session_id)
+        if record is None:
+            raise self._unknown(session_id)
+        if record.state != "open":
+            raise record.not_open()
+        return record
+
+    def open_records(self) -> list[SessionRecord]:
+        return [record for record in self.records.values() if record.state == "open"]
 
     def info(self, session_id: str) -> dict[str, Any]:
-        """An open session's info, or what it last said if the server ended it lately."""
+        """A session's info (state closed while it closes), or what it last said if the
+        server ended it lately."""
         record = self.records.get(session_id)
         if record is not None:
             return self.session_info(record)
@@ -165,6 +202,12 @@ class LivediffService:
         if ended is None:
             raise UnknownSessionError(f"no session {session_id!r}")
         return ended
+
+    def _unknown(self, session_id: str) -> UnknownSessionError:
+        ended = self.ended.get(session_id)
+        if ended is not None:
+            return UnknownSessionError(f"session {session_id!r} ended: {ended['end_reason']}")
+        return UnknownSessionError(f"no session {session_id!r}")
 
     async def open_session(
         self, offer: Offer, params: TransformParams, kind: str
@@ -207,7 +250,17 @@ class LivediffService:
         self._close_later(session_id, reason)
 
     def _close_later(self, session_id: str, reason: str) -> None:
-        self.tasks.spawn(self.close_session(session_id, reason))
+        """Begin closing now (the record says closing from here on); the release is a task."""
+        record = self.records.get(session_id)
+        if record is not None:
+            self._begin_close(record, reason, remember=True)
+
+    def _begin_close(self, record: SessionRecord, reason: str, *, remember: bool) -> bool:
+        """open -> closing (one step) and the task that releases it; False if not open."""
+        if not record.begin_close(reason):
+            return False
+        self.tasks.spawn(self._release(record, remember))
+        return True
 
     async def close_session(self, session_id: str, reason: str, *, remember: bool = True) -> bool:
         """End a session and release everything it held; False if it was not open.
@@ -216,20 +269,50 @@ class LivediffService:
         before its peer closes. With ``remember``, GET still answers for the session (state
         closed, ``end_reason``) for ``ended_session_ttl_s``; a client's DELETE forgets it.
         """
-        record = self.records.pop(session_id, None)
-        if record is None:
+        record = self.records.get(session_id)
+        if record is None or not self._begin_close(record, reason, remember=remember):
             return False
-        with session_context(session_id):
-            record.session.end(reason)
-            viewers = list(record.viewers.values())
-            record.viewers.clear()
-            self._count_viewers()
-            closing = [*(viewer.close() for viewer in viewers), record.publisher.close(reason)]
-            await gather_logged(f"session {session_id}", closing)
-            await self.engine.close_session(session_id, reason)
-            if remember:
-                self.ended.add(session_id, self.session_info(record))
+        await record.released.wait()
         return True
+
+    async def delete_session(self, session_id: str, reason: str) -> None:
+        """A client's DELETE, answered once the session is released.
+
+        An open session closes with ``reason`` and is forgotten. One that is closing or that
+        the server ended lately (within ``ended_session_ttl_s``: its peer closed, too many
+        failures) is already gone, so the DELETE succeeds too and keeps the first reason.
+        Raises UnknownSessionError (404) only for a session livediff knows nothing of.
+        """
+        record = self.records.get(session_id)
+        if record is None:
+            if self.ended.get(session_id) is None:
+                raise UnknownSessionError(f"no session {session_id!r}")
+            return
+        self._begin_close(record, reason, remember=False)  # no-op unless it is open
+        await record.released.wait()
+
+    async def _release(self, record: SessionRecord, remember: bool) -> None:
+        """Close a closing session's viewers, publisher and engine session; then it is ended."""
+        reason = record.end_reason or "closed"
+        with session_context(record.id):
+            try:
+                viewers = list(record.viewers.values())
+                record.viewers.clear()
+                self._count_viewers()
+                closing = [*(viewer.close() for viewer in viewers), record.publisher.close(reason)]
+                await gather_logged(f"session {record.id}", closing)
+                await self.engine.close_session(record.id, reason)
+            finally:
+                self._end(record, remember)
+
+    def _end(self, record: SessionRecord, remember: bool) -> None:
+        """closing -> ended in one step: out of ``records`` and, if ``remember``, into
+        ``ended``; whoever waits for the release goes on."""
+        del self.records[record.id]
+        record.state = "ended"
+        record.released.set()
+        if remember:
+            self.ended.add(record.id, self.session_info(record))
 
     # -- viewers (WHEP) -----------------------------------------------------------------------
     async def add_viewer(self, session_id: str, offer: Offer) -> tuple[str, str]:
@@ -260,8 +343,8 @@ class LivediffService:
         viewer.on_closed = viewer_closed
         try:
             answer = await viewer.accept(offer)
-            if self.records.get(record.id) is not record:  # the session ended meanwhile
-                raise UnknownSessionError(f"session {record.id!r} ended")
+            if record.state != "open":  # it began closing meanwhile
+                raise record.not_open()
         except BaseException:
             await viewer.close()
             raise
@@ -293,5 +376,5 @@ class LivediffService:
             "created_at": record.created_at,
             **self.engine.session_stats(record.session),
             "viewers": len(record.viewers),
-            "end_reason": record.session.end_reason,
+            "end_reason": record.end_reason or record.session.end_reason,
         }

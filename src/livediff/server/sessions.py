@@ -69,7 +69,7 @@ def sessions_router(service: LivediffService) -> APIRouter:
     @router.get("/sessions", response_model=list[SessionInfo], dependencies=auth)
     async def list_sessions() -> list[dict[str, Any]]:
         """Every open session with its statistics."""
-        return [service.session_info(record) for record in service.records.values()]
+        return [service.session_info(record) for record in service.open_records()]
 
     @router.get("/sessions/{session_id}", response_model=SessionInfo, dependencies=auth)
     async def get_session(session_id: str) -> dict[str, Any]:
@@ -100,9 +100,9 @@ def sessions_router(service: LivediffService) -> APIRouter:
 
     @router.delete("/sessions/{session_id}", status_code=204, dependencies=auth)
     async def delete_session(session_id: str) -> Response:
-        """Close the session: the peer connection and everything it held are released."""
-        service.get(session_id)
-        await service.close_session(session_id, "deleted by the client", remember=False)
+        """Close the session: the peer connection and everything it held are released. A
+        session that already ended (its peer closed) and is still remembered answers 204 too."""
+        await service.delete_session(session_id, "deleted by the client")
         return Response(status_code=204)
 
     return router

@@ -128,9 +128,9 @@ def whip_router(service: LivediffService) -> APIRouter:
 
     @router.delete("/whip/{session_id}", dependencies=auth)
     async def whip_delete(session_id: str) -> Response:
-        """End the published session."""
-        service.get(session_id)
-        await service.close_session(session_id, "WHIP client ended the session", remember=False)
+        """End the published session (200 also when it already ended, e.g. because the client
+        closed its peer connection first, while livediff remembers it)."""
+        await service.delete_session(session_id, "WHIP client ended the session")
         return Response(status_code=200)
 
     return router
@@ -156,10 +156,9 @@ def whep_router(service: LivediffService) -> APIRouter:
     async def whep_watch(session_id: str, request: Request) -> Response:
         """Watch a session's processed video; several viewers (up to max_viewers) may watch
         one session."""
-        service.get(session_id)
+        record = service.get(session_id)
         offer = parse_offer(await read_text(request, SDP), service.offer_limits)
         viewer_id, answer = await service.add_viewer(session_id, offer)
-        record = service.get(session_id)
         return _answer_response(answer, f"/whep/{session_id}/{viewer_id}", record.etag, settings)
 
     @router.patch(

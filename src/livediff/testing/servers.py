@@ -12,6 +12,7 @@ costs nothing where just the diffusion packages are installed (the GPU machine's
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -41,20 +42,40 @@ class ThreadedServer:
         self.thread.join(timeout=timeout)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server whose own URL must be
+    known before it starts, e.g. a Live Runner that registers it)."""
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
 def serve_app(
     app: Any,
     *,
     name: str = "uvicorn",
     ready_timeout: float = 60.0,
     lifespan: Literal["auto", "on", "off"] = "on",
+    tls: tuple[str, str] | None = None,
+    port: int = 0,
 ) -> ThreadedServer:
-    """Run ``app`` under uvicorn on an ephemeral port until it listens (lifespan startup done).
+    """Run ``app`` under uvicorn on ``port`` (0: an ephemeral one) until it listens (lifespan
+    startup done); with ``tls`` (certificate and key PEM files), over HTTPS.
 
     Raises RuntimeError when the thread dies or ``ready_timeout`` seconds pass first.
     """
     import uvicorn
 
-    config = uvicorn.Config(app, host=HOST, port=0, log_level="warning", lifespan=lifespan)
+    cert, key = tls or (None, None)
+    config = uvicorn.Config(
+        app,
+        host=HOST,
+        port=port,
+        log_level="warning",
+        lifespan=lifespan,
+        ssl_certfile=cert,
+        ssl_keyfile=key,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=name, daemon=True)
     thread.start()
@@ -65,7 +86,8 @@ def serve_app(
             raise RuntimeError(f"the {name} server did not start")
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
-    return ThreadedServer(f"http://{HOST}:{port}", server, thread)
+    scheme = "https" if tls else "http"
+    return ThreadedServer(f"{scheme}://{HOST}:{port}", server, thread)
 
 
 @dataclass
@@ -81,15 +103,21 @@ class LiveServer(ThreadedServer):
 
 
 def start_server(
-    settings: Settings, ready_timeout: float = 60.0, *, wait_for_model: bool = True
+    settings: Settings,
+    ready_timeout: float = 60.0,
+    *,
+    wait_for_model: bool = True,
+    port: int = 0,
 ) -> LiveServer:
     """Run ``create_app(settings)`` under uvicorn on 127.0.0.1 (an ephemeral port) until HTTP is
-    up and, with ``wait_for_model``, the transform has loaded (/health no longer LOADING)."""
+    up and, with ``wait_for_model``, the transform has loaded (/health no longer LOADING).
+    With ``tls_cert`` and ``tls_key`` set it serves HTTPS (its ``url`` says https)."""
     from livediff.server.app import create_app
 
     app = create_app(settings)
     deadline = time.monotonic() + ready_timeout
-    served = serve_app(app, ready_timeout=ready_timeout)
+    tls = (settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
+    served = serve_app(app, ready_timeout=ready_timeout, tls=tls, port=port)
     live = LiveServer(served.url, served.server, served.thread, app)
     while wait_for_model and live.service.engine.health() == "LOADING":
         if time.monotonic() > deadline:
