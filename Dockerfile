@@ -1,12 +1,17 @@
-# livediff as a Livepeer live pipeline, in one of two modes (LIVEDIFF_RUNNER, read by
-# docker/entrypoint.sh): "ai-runner" (default), ai-runner hosting livediff's diffusion transform,
-# or "native", livediff answering go-livepeer's live runner contract itself (trickle in and out).
+# livediff as a Livepeer live pipeline, in one of three modes (LIVEDIFF_RUNNER, read by
+# docker/entrypoint.sh): "ai-runner" (default), ai-runner hosting livediff's diffusion transform;
+# "native", livediff answering go-livepeer's live runner contract itself (trickle in and out); or
+# "live-runner", livediff serve as a go-livepeer >= 0.9 Live Runner (registers itself when
+# LIVEDIFF_LIVE_RUNNER_ORCH, _URL and _SECRET are set).
 # Build, prepare models, list in aiModels.json and check it: docs/orchestrator.md.
 #
 #   docker build -t livediff-livepeer .
 #   docker run --rm --gpus all -v ./models:/models -e PREPARE_MODELS=1 livediff-livepeer
 #   docker run --rm --gpus all -v ./models:/models -p 8000:8000 livediff-livepeer
 #   docker run --rm --gpus all -v ./models:/models -p 8000:8000 -e LIVEDIFF_RUNNER=native livediff-livepeer
+#   docker run --rm --gpus all -v ./models:/models --network host -e LIVEDIFF_RUNNER=live-runner \
+#       -e LIVEDIFF_LIVE_RUNNER_ORCH=... -e LIVEDIFF_LIVE_RUNNER_URL=... \
+#       -e LIVEDIFF_LIVE_RUNNER_SECRET=... livediff-livepeer
 #   docker run --rm --gpus all -v ./models:/models --network host livediff-livepeer livediff serve
 #
 # The base image brings CUDA 12.8, FFmpeg 7.1 (NVENC/NVDEC) under /usr/local, uv, git and a C

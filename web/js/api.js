@@ -123,8 +123,17 @@ export function parseIceLinks(header) {
   return servers;
 }
 
+/**
+ * Where the API is: the folder the page was served from, so the studio works at the root and
+ * under a prefix the server never sees (a Livepeer orchestrator proxies a runner's app at
+ * `/apps/{runner}/session/{session}/app/`).
+ */
+export function pageBase(href = location.href) {
+  return new URL(".", href).pathname.replace(/\/$/, "");
+}
+
 export class Api {
-  constructor(base = "") {
+  constructor(base = pageBase()) {
     this.base = base;
   }
 

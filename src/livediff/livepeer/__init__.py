@@ -6,7 +6,9 @@ Three doors share one core:
   pipeline ``livediff``; ai-runner owns the trickle channels; ``livediff-airunner``);
 - :mod:`~livediff.livepeer.native`: the native runner contract (livediff answers go-livepeer's
   runner endpoints itself, trickle in and out; ``livediff runner``);
-- the Live Runner (go-livepeer v0.9's registry of external apps) is the next door.
+- :mod:`~livediff.livepeer.live_runner`: the Live Runner (go-livepeer v0.9's registry of
+  external apps): ``livediff serve`` registers itself and serves sessions through the
+  orchestrator's proxy.
 
 The core they share: :mod:`.switch` (one Livepeer stream at a time, a newer one replaces it;
 the health go-livepeer reads), :mod:`.params` (the params only Livepeer reads, refusal

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
@@ -15,6 +17,8 @@ from starlette.exceptions import HTTPException
 
 from livediff import __version__
 from livediff.config import Settings
+from livediff.livepeer.live_runner.door import LiveRunner
+from livediff.livepeer.live_runner.routes import LivepeerProxyMiddleware, live_runner_router
 from livediff.server.debug import debug_router
 from livediff.server.errors import STATUS_FOR, error_detail, reason_for
 from livediff.server.health import health_router
@@ -33,19 +37,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """A complete livediff server: API, WHIP/WHEP, health, metrics and the demo page at /."""
     settings = settings or Settings()
     service = LivediffService(settings)
+    door = LiveRunner(settings, service.engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with service.lifespan(app):
+            await door.start()  # registers with an orchestrator when one is configured
+            try:
+                yield
+            finally:
+                await door.stop()
+
     app = FastAPI(
         title="livediff",
         version=__version__,
         summary="Realtime video-to-video: stream in over WebRTC or WHIP, get it back transformed.",
-        lifespan=service.lifespan,
+        lifespan=lifespan,
     )
     app.state.livediff = service
-    mount_service(service, app)
+    app.state.live_runner = door
+    mount_service(service, app, door)
     return app
 
 
-def mount_service(service: LivediffService, app: FastAPI) -> None:
-    """Add livediff's middleware, error handlers and routes to ``app``."""
+def mount_service(service: LivediffService, app: FastAPI, door: LiveRunner | None = None) -> None:
+    """Add livediff's middleware, error handlers and routes to ``app`` (with ``door``, the
+    Live Runner's too: ``POST /v1/trickle`` and the Livepeer proxy adapter)."""
     settings = service.settings
     app.add_middleware(
         BodyLimitMiddleware,
@@ -61,6 +78,8 @@ def mount_service(service: LivediffService, app: FastAPI) -> None:
             allow_headers=["Authorization", "Content-Type", "If-Match"],
             expose_headers=EXPOSED_HEADERS,
         )
+    if door is not None:  # inside the counter: its refusals (403) are counted too
+        app.add_middleware(LivepeerProxyMiddleware, door=door, close_local=service.close_session)
     app.add_middleware(  # outermost: counts the answers of the middleware inside it too
         RejectionCounter,
         counter=service.engine.metrics.requests_rejected,
@@ -73,6 +92,8 @@ def mount_service(service: LivediffService, app: FastAPI) -> None:
     app.include_router(sessions_router(service))
     app.include_router(whip_router(service))
     app.include_router(whep_router(service))
+    if door is not None:
+        app.include_router(live_runner_router(door))
     web_dir = find_web_dir(settings)
     if web_dir is not None:
         app.mount("/", StaticFiles(directory=web_dir, html=True), name="web")

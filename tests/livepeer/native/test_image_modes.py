@@ -60,6 +60,16 @@ def entry(commands: Path, *args: str, **env: str) -> subprocess.CompletedProcess
             "livediff-airunner --prepare-models",
         ),
         ({"LIVEDIFF_RUNNER": "native"}, ("livediff", "serve"), "livediff serve"),
+        (
+            {"LIVEDIFF_RUNNER": "live-runner"},
+            ("livediff-airunner",),
+            "livediff serve --host 0.0.0.0 --port 8000",
+        ),
+        (
+            {"LIVEDIFF_RUNNER": "live-runner", "PREPARE_MODELS": "1"},
+            ("livediff-airunner",),
+            "livediff-airunner",
+        ),
     ],
 )
 def test_the_entry_script_runs_the_chosen_face(
@@ -72,7 +82,7 @@ def test_the_entry_script_runs_the_chosen_face(
 
 def test_an_unknown_mode_is_refused(commands: Path) -> None:
     done = entry(commands, LIVEDIFF_RUNNER="both")
-    assert done.returncode == 2 and "'ai-runner' or 'native'" in done.stderr
+    assert done.returncode == 2 and "'ai-runner', 'native' or 'live-runner'" in done.stderr
 
 
 def test_the_image_enters_through_the_script_and_defaults_to_ai_runner() -> None:
