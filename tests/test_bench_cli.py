@@ -1,10 +1,11 @@
 """``livediff bench``: finds a checkout's benchmarks and hands them their arguments.
 
-No benchmark runs here: the one run that is started is intercepted.
+No benchmark runs here but one tiny temporal run (marked slow); other runs are intercepted.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,23 @@ def test_the_arguments_after_the_name_go_to_the_script(monkeypatch: pytest.Monke
     assert cli.main(["bench", "worker", "--frames", "3", "--help"]) == 3
     script = CHECKOUT_BENCHMARKS / "diffusion_worker.py"
     assert calls == [[sys.executable, str(script), "--frames", "3", "--help"]]
+
+
+def test_temporal_help(capfd: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "temporal", "--help"]) == 0
+    assert "--settings" in capfd.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_tiny_temporal_run_writes_its_json_to_out(tmp_path: Path) -> None:
+    """`livediff bench temporal` on the tiny model: 6 frames at 64x64, 'off' and one more
+    setting (measured, or skipped with its reason while the params do not take it)."""
+    options = ["--frames", "4", "--still", "2", "--size", "64", "--device", "cpu"]
+    options += ["--repeats", "1", "--settings", "off", "img-post-0.3", "--out", str(tmp_path)]
+    assert cli.main(["bench", "temporal", *options]) == 0
+    saved = json.loads((tmp_path / "temporal-tiny-64-cpu.json").read_text())
+    assert (tmp_path / "temporal-tiny-64-cpu.png").is_file()
+    rows = {row["setting"]: row for row in saved["results"]}
+    assert rows["off"]["ms_per_frame"] > 0 and rows["off"]["flicker_ratio_moving"] is not None
+    assert rows["off"]["ms_vs_off"] == 1.0
+    assert "ms_per_frame" in rows["img-post-0.3"] or "skipped" in rows["img-post-0.3"]

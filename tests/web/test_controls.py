@@ -77,6 +77,12 @@ def test_diffusion_params_get_their_controls(
         "height",
         "model",
         "vae",
+        "do_add_noise",
+        "motion_noise",
+        "image_preprocessing",
+        "image_postprocessing",
+        "latent_preprocessing",
+        "latent_postprocessing",
     ]
     prompt = control_facts(page, "prompt")
     assert (prompt["tag"], prompt["value"]) == ("textarea", defaults["prompt"])

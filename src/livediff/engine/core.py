@@ -400,5 +400,6 @@ class Engine:
         return {
             "pipeline": self.transform.name,
             "params": session.params.model_dump(mode="json"),
+            "pipeline_state": self.transform.describe_session(session.params),
             **session.stats.report(),
         }

@@ -34,6 +34,11 @@ class SessionInfo(BaseModel):
     pipeline: str
     created_at: float = Field(description="Unix time the session opened.")
     params: dict[str, Any]
+    pipeline_state: dict[str, Any] = Field(
+        default_factory=dict,
+        description="What the pipeline reports of the session, e.g. diffusion's active "
+        "temporal tools: {'temporal': ['image_postprocessing.feedback', 'motion_noise']}.",
+    )
     frames_in: int = Field(description="Decoded frames received.")
     frames_processed: int = Field(description="Frames the transform produced.")
     frames_out: int = Field(description="Frames handed to encoders (all viewers).")

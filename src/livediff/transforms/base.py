@@ -147,6 +147,12 @@ class Transform(ABC, Generic[ParamsT, StateT, StagedT]):
         """Free models and device memory."""
 
     @classmethod
+    def describe_session(cls, params: ParamsT) -> dict[str, Any]:
+        """What this pipeline reports of a session with ``params`` beside its stats (pure: any
+        thread may ask), e.g. the diffusion pipeline's active temporal tools."""
+        return {}
+
+    @classmethod
     def pipeline_info(cls) -> dict[str, Any]:
         """What clients may ask of this transform: its name and params JSON schema."""
         return {"name": cls.name, "params_schema": cls.params_model.model_json_schema()}

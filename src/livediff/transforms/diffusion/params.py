@@ -15,6 +15,13 @@ from pydantic import Field, field_validator
 from livediff.config import DEFAULT_MODEL, DEFAULT_VAE
 from livediff.transforms.base import TransformParams
 from livediff.transforms.diffusion.control_params import MAX_CONTROLNETS, ControlNetSpec
+from livediff.transforms.diffusion.temporal_params import (
+    ImageProcessing,
+    ImageProcessor,
+    LatentProcessing,
+    LatentProcessor,
+    MotionNoise,
+)
 
 #: The timestep grid ``t_index_list`` indexes: this many steps, 'trailing' spacing over the
 #: model's training timesteps (index 0 = the noisiest step, t = 999 for 1000 train steps).
@@ -28,6 +35,14 @@ CfgType = Literal["none", "self", "initialize", "full"]
 PromptText = Annotated[str, Field(max_length=1000)]
 Weight = Annotated[float, Field(ge=0, le=100)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+#: The four processing blocks (Livepeer's names), in the order a frame meets them.
+PROCESSING_BLOCKS = (
+    "image_preprocessing",
+    "latent_preprocessing",
+    "latent_postprocessing",
+    "image_postprocessing",
+)
 
 #: ``vae`` value meaning "the model's own (full) VAE" instead of a Tiny AutoEncoder.
 FULL_VAE = "full"
@@ -98,6 +113,34 @@ class DiffusionParams(TransformParams):
         description="ControlNets that steer every frame with its edges, depth or own map;"
         " several combine (their residuals add up). Changes apply live, no reload.",
     )
+    do_add_noise: bool = Field(
+        True,
+        description="Re-noise each frame between its denoising steps with the session's noise"
+        " (StreamDiffusion's do_add_noise); off carries alpha * x_0 alone to the next step.",
+    )
+    motion_noise: MotionNoise = Field(
+        default_factory=MotionNoise,
+        description="Motion-aware noise: the first step's strength follows how much the input"
+        " moved, between min_strength and max_strength (off by default).",
+    )
+    image_preprocessing: ImageProcessing = Field(
+        default_factory=ImageProcessing,
+        description="Processors on the input frame before encoding (feedback: blend the"
+        " previous output in).",
+    )
+    image_postprocessing: ImageProcessing = Field(
+        default_factory=ImageProcessing,
+        description="Processors on the output frame (feedback: blend the previous output in).",
+    )
+    latent_preprocessing: LatentProcessing = Field(
+        default_factory=LatentProcessing,
+        description="Processors on the input latent before noising (latent_feedback: blend the"
+        " previous output latent in).",
+    )
+    latent_postprocessing: LatentProcessing = Field(
+        default_factory=LatentProcessing,
+        description="Processors on the denoised latent before decoding (latent_feedback).",
+    )
     model: str = Field(
         DEFAULT_MODEL,
         min_length=1,
@@ -110,6 +153,12 @@ class DiffusionParams(TransformParams):
         max_length=500,
         description=f"Tiny AutoEncoder (hub id or folder), or '{FULL_VAE}' for the model's VAE.",
     )
+
+    @field_validator(*PROCESSING_BLOCKS, mode="before")
+    @classmethod
+    def _null_block(cls, value: object) -> object:
+        """Livepeer sends an absent block as null: the same as an empty block."""
+        return {} if value is None else value
 
     @field_validator("prompt")
     @classmethod
@@ -157,6 +206,20 @@ class DiffusionParams(TransformParams):
             return ((self.seed, 1.0),)
         return tuple((seed, float(weight)) for seed, weight in self.seed)
 
+    def temporal_tools(self) -> list[str]:
+        """The temporal tools that act on this session's frames, e.g.
+        ``["latent_preprocessing.latent_feedback", "do_add_noise=false"]`` (session info)."""
+        tools = [
+            f"{name}.{processor.type}"
+            for name in PROCESSING_BLOCKS
+            for processor in _active(getattr(self, name))
+        ]
+        if not self.do_add_noise:
+            tools.append("do_add_noise=false")
+        if self.motion_noise.enabled:
+            tools.append("motion_noise")
+        return tools
+
     def guided(self) -> bool:
         """True when classifier-free guidance (of any kind) changes the result."""
         return self.cfg_type != "none" and self.guidance_scale > 1.0
@@ -179,3 +242,10 @@ def strength_to_index(strength: float) -> int:
     """The grid index nearest to ``strength``'s timestep."""
     index = round((1.0 - strength) * TIMESTEP_GRID)
     return min(max(index, 0), TIMESTEP_GRID - 1)
+
+
+def _active(block: ImageProcessing | LatentProcessing) -> list[ImageProcessor | LatentProcessor]:
+    """The block's processors that act (enabled, in an enabled block, strength above 0)."""
+    if not block.enabled:
+        return []
+    return [p for p in block.processors if p.enabled and p.strength > 0]

@@ -57,6 +57,7 @@ class Schedule:
         self.device = device
         self.dtype = STEP_DTYPE
         self._tables: dict[tuple[int, ...], StepTable] = {}
+        self._all: tuple[torch.Tensor, ...] | None = None
 
     def table(self, timesteps: tuple[int, ...]) -> StepTable:
         """Coefficients of steps at these training timesteps (cached)."""
@@ -82,6 +83,30 @@ class Schedule:
             c_skip=column([skip for skip, _ in scalings]),
             c_out=column([out for _, out in scalings]),
         )
+
+    def row(self, strength: torch.Tensor, above: torch.Tensor | None = None) -> StepTable:
+        """A one-step table at ``strength`` (a device tensor of one value, 0 to 1), picked on
+        the device: timestep ``round(train_steps strength) - 1`` (at least ``above + 1`` when
+        given), clamped to the training range. No host sync: what the motion-aware noise
+        controller uses to change a row's noise level each frame."""
+        every = self._every()
+        timestep = (strength.reshape(1) * self.train_steps).round().long() - 1
+        if above is not None:
+            timestep = torch.maximum(timestep, above.reshape(1) + 1)
+        timestep = timestep.clamp(0, self.train_steps - 1)
+        alpha, beta, c_skip, c_out = (
+            torch.index_select(column, 0, timestep).view(-1, 1, 1, 1) for column in every
+        )
+        return StepTable(timestep, alpha, beta, c_skip, c_out)
+
+    def _every(self) -> tuple[torch.Tensor, ...]:
+        """alpha, beta, c_skip, c_out of every training timestep, on the device (made once)."""
+        if self._all is None:
+            every = self.table(tuple(range(self.train_steps)))
+            self._all = tuple(
+                column.view(-1) for column in (every.alpha, every.beta, every.c_skip, every.c_out)
+            )
+        return self._all
 
     def _scalings(self, timestep: int) -> tuple[float, float]:
         if self._boundary is None:

@@ -50,6 +50,24 @@ class SessionCache:
     #: Control images of the frames in flight (N, 3, H, W), newest first, per preprocessor key.
     controls: dict[tuple[object, ...], torch.Tensor] = field(default_factory=dict)
     last_output: torch.Tensor | None = None
+    #: The temporal tools' history (feedback processors): the decoded image (1, 3, H, W) in
+    #: [-1, 1] and the latent (1, C, h, w) the session's last output came from. Its own,
+    #: on the device; cleared by a new size and a model reload (:meth:`forget_history`).
+    previous_image: torch.Tensor | None = None
+    previous_latent: torch.Tensor | None = None
+    #: The motion-aware noise controller's history: the last input, pooled (1, 3, H/8, W/8),
+    #: and the smoothed strength (1,) it chose, both on the device.
+    motion_input: torch.Tensor | None = None
+    motion_strength: torch.Tensor | None = None
+
+    def forget_history(self) -> None:
+        """Drop the temporal tools' history (the next frame starts without feedback, and the
+        motion controller from its ``min_strength``)."""
+        self.previous_image = self.previous_latent = None
+        self.forget_motion()
+
+    def forget_motion(self) -> None:
+        self.motion_input = self.motion_strength = None
 
     def restart(self) -> None:
         """Empty the stream batch (the next N - 1 frames refill it)."""
@@ -70,6 +88,7 @@ class SessionCache:
     def release(self) -> None:
         """Drop every tensor (the session is closing)."""
         self.restart()
+        self.forget_history()
         self.cond = self.uncond = self.noise = self.last_output = None
         self.prompt_key = self.noise_key = None
         self.table = None
@@ -98,6 +117,8 @@ def follow_params(
         state.noise = blended_noise(params.weighted_seeds(), len(steps), shape, schedule)
         state.noise_key = noise_key
     table = schedule.table(steps)
+    if state.shape != shape:
+        state.forget_history()
     if state.table is None or state.table.steps != table.steps or state.shape != shape:
         state.restart()
     state.table = table

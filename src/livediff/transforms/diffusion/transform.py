@@ -130,6 +130,12 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
             ids[("controlnets", index, "model_id")] = entry.model_id
         return ids
 
+    @classmethod
+    def describe_session(cls, params: DiffusionParams) -> dict[str, Any]:
+        """What a session's info adds for this pipeline (pure, so any thread may ask): the
+        temporal tools acting on its frames, e.g. ``{"temporal": ["motion_noise"]}``."""
+        return {"temporal": params.temporal_tools()}
+
     def loaded_params(self) -> dict[str, Any]:
         return {"model": self.choice.model, "vae": self.choice.vae}
 

@@ -15,7 +15,11 @@ technique. One call of :meth:`UNetBatch.process` takes the newest frame of sever
   and re-noises the unfinished frames for their next step, all in float32 (``STEP_DTYPE``: the
   latents between steps too); only what goes into the UNet and the ControlNets is cast to the
   model's dtype,
-- decodes the frames that finished their last step in one VAE batch.
+- decodes the frames that finished their last step in one VAE batch,
+- and, per session, the temporal tools (docs/diffusion.md, "Temporal coherence"): feedback
+  blends of its previous output image / latent before encoding, before noising, before
+  decoding and after decoding, ``do_add_noise``, and the motion-aware noise controller, which
+  picks the first step's coefficients on the device from the input's motion.
 
 A session with N steps shows frame k when frame k + N - 1 arrives; until its stream batch has
 filled, it has no output (None).
@@ -40,7 +44,7 @@ from livediff.transforms.diffusion.control import ControlNetPool, RowControl, re
 from livediff.transforms.diffusion.control_params import ControlNetSpec
 from livediff.transforms.diffusion.params import DiffusionParams
 from livediff.transforms.diffusion.prompts import PromptEncoder
-from livediff.transforms.diffusion.schedule import STEP_DTYPE, Schedule
+from livediff.transforms.diffusion.schedule import STEP_DTYPE, Schedule, StepTable
 from livediff.transforms.diffusion.shapes import PaddedCall, cudnn_autotuning
 from livediff.transforms.diffusion.state import LatentShape, SessionCache, follow_params
 
@@ -69,6 +73,9 @@ class _Entry:
     rows: int = 0
     #: The denoising step of each of the entry's UNet rows (guidance rows repeat their step).
     row_steps: list[int] = field(default_factory=list)
+    #: This frame's coefficients: the session's table, its first row chosen by the motion
+    #: controller when that is on.
+    table: StepTable | None = None
 
 
 class UNetBatch:
@@ -198,10 +205,12 @@ class UNetBatch:
 
     def _run(self, group: list[_Entry]) -> list[tuple[_Entry, torch.Tensor]]:
         """Encode, denoise and decode one batch of same-size frames."""
-        sources = self.encode(torch.cat([entry.image for entry in group]))
+        sources = self.encode(torch.cat([_image_feedback(entry) for entry in group]))
         self._mark("encode")
         for entry, source in zip(group, sources.tensor_split(len(group)), strict=True):
-            entry.source = source
+            strengths = entry.params.latent_preprocessing.strengths()
+            entry.source = feedback(source, entry.state.previous_latent, strengths)
+            entry.table = self._frame_table(entry)
         x_t, timesteps, embeddings = self._unet_inputs(group)
         x_model = x_t.to(self.dtype)  # the step arithmetic stays in STEP_DTYPE
         extra = self._control_residuals(group, x_model, timesteps, embeddings)
@@ -214,13 +223,16 @@ class UNetBatch:
         for entry, rows in zip(group, output.tensor_split(bounds), strict=True):
             latent = self._advance(entry, rows)
             if latent is not None:
+                strengths = entry.params.latent_postprocessing.strengths()
+                latent = feedback(latent, entry.state.previous_latent, strengths)
+                entry.state.previous_latent = latent
                 finished.append(entry)
                 finished_latents.append(latent)
         if not finished:
             return []
-        images = to_output_images(self.decode(torch.cat(finished_latents)))
+        images = _image_postprocessing(finished, self.decode(torch.cat(finished_latents)))
         self._mark("decode")
-        return list(zip(finished, images, strict=True))
+        return list(zip(finished, to_output_images(images), strict=True))
 
     def _mark(self, stage: str | None) -> None:
         if self.clock is None:
@@ -229,6 +241,43 @@ class UNetBatch:
             self.clock.begin()
         else:
             self.clock.mark(stage)
+
+    # -- the motion-aware noise controller -------------------------------------------------------
+    def _frame_table(self, entry: _Entry) -> StepTable:
+        """The coefficients this frame runs at: the session's table, or with ``motion_noise``
+        on, its first row at the strength the input's motion maps to (all on the device:
+        same shapes, so the same buckets and compiled code)."""
+        state, motion = entry.state, entry.params.motion_noise
+        table = state.table
+        assert table is not None
+        if not motion.enabled:
+            state.forget_motion()
+            return table
+        pooled = torch.nn.functional.avg_pool2d(entry.image.to(STEP_DTYPE), 8)
+        previous, strength = state.motion_input, state.motion_strength
+        if previous is None or strength is None or previous.shape != pooled.shape:
+            strength = torch.full((1,), motion.min_strength, device=self.device)
+        else:
+            moved = (pooled - previous).abs().mean().reshape(1) / 2  # on the 0..1 scale
+            share = (moved * motion.sensitivity).clamp(max=1.0)
+            target = share * (motion.max_strength - motion.min_strength) + motion.min_strength
+            strength = strength * motion.smoothing + target * (1 - motion.smoothing)
+        state.motion_input, state.motion_strength = pooled, strength
+        row = self.schedule.row(strength, table.timesteps[1:2] if table.steps > 1 else None)
+        if table.steps == 1:
+            return row
+        return StepTable(
+            *(
+                torch.cat((first, rest[1:]))
+                for first, rest in (
+                    (row.timesteps, table.timesteps),
+                    (row.alpha, table.alpha),
+                    (row.beta, table.beta),
+                    (row.c_skip, table.c_skip),
+                    (row.c_out, table.c_out),
+                )
+            )
+        )
 
     # -- the stream batch -------------------------------------------------------------------------
     def _unet_inputs(self, group: list[_Entry]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -243,7 +292,7 @@ class UNetBatch:
 
     def _session_rows(self, entry: _Entry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A session's UNet rows: its N steps (newest frame first), then its negative rows."""
-        state, table = entry.state, entry.state.table
+        state, table = entry.state, entry.table
         assert table is not None and state.noise is not None and state.cond is not None
         assert entry.source is not None
         steps = table.steps
@@ -276,7 +325,7 @@ class UNetBatch:
 
     def _advance(self, entry: _Entry, output: torch.Tensor) -> torch.Tensor | None:
         """Guidance and the scheduler step for one session; returns its finished latent."""
-        state, table, params = entry.state, entry.state.table, entry.params
+        state, table, params = entry.state, entry.table, entry.params
         assert table is not None and state.noise is not None
         assert entry.x_t is not None and entry.sources is not None
         steps, x_t = table.steps, entry.x_t
@@ -286,16 +335,14 @@ class UNetBatch:
             epsilon = negative + params.guidance_scale * (epsilon - negative)
         denoised = self.schedule.denoise(epsilon, x_t, table)
         if steps > 1:
-            state.latents = Schedule.noised(
-                denoised[:-1], state.noise[1:], table.alpha[1:], table.beta[1:]
-            )
+            state.latents = _renoised(denoised[:-1], state.noise[1:], table, params.do_add_noise)
             state.sources = entry.sources[:-1]
         state.filled += 1
         return denoised[-1:] if state.filled >= steps else None
 
     def _negative_epsilon(self, entry: _Entry, output: torch.Tensor) -> torch.Tensor:
         """The unconditional noise estimate each step's guidance steers away from."""
-        table, params = entry.state.table, entry.params
+        table, params = entry.table, entry.params
         assert table is not None and entry.x_t is not None and entry.sources is not None
         steps, x_t = table.steps, entry.x_t
         if params.cfg_type == "full":
@@ -412,6 +459,49 @@ class UNetBatch:
             images = self.preprocess(kind, frames, params)
             for entry, image in zip(entries, images.tensor_split(len(entries)), strict=True):
                 entry.state.push_control(key, image)
+
+
+def _renoised(
+    denoised: torch.Tensor, noise: torch.Tensor, table: StepTable, add_noise: bool
+) -> torch.Tensor:
+    """Unfinished frames on to their next step: ``alpha_next x0_hat + beta_next noise``, or
+    with ``do_add_noise`` off (StreamDiffusion's rule) ``alpha_next x0_hat`` alone."""
+    if add_noise:
+        return Schedule.noised(denoised, noise, table.alpha[1:], table.beta[1:])
+    return table.alpha[1:] * denoised
+
+
+def feedback(
+    current: torch.Tensor, previous: torch.Tensor | None, strengths: tuple[float, ...]
+) -> torch.Tensor:
+    """The feedback processors' chain: ``current = (1 - s) current + s previous`` for each
+    strength in order; ``current`` itself when there is no history (or nothing to do)."""
+    if previous is None or previous.shape != current.shape:
+        return current
+    for strength in strengths:
+        current = current * (1 - strength) + previous * strength
+    return current
+
+
+def _image_feedback(entry: _Entry) -> torch.Tensor:
+    """The entry's frame (-1..1) after ``image_preprocessing``, what the VAE encodes."""
+    strengths = entry.params.image_preprocessing.strengths()
+    return feedback(entry.image, entry.state.previous_image, strengths)
+
+
+def _image_postprocessing(finished: list[_Entry], decoded: torch.Tensor) -> torch.Tensor:
+    """The decoded frames (-1..1) after each session's ``image_postprocessing``; each
+    session keeps its output as the history its feedback blends in next time."""
+    rows = decoded.tensor_split(len(finished))
+    blended = [
+        feedback(row, entry.state.previous_image, entry.params.image_postprocessing.strengths())
+        for entry, row in zip(finished, rows, strict=True)
+    ]
+    for entry, row in zip(finished, blended, strict=True):
+        entry.state.previous_image = row
+    if all(row is original for row, original in zip(blended, rows, strict=True)):
+        return decoded  # nothing blended: the batch as decoded
+    return torch.cat(blended)
 
 
 def _run_unet(
