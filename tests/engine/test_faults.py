@@ -80,8 +80,19 @@ class Feed:
 
 
 @asynccontextmanager
-async def fed(engine: Engine, images: list[Image] | None = None) -> AsyncIterator[Feed]:
-    session = await engine.open_session(TransformParams(width=SIZE, height=SIZE))
+async def fed(
+    engine: Engine, images: list[Image] | None = None, *, close_when_ended: bool = False
+) -> AsyncIterator[Feed]:
+    """A session fed and collected; with ``close_when_ended``, closed when it ends itself (as a
+    face does), so that nothing waits for it after an exit."""
+    closing: list[asyncio.Task[bool]] = []
+
+    def ended(reason: str) -> None:
+        closing.append(asyncio.ensure_future(engine.close_session(session.id, reason)))
+
+    session = await engine.open_session(
+        TransformParams(width=SIZE, height=SIZE), on_end=ended if close_when_ended else None
+    )
     feed = Feed(session)
     pictures = images or [np.full((SIZE, SIZE, 3), 90, dtype=np.uint8)]
     tasks = [asyncio.ensure_future(feed.run(pictures)), asyncio.ensure_future(feed.collect())]
@@ -90,7 +101,7 @@ async def fed(engine: Engine, images: list[Image] | None = None) -> AsyncIterato
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *closing, return_exceptions=True)
 
 
 @pytest.mark.parametrize("fault", ["cuda_oom", "oom", "die"])

@@ -6,7 +6,6 @@ stuck thread at shutdown, and every test releases it as it ends."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -14,15 +13,14 @@ from contextlib import asynccontextmanager
 from fractions import Fraction
 from typing import Any
 
-import numpy as np
 import pytest
 
 from livediff.config import Settings
-from livediff.engine import Engine, EngineUnavailableError, Session
+from livediff.engine import Engine, EngineUnavailableError
 from livediff.engine.recovery import HANG_EXIT_STATUS, HangLimits
 from livediff.engine.worker import Activity, WorkerHungError
-from livediff.frames import Frame
-from livediff.transforms import TransformParams
+from tests.engine.test_faults import Feed, sample
+from tests.engine.test_faults import fed as fed_session
 from tests.server.faulty import AcceleratorTransform, FaultyTransform
 from tests.server.streaming import wait_until
 
@@ -38,12 +36,6 @@ def fresh_commands() -> Iterator[None]:
     FaultyTransform.reset()
     yield
     FaultyTransform.reset()  # releases every blocked call: no thread outlives the test
-
-
-def sample(engine: Engine, name: str, **labels: str) -> float:
-    value = engine.metrics.registry.get_sample_value(name, labels)
-    assert value is not None, f"{name} {labels} is not in the metrics"
-    return value
 
 
 class Exits:
@@ -71,52 +63,12 @@ async def running_engine(
         await engine.stop()
 
 
-class Feed:
-    """A session fed a frame every 10 ms, its outputs collected; closed when it ends itself
-    (as a face does), so that an exit does not wait for it."""
-
-    def __init__(self, engine: Engine, session: Session) -> None:
-        self.engine = engine
-        self.session = session
-        self.outputs: list[Frame] = []
-
-    async def run(self) -> None:
-        image = np.full((SIZE, SIZE, 3), 90, dtype=np.uint8)
-        index = 0
-        while self.session.end_reason is None:
-            self.session.submit(Frame(image=image, pts=index * 300, time_base=TIME_BASE))
-            index += 1
-            await asyncio.sleep(0.01)
-
-    async def collect(self) -> None:
-        slot = self.session.subscribe(asyncio.get_running_loop())
-        try:
-            while True:
-                self.outputs.append(await slot.get())
-        finally:
-            self.session.unsubscribe(slot)
-
-    async def more(self, count: int, timeout: float = 20) -> None:
-        target = len(self.outputs) + count
-        await wait_until(lambda: len(self.outputs) >= target, timeout=timeout)
-
-
 @asynccontextmanager
 async def fed(engine: Engine) -> AsyncIterator[Feed]:
-    closing: list[asyncio.Task[bool]] = []
-
-    def ended(reason: str) -> None:
-        closing.append(asyncio.ensure_future(engine.close_session(session.id, reason)))
-
-    session = await engine.open_session(TransformParams(width=SIZE, height=SIZE), on_end=ended)
-    feed = Feed(engine, session)
-    tasks = [asyncio.ensure_future(feed.run()), asyncio.ensure_future(feed.collect())]
-    try:
+    """A session fed and collected, closed when it ends itself (as a face does), so that an
+    exit does not wait for it."""
+    async with fed_session(engine, close_when_ended=True) as feed:
         yield feed
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, *closing, return_exceptions=True)
 
 
 async def hang_now() -> float:

@@ -113,3 +113,17 @@ async def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(interval)
+
+
+async def wait_serving(url: str, process: Any) -> None:
+    """Until the ``livediff serve`` subprocess ``process`` answers IDLE at ``url``."""
+    async with httpx.AsyncClient(base_url=url) as http:
+        for _ in range(300):
+            assert process.poll() is None, "livediff serve exited"
+            try:
+                if (await http.get("/health")).json()["status"] == "IDLE":
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("livediff serve did not become healthy")

@@ -19,9 +19,9 @@ import pytest
 
 from livediff.testing.framecode import Scene
 from livediff.testing.peers import NumberedVideoTrack
-from livediff.testing.servers import LiveServer
+from livediff.testing.servers import LiveServer, free_port
 from tests.server.faulty import FaultyTransform
-from tests.server.streaming import publish, sample_offer, wait_until
+from tests.server.streaming import publish, sample_offer, wait_serving, wait_until
 from tests.server.test_api import metric
 
 FAULTY = "tests.server.faulty:FaultyTransform"
@@ -135,35 +135,14 @@ async def test_input_that_changes_size_mid_stream_keeps_flowing(
     assert metric(text, "livediff_input_downscaled_total") >= 10  # 320x240 > 160x120
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def _wait_healthy(url: str, process: subprocess.Popen[bytes]) -> None:
-    async with httpx.AsyncClient(base_url=url) as http:
-        for _ in range(300):
-            assert process.poll() is None, "livediff serve exited"
-            try:
-                if (await http.get("/health")).json()["status"] == "IDLE":
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("livediff serve did not become healthy")
-
-
 async def test_sigterm_closes_peers_politely_and_exits() -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "livediff", "serve", "--port", str(port)]
     command += ["--log-format", "json", "--log-level", "info"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, env=dict(os.environ))
     try:
-        await _wait_healthy(url, process)
+        await wait_serving(url, process)
         async with publish(url, params=SMALL, channel=True) as client:
             await client.video.wait_for(10, timeout=30)
             process.send_signal(signal.SIGTERM)

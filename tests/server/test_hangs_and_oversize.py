@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,9 +17,9 @@ import pytest
 from livediff.engine.recovery import HANG_EXIT_STATUS
 from livediff.media.frame_size import REFUSE_AFTER_FRAMES
 from livediff.testing.peers import NumberedVideoTrack
-from livediff.testing.servers import LiveServer
+from livediff.testing.servers import LiveServer, free_port
 from tests.server.faulty import FaultyTransform
-from tests.server.streaming import publish, wait_until
+from tests.server.streaming import publish, wait_serving, wait_until
 from tests.server.test_api import metric
 from tests.server.test_faults import labelled
 
@@ -68,37 +67,17 @@ async def test_a_hung_transform_is_replaced_and_the_session_gets_frames_again(
     assert metric(text, "livediff_worker_restarts_total") == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def _wait_idle(url: str, process: subprocess.Popen[bytes]) -> None:
-    async with httpx.AsyncClient(base_url=url) as http:
-        for _ in range(300):
-            assert process.poll() is None, "livediff serve exited"
-            try:
-                if (await http.get("/health")).json()["status"] == "IDLE":
-                    return
-            except httpx.TransportError:
-                await asyncio.sleep(0.1)
-            else:
-                await asyncio.sleep(0.1)
-    raise AssertionError("livediff serve did not become healthy")
-
-
 async def test_a_device_hang_tells_the_session_and_exits_for_the_supervisor() -> None:
     """A transform on an accelerator blocks in its first frame: the service ends the session
     with the reason and exits with status 75, with the stuck thread still blocked."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "livediff", "serve", "--port", str(port)]
     command += ["--pipeline", "tests.server.faulty:HangingAcceleratorTransform"]
     env = dict(os.environ, LIVEDIFF_BATCH_TIMEOUT_FIRST_S="1", LIVEDIFF_BATCH_TIMEOUT_MIN_S="1")
     process = subprocess.Popen(command, stderr=subprocess.PIPE, env=env)
     try:
-        await _wait_idle(url, process)
+        await wait_serving(url, process)
         async with publish(url, params=SMALL, channel=True) as client:
             status = await asyncio.to_thread(process.wait, 30)
             await wait_until(lambda: client.messages, timeout=5)
