@@ -25,7 +25,7 @@ writes random weights of sd-turbo's published architecture instead (its costs ar
 ones, its pictures are not: for a GPU without the weights). ``--model`` takes a hub id or a
 folder with real weights (``--model stabilityai/sd-turbo``): real flicker.
 
-    livediff bench temporal                                  # CPU: tiny model, 128 px, ~1.5 min
+    livediff bench temporal                                  # CPU: tiny model, 128 px, ~2.5 min
     livediff bench temporal --model stabilityai/sd-turbo --size 512 --steps 1
     livediff bench temporal --preset sd-turbo --size 512            # costs, no weights needed
     livediff bench temporal --settings off img-post-0.3 --frames 12 --still 6
@@ -40,6 +40,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -310,6 +311,8 @@ def add_random_temporalnet(engine: Engine) -> None:
             torch.nn.init.normal_(parameter, std=0.02)
     controlnet.to(unet_batch.device, unet_batch.dtype).eval().requires_grad_(False)
     unet_batch.controlnets.add(RANDOM_TEMPORALNET, controlnet)
+    # it cannot be loaded again once freed: keep it however long the other settings play
+    unet_batch.controlnet_idle_s = float("inf")
 
 
 def spread_encoder_output(engine: Engine, clip: list[RgbArray]) -> None:
@@ -457,8 +460,16 @@ def device_label(device: torch.device) -> str:
     return "cpu"
 
 
+#: Called with the rows measured so far after each play (the device run saves them at once).
+Progress = Callable[[list[dict[str, Any]]], None]
+
+
 async def measure_all(
-    args: argparse.Namespace, settings: list[Setting], model: str, vae: str
+    args: argparse.Namespace,
+    settings: list[Setting],
+    model: str,
+    vae: str,
+    progress: Progress | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every setting's row (skipped and failed ones with their reason), and what the run used.
     The settings are played ``--repeats`` times round after round; the metrics come from the
@@ -466,6 +477,7 @@ async def measure_all(
     the fastest (on a shared machine, the one least disturbed)."""
     clip = make_clip(args.size, args.frames, args.still, args.noise)
     clip_rgb = [to_rgb_array(frame) for frame in clip]  # what the engine sees
+    input_changes = changes(clip_rgb)
     options = engine_settings(args, model, vae)
     engine = Engine(options, DiffusionTransform(options))
     loading = time.perf_counter()
@@ -499,13 +511,15 @@ async def measure_all(
                     print(f"{setting.name}: failed, {failures[setting.name]}", flush=True)
                     continue
                 plays.setdefault(setting.name, []).append(played)
+                if progress is not None:
+                    progress(result_rows(settings, plays, failures, input_changes, args.frames))
                 ms = played.ms_per_frame
                 print(
                     f"round {round_}/{args.repeats} {setting.name}: {ms:.1f} ms/frame", flush=True
                 )
     finally:
         await engine.stop()
-    rows = result_rows(settings, plays, failures, changes(clip_rgb), args.frames)
+    rows = result_rows(settings, plays, failures, input_changes, args.frames)
     config = {
         "model": args.model or f"random-weight {args.preset} (livediff.testing.models)",
         "vae": args.vae or (f"random {args.preset} TAESD" if args.model is None else DEFAULT_VAE),
@@ -744,11 +758,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     settings = chosen_settings(args)
     started = time.perf_counter()
+    info = machine()
+
+    def save_so_far(rows: list[dict[str, Any]]) -> None:
+        save(name, info, {"partial": True, "size": args.size, "steps": args.steps}, rows)
+
     with tempfile.TemporaryDirectory(prefix="livediff-temporal-") as scratch:
         model, vae = model_paths(args, Path(scratch))
-        rows, config = asyncio.run(measure_all(args, settings, model, vae))
+        rows, config = asyncio.run(measure_all(args, settings, model, vae, save_so_far))
     config["run_s"] = round(time.perf_counter() - started, 1)
-    info = machine()
     path = save(name, info, config, rows)
     png = plot(rows, config, info, name)
     print()

@@ -213,3 +213,24 @@ def test_the_dry_run_writes_every_file_with_well_formed_rows(tmp_path: Path) -> 
         "sessions=4",
     ]
     assert compiled["config"]["buckets"] == [1, 4]
+
+
+@pytest.mark.slow
+def test_the_next_suites_dry_run_measures_every_temporal_setting(tmp_path: Path) -> None:
+    done = run_script(tmp_path, "--dry-run", "--suite", "next")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "engine-compiled-2-8.json",
+        "engine-compiled-2-8.txt",
+        "run.txt",
+        "temporal.json",
+        "temporal.png",
+        "temporal.txt",
+    ]
+    check_report(tmp_path / "engine-compiled-2-8.json", compiled=True)
+    temporal = json.loads((tmp_path / "temporal.json").read_text())
+    rows = {row["setting"]: row for row in temporal["results"]}
+    assert {"off", "bank-1", "bank-2", "bank-4", "temporalnet", "motion-noise"} <= rows.keys()
+    for name, row in rows.items():
+        assert row["ms_per_frame"] > 0, (name, row)
+        assert "failed" not in row and "skipped" not in row, (name, row)

@@ -26,10 +26,16 @@ suite_engine() {
 }
 
 # The second run, of the same shape and deadline: what the engine run leaves out (compiled
-# buckets 2 and 8), and the place for the next wave's cases (issue 20's temporal tools, 22's
+# buckets 2 and 8), issue 20's temporal tools, and the place for the next wave's cases (22's
 # SDXL-Turbo and IP-Adapter, 23's video pipeline): one `step` line each, with its own budget,
 # taken from this one's until the budgets fill DEADLINE_S.
 suite_next() {
     step engine-compiled-2-8 240 "${BENCH[@]}" --compile on --no-diffusers --buckets 2 8 \
         --steps 2 --sessions 2 8 --json "$OUT/engine-compiled-2-8.json"
+    # issue 20: every temporal setting (feedback, latent feedback, do_add_noise, motion noise,
+    # the feature bank at 1, 2 and 4 frames, TemporalNet, combinations) on sd-turbo's shapes
+    # with random weights: ms per frame and its ratio to off (flicker needs real weights)
+    step temporal 150 "$PYTHON" benchmarks/temporal.py --preset "$PRESET" --size "$SIZE" \
+        --frames $((FRAMES > 3 ? FRAMES : 3)) --still $((FRAMES / 2)) --repeats 1 \
+        --out "$OUT" --name temporal
 }

@@ -19,11 +19,16 @@ export class ApiError extends Error {
   }
 }
 
+/** The parts a route puts before a param's name in a loc (e.g. ["body", "params"]). */
+const LOC_PREFIXES = ["body", "params", "query"];
+
 /** {field, path, message} for one pydantic error ({loc, msg}) whatever prefix the route gave its
- * loc; ``path`` is the rest of the loc inside the field (e.g. [0, "model_id"] in a list). */
+ * loc; ``path`` is the rest of the loc inside the field (e.g. [0, "model_id"] in a list, or
+ * ["processors", 0, "params", "feedback_strength"] in a processing block). */
 export function fieldError(error) {
   const loc = Array.isArray(error.loc) ? error.loc : [];
-  const path = loc.filter((part) => !["body", "params", "query"].includes(part));
+  const start = loc.findIndex((part) => !LOC_PREFIXES.includes(part));
+  const path = start < 0 ? [] : loc.slice(start);
   return {
     field: path.length ? String(path[0]) : "",
     path: path.slice(1),

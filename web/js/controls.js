@@ -1,8 +1,8 @@
 // The params panel: only the controls the running pipeline takes (read from its JSON schema),
 // edits coalesced and debounced into one patch, the server's answer shown next to each control.
 
-import { buildEntries } from "./entries.js";
-import { buildField, element, same } from "./fields.js";
+import { element, same } from "./fields.js";
+import { buildControl } from "./objects.js";
 import { GROUP_ORDER, fieldSpecs } from "./schema.js";
 
 const STORAGE_PREFIX = "livediff.params.";
@@ -20,8 +20,7 @@ export class ParamsForm extends EventTarget {
     this.timer = null;
     this.values = { ...this.defaults, ...this._restore() };
     for (const spec of fieldSpecs(pipeline.params_schema)) {
-      const build = spec.widget === "entries" ? buildEntries : buildField;
-      this.fields.set(spec.name, build(spec, (name, commit) => this._edited(name, commit)));
+      this.fields.set(spec.name, buildControl(spec, (name, commit) => this._edited(name, commit)));
     }
     this._render();
   }

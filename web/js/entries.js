@@ -59,9 +59,11 @@ class EntryList {
     const help = spec.help ? element("p", { class: "field-help", id: `${id}-help`, text: spec.help }) : null;
     this.add.setAttribute("aria-describedby", [help?.id, this.error.id].filter(Boolean).join(" "));
     const head = element("div", { class: "field-head" }, [title, this.count]);
+    // A list inside an object param (e.g. a block's processors) is named by data-field.
+    const dataset = spec.nested ? { field: spec.name } : { param: spec.name };
     this.root = element(
       "div",
-      { class: "field field-entries", role: "group", "aria-labelledby": title.id, dataset: { param: spec.name } },
+      { class: "field field-entries", role: "group", "aria-labelledby": title.id, dataset },
       [head, ...(help ? [help] : []), this.list, this.add, this.error],
     );
     this.control = this.add;

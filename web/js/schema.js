@@ -32,7 +32,59 @@ const PREPROCESSOR_PARAMS = {
     description: "Each frame is the control image as it is (for a stream of ready-made maps).",
     properties: {},
   },
+  temporal_net: {
+    description: "The previous output frame is the control image (TemporalNet).",
+    properties: {},
+  },
+  temporal_net_tensorrt: {
+    description: "TemporalNet2: the previous output and the input's optical flow (6 channels).",
+    properties: {
+      flow_strength: { type: "number", title: "Flow strength", minimum: 0, maximum: 2, default: 1.0 },
+    },
+    hints: { flow_strength: { step: 0.05 } },
+  },
 };
+
+const FEEDBACK_STRENGTH = {
+  properties: {
+    feedback_strength: { type: "number", title: "Feedback strength", minimum: 0, maximum: 1, default: 0.5 },
+  },
+  hints: { feedback_strength: { step: 0.01 } },
+};
+
+/** The params each processor type of a processing block takes (checked server-side by type,
+ * like the preprocessor params above). A type missing here gets a JSON box. */
+const PROCESSOR_PARAMS = {
+  feedback: { description: "Blends the previous output image in: (1 - s) now + s previous.", ...FEEDBACK_STRENGTH },
+  latent_feedback: {
+    description: "Blends the previous output latent in: (1 - s) now + s previous.",
+    ...FEEDBACK_STRENGTH,
+  },
+};
+
+/** Hints of a processing block (an Enabled switch and its list of processors). */
+function processing(label, order, help) {
+  return {
+    label,
+    help,
+    group: "Temporal",
+    order,
+    fields: {
+      enabled: { label: "Enabled", order: 0, inHead: true, enables: true },
+      processors: {
+        label: "Processors",
+        order: 1,
+        itemLabel: "Processor",
+        addLabel: "Add processor",
+        items: {
+          type: { label: "Type", order: 0 },
+          params: { label: "Settings", widget: "variants", by: "type", order: 1, variants: PROCESSOR_PARAMS },
+          enabled: { label: "Enabled", order: 2, inHead: true, enables: true },
+        },
+      },
+    },
+  };
+}
 
 /** Presentation hints for params livediff's pipelines are known to take. */
 export const HINTS = {
@@ -95,6 +147,52 @@ export const HINTS = {
       enabled: { label: "Enabled", order: 6, inHead: true, enables: true },
     },
   },
+  cached_attention: {
+    label: "Feature bank",
+    help: "Self-attention also looks at earlier frames (StreamV2V's cached attention): steadier output.",
+    group: "Temporal",
+    order: 50,
+    fields: {
+      enabled: { label: "Enabled", order: 0, inHead: true, enables: true },
+      max_frames: { label: "Frames remembered", order: 1, half: true },
+      interval: { label: "Refresh every (frames)", widget: "number", order: 2, half: true },
+    },
+  },
+  motion_noise: {
+    label: "Motion-aware noise",
+    help: "The first step's strength follows how much the input moves, from still to moving.",
+    group: "Temporal",
+    order: 51,
+    fields: {
+      enabled: { label: "Enabled", order: 0, inHead: true, enables: true },
+      min_strength: { label: "Still strength", order: 1, step: 0.01, half: true },
+      max_strength: { label: "Moving strength", order: 2, step: 0.01, half: true },
+      sensitivity: { label: "Sensitivity", widget: "number", order: 3, step: 0.5, half: true },
+      smoothing: { label: "Smoothing", order: 4, step: 0.01, half: true },
+    },
+  },
+  do_add_noise: { label: "Re-noise between steps", group: "Temporal", order: 52 },
+  image_preprocessing: processing(
+    "Image preprocessing",
+    53,
+    "On the input frame before encoding: feedback blends the previous output in.",
+  ),
+  latent_preprocessing: processing(
+    "Latent preprocessing",
+    54,
+    "On the input latent before noising: latent feedback blends the previous output latent in.",
+  ),
+  latent_postprocessing: processing(
+    "Latent postprocessing",
+    55,
+    "On the denoised latent before decoding: latent feedback blends the previous one in.",
+  ),
+  image_postprocessing: processing(
+    "Image postprocessing",
+    56,
+    "On the output frame: feedback blends the previous output in.",
+  ),
+  prompt_clears_history: { label: "New prompt clears history", group: "Temporal", order: 57 },
   width: { label: "Output width", widget: "number", group: "Output", order: 30 },
   height: { label: "Output height", widget: "number", group: "Output", order: 31 },
   delay_ms: { label: "Simulated model delay (ms)", group: "Output", order: 32, step: 10 },
@@ -102,7 +200,7 @@ export const HINTS = {
   vae: { label: "VAE", group: "Model", order: 41 },
 };
 
-export const GROUP_ORDER = ["Style", "Generation", "Control", "Output", "Model", "More"];
+export const GROUP_ORDER = ["Style", "Generation", "Control", "Temporal", "Output", "Model", "More"];
 const SIMPLE_TYPES = new Set(["string", "number", "integer", "boolean", "array"]);
 
 function follow(node, root) {
@@ -143,6 +241,7 @@ function widgetFor(spec) {
   if (spec.type === "string") return "text";
   if (spec.type === "array" && ["number", "integer"].includes(spec.items?.type)) return "list";
   if (spec.type === "array" && spec.items?.type === "object" && spec.items.properties) return "entries";
+  if (spec.type === "object" && spec.fields) return "object";
   if (spec.type === "number" || spec.type === "integer") {
     return Number.isFinite(spec.min) && Number.isFinite(spec.max) ? "slider" : "number";
   }
@@ -187,7 +286,7 @@ export function fieldSpecs(schema, { root = schema, hints = HINTS } = {}) {
       name,
       key: name,
       type: type.type,
-      enum: type.enum ?? null,
+      enum: type.enum ?? (type.const === undefined ? null : [type.const]),
       items: type.items ? follow(type.items, root) : null,
       nullable: type.nullable,
       union: Boolean(type.union),
@@ -213,6 +312,8 @@ export function fieldSpecs(schema, { root = schema, hints = HINTS } = {}) {
     if (spec.type === "array" && spec.items?.type === "object" && spec.items.properties) {
       spec.item = itemSpec(spec.items, hint, root);
     }
+    // An object with its own schema (e.g. cached_attention): its fields, built like the panel's.
+    if (spec.type === "object" && type.properties) spec.fields = fieldSpecs(type, { root, hints: hint.fields ?? {} });
     spec.widget = chooseWidget(spec, hint.widget);
     return spec;
   });
@@ -248,6 +349,7 @@ export function startValue(spec) {
   if (spec.type === "string") return spec.nullable ? null : "";
   if (spec.type === "number" || spec.type === "integer") return spec.min ?? 0;
   if (spec.type === "array") return [];
+  if (spec.fields) return Object.fromEntries(spec.fields.map((field) => [field.name, startValue(field)]));
   if (spec.type === "object") return {};
   return null;
 }

@@ -25,6 +25,7 @@ from livediff.livepeer.airunner.params import LivediffParams
 from livediff.livepeer.airunner.pipeline import LivediffPipeline
 from livediff.testing.models import ModelFolders, write_model_folder
 from livediff.transforms.diffusion.params import DiffusionParams
+from livediff.transforms.diffusion.state import SessionCache
 from tests.livepeer.airunner.conftest import TIME_BASE, video_frame
 
 SIZE = 64
@@ -97,6 +98,46 @@ async def test_a_prompt_update_applies_in_place(pipeline: LivediffPipeline) -> N
     assert await pipeline.update_params(**{**PARAMS, "prompt": "a blue whale"}) is None
     after = await roundtrip(pipeline, image, 3)
     assert not torch.equal(after.tensor, again.tensor)
+    assert transform.unet_batch is unet_batch and model_loads(pipeline) == loads  # no reload
+
+
+#: Livepeer's StreamDiffusion temporal params as a Livepeer client sends them (full param sets).
+TEMPORAL = {
+    "cached_attention": {"enabled": True, "max_frames": 2, "interval": 1},
+    "image_postprocessing": {
+        "enabled": True,
+        "processors": [{"type": "feedback", "enabled": True, "params": {"feedback_strength": 0.3}}],
+    },
+    "latent_preprocessing": {
+        "processors": [{"type": "latent_feedback", "params": {"feedback_strength": 0.2}}]
+    },
+    "image_preprocessing": None,
+    "do_add_noise": True,
+}
+
+
+async def test_temporal_tools_in_livepeers_shape_apply_in_place(
+    pipeline: LivediffPipeline,
+) -> None:
+    transform = pipeline.streams.engine.transform
+    unet_batch, loads = transform.unet_batch, model_loads(pipeline)
+    image = camera(8)
+    plain = await roundtrip(pipeline, image, 1)
+    assert await pipeline.update_params(**{**PARAMS, **TEMPORAL}) is None
+    outputs = [await roundtrip(pipeline, image, index) for index in range(2, 5)]
+    assert not torch.equal(outputs[-1].tensor, plain.tensor)
+    stream = pipeline.streams.switch.current
+    assert stream is not None
+    state = stream.session.transform_state
+    assert isinstance(state, SessionCache) and state.bank is not None and state.bank.frames == 2
+    assert pipeline.stats()["pipeline_state"]["temporal"] == [
+        "latent_preprocessing.latent_feedback",  # in the order a frame meets them
+        "image_postprocessing.feedback",
+        "cached_attention.max_frames=2",
+    ]
+    assert await pipeline.update_params(**PARAMS) is None  # a full set without them: all off
+    await roundtrip(pipeline, image, 5)
+    assert state.bank is None
     assert transform.unet_batch is unet_batch and model_loads(pipeline) == loads  # no reload
 
 

@@ -271,7 +271,13 @@ async def test_the_tiny_diffusion_model_restyles_the_stream_and_takes_prompts(
     clip = encode_clip(60, (128, 128), fps=FPS)
     publishing = asyncio.ensure_future(gateway.publisher.publish(clip))
     await until(lambda: len(gateway.output.frames) >= 5, timeout=20, what="restyled frames")
-    send_json(gateway.control, {"prompt": "a blue circle", "seed": 7})
+    temporal = {  # Livepeer's StreamDiffusion shapes
+        "cached_attention": {"enabled": True, "max_frames": 2, "interval": 1},
+        "image_postprocessing": {
+            "processors": [{"type": "feedback", "params": {"feedback_strength": 0.3}}]
+        },
+    }
+    send_json(gateway.control, {"prompt": "a blue circle", "seed": 7, **temporal})
     await publishing
     await asyncio.sleep(0.5)
     await gateway.finish()
@@ -287,5 +293,12 @@ async def test_the_tiny_diffusion_model_restyles_the_stream_and_takes_prompts(
         if body["event"]["inference_status"]["last_params"]
     ]
     assert prompts[0] == "a red square" and prompts[-1] == "a blue circle"
+    last = [
+        body["event"]["inference_status"]["last_params"]
+        for _, body in gateway.events.of_type("status")
+        if body["event"]["inference_status"]["last_params"]
+    ][-1]
+    assert last["cached_attention"] == temporal["cached_attention"]
+    assert last["image_postprocessing"]["processors"][0]["params"]["feedback_strength"] == 0.3
     assert not gateway.errors()
     await stream_ended(runner, client)

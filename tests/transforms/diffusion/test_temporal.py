@@ -72,6 +72,7 @@ OFF: dict[str, Any] = {
     "latent_preprocessing": block("latent_feedback", 0.0),
     "latent_postprocessing": None,
     "motion_noise": {"enabled": False, "min_strength": 0.1, "max_strength": 0.9},
+    "cached_attention": {"enabled": False, "max_frames": 3},
 }
 
 
@@ -393,6 +394,7 @@ ALL_ON: dict[str, Any] = {
     "latent_postprocessing": block("latent_feedback", 0.1),
     "motion_noise": {"enabled": True},
     "do_add_noise": False,
+    "cached_attention": {"max_frames": 2},
 }
 
 
@@ -462,6 +464,7 @@ def test_describe_session_names_the_active_tools() -> None:
             "latent_preprocessing.latent_feedback",
             "latent_postprocessing.latent_feedback",
             "image_postprocessing.feedback",
+            "cached_attention.max_frames=2",
             "do_add_noise=false",
             "motion_noise",
         ]

@@ -27,12 +27,15 @@ CHANGES: list[dict[str, Any]] = [
     {"latent_preprocessing": feedback("latent_feedback", 0.4)},
     {"latent_postprocessing": feedback("latent_feedback", 0.2)},
     {"motion_noise": {"enabled": True, "min_strength": 0.3, "max_strength": 0.8}},
+    {"cached_attention": {"max_frames": 2}},
+    {"cached_attention": {"max_frames": 4, "interval": 2}},
     {
         "image_postprocessing": None,
         "image_preprocessing": {"enabled": False, "processors": []},
         "latent_preprocessing": None,
         "latent_postprocessing": None,
         "motion_noise": {"enabled": False},
+        "cached_attention": None,
         "do_add_noise": True,
     },
 ]
@@ -48,7 +51,12 @@ async def test_temporal_tools_turn_on_and_off_mid_stream_without_reload_or_recom
     graphs = sum(counters["stats"].values())
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
         schema = (await http.get("/v1/pipeline")).json()["params_schema"]
-        for name in ("image_preprocessing", "latent_postprocessing", "motion_noise"):
+        for name in (
+            "image_preprocessing",
+            "latent_postprocessing",
+            "motion_noise",
+            "cached_attention",
+        ):
             assert name in schema["properties"]
         params = {"t_index_list": [20, 35], "seed": 4}
         async with publish(server.url, size=SIZE, params=params) as client:
@@ -83,6 +91,7 @@ async def test_temporal_tools_turn_on_and_off_mid_stream_without_reload_or_recom
             final = (await http.get(url)).json()
     assert final["params"]["image_postprocessing"] == {"enabled": True, "processors": []}
     assert final["params"]["motion_noise"]["enabled"] is False
+    assert final["params"]["cached_attention"]["enabled"] is False
     assert final["pipeline_state"] == {"temporal": []}
     assert final["errors"] == 0 and final["frames_out"] >= 4 * (len(CHANGES) + 1)
     loads = server.service.engine.metrics.registry.get_sample_value("livediff_model_loads_total")

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from livediff.transforms.diffusion.feature_bank import BankSwitch, install_feature_bank
 from livediff.transforms.diffusion.models import ModelChoice, ModelPaths, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class ModelBundle:
     scheduler: Any
     #: The UNet as diffusers built it, when ``unet`` is its compiled wrapper (same weights).
     eager_unet: Any = None
+    #: The switch of the feature bank's self-attention layers (installed before compiling).
+    bank: BankSwitch | None = None
 
     @property
     def uncompiled_unet(self) -> Any:
@@ -150,6 +153,7 @@ def prepare(
         module.eval()
         module.requires_grad_(False)
     _use_sdpa(bundle.unet)
+    bundle.bank = install_feature_bank(bundle.unet)
     if channels_last:
         bundle.unet.to(memory_format=torch.channels_last)
         bundle.vae.to(memory_format=torch.channels_last)

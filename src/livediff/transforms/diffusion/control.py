@@ -5,7 +5,10 @@ each model id once, in a background thread (from disk to the device, then a sync
 thread), while the worker keeps serving: a new ControlNet joins the frames once it is ready, and
 one no session names any more is freed. A ControlNet that does not fit the base model (another
 family or cross-attention size) or that is not downloaded while ``HF_HUB_OFFLINE`` is set is
-refused when the params arrive, with a 422 on ``controlnets.N.model_id`` that says why.
+refused when the params arrive, with a 422 on ``controlnets.N.model_id`` that says why; one
+whose control images have another number of channels than its preprocessor makes (config
+``conditioning_channels``: 6 for TemporalNet2's ``temporal_net_tensorrt``, 3 for every other)
+with a 422 on ``controlnets.N.preprocessor``.
 
 Residuals: for each ControlNet in use, the UNet rows of the sessions whose entry acts at that
 row's step (``ControlNetSpec.active``) go through it in one call, each with its own frame's
@@ -42,6 +45,14 @@ logger = logging.getLogger(__name__)
 Locate = Callable[[str, bool], Path]
 #: A loaded ControlNet: (x_t, timesteps, embeddings, control images) -> (down blocks..., mid).
 ControlNetForward = Callable[..., tuple[torch.Tensor, ...]]
+#: Channels of the control images each preprocessor makes (diffusers' default is 3).
+PREPROCESSOR_CHANNELS = {"temporal_net_tensorrt": 6}
+DEFAULT_CHANNELS = 3
+
+
+def preprocessor_channels(preprocessor: str) -> int:
+    """How many channels ``preprocessor``'s control images have."""
+    return PREPROCESSOR_CHANNELS.get(preprocessor, DEFAULT_CHANNELS)
 
 
 class ControlNetPool:
@@ -59,6 +70,8 @@ class ControlNetPool:
         self._dtype = dtype
         self._locate = locate
         self._ready: dict[str, ControlNetForward] = {}
+        #: ``conditioning_channels`` of the ready ControlNets.
+        self._channels: dict[str, int] = {}
         self._last_used: dict[str, float] = {}
         self._loading: dict[str, concurrent.futures.Future[Any]] = {}
         self._failed: dict[str, str] = {}
@@ -67,11 +80,37 @@ class ControlNetPool:
 
     # -- params (worker thread) ---------------------------------------------------------------
     def check(self, specs: Sequence[ControlNetSpec]) -> None:
-        """Refuse (422 on the entry's model_id) a ControlNet that cannot serve this model."""
+        """Refuse (422 on the entry's model_id) a ControlNet that cannot serve this model, and
+        (422 on its preprocessor) one its preprocessor cannot feed."""
         for index, spec in enumerate(specs):
             reason = self._refusal(spec.model_id)
             if reason is not None:
                 raise _model_id_error(index, spec.model_id, reason)
+            reason = self._channel_misfit(spec)
+            if reason is not None:
+                raise _field_error(index, "preprocessor", spec.preprocessor, reason)
+
+    def channels(self, model_id: str) -> int | None:
+        """``conditioning_channels`` of the ControlNet, if it is loaded or on disk."""
+        if model_id in self._channels:
+            return self._channels[model_id]
+        try:
+            folder = self._locate(model_id, False)
+        except ModelUnavailableError:
+            return None  # not downloaded yet: checked when it loads
+        config = json.loads((folder / "config.json").read_text())
+        return int(config.get("conditioning_channels") or DEFAULT_CHANNELS)
+
+    def _channel_misfit(self, spec: ControlNetSpec) -> str | None:
+        """Why ``spec``'s preprocessor cannot feed its ControlNet, or None."""
+        found = self.channels(spec.model_id)
+        made = preprocessor_channels(spec.preprocessor)
+        if found is None or found == made:
+            return None
+        return (
+            f"this ControlNet takes {found}-channel control images (conditioning_channels"
+            f" {found}), the {spec.preprocessor} preprocessor makes {made}: {_fitting(found)}"
+        )
 
     def _refusal(self, model_id: str) -> str | None:
         if model_id in self._ready:
@@ -144,6 +183,8 @@ class ControlNetPool:
         if misfit := self._misfit_config(model.config):
             raise ValueError(misfit)
         self._ready[model_id] = _controlnet_forward(model)
+        channels = getattr(model.config, "conditioning_channels", None)
+        self._channels[model_id] = int(channels or DEFAULT_CHANNELS)
         self._last_used[model_id] = time.monotonic()
 
     def _load(self, model_id: str) -> Any:
@@ -165,6 +206,7 @@ class ControlNetPool:
         cutoff = time.monotonic() - idle_s
         for model_id in [known for known in self._ready if self._last_used[known] < cutoff]:
             del self._ready[model_id]
+            self._channels.pop(model_id, None)
             self._failed.pop(model_id, None)
             logger.info("ControlNet %s freed (unused for %g s)", model_id, idle_s)
 
@@ -195,7 +237,7 @@ class RowControl:
 
     row: int
     scale: float
-    image: torch.Tensor  # (1, 3, H, W) in [0, 1]: the row's frame's control image
+    image: torch.Tensor  # (1, C, H, W) in [0, 1]: the row's frame's control image
 
 
 def residuals(
@@ -210,7 +252,7 @@ def residuals(
     total: list[torch.Tensor] | None = None
     for model_id, rows in uses.items():
         call = pool.get(model_id)
-        if call is None or not rows:
+        if call is None or not rows or not _feeds(pool, model_id, rows[0].image):
             continue
         index = constant(tuple(use.row for use in rows), x_t.device, torch.long)
         scale = constant(tuple(use.scale for use in rows), x_t.device, x_t.dtype)
@@ -223,18 +265,48 @@ def residuals(
     return None if total is None else tuple(total)
 
 
+def _fitting(channels: int) -> str:
+    """Which preprocessors fit a ControlNet that takes ``channels`` channels."""
+    if channels == DEFAULT_CHANNELS:
+        return "use a 3-channel one (canny, depth, passthrough, or temporal_net for TemporalNet)"
+    fits = [name for name, made in PREPROCESSOR_CHANNELS.items() if made == channels]
+    if fits:
+        return f"use {' or '.join(fits)} (TemporalNet2)"
+    return f"no preprocessor makes {channels}-channel control images"
+
+
+def _feeds(pool: ControlNetPool, model_id: str, image: torch.Tensor) -> bool:
+    """Whether ``image``'s channels are what the ControlNet takes (one that was downloaded
+    after its params were accepted is checked here: a misfit is left out, not run)."""
+    wanted = pool.channels(model_id)
+    if wanted is None or wanted == image.shape[1]:
+        return True
+    logger.error(
+        "ControlNet %s takes %d-channel control images, its preprocessor makes %d: left out",
+        model_id,
+        wanted,
+        image.shape[1],
+    )
+    return False
+
+
 def _names_a_folder(model_id: str) -> bool:
     return model_id.startswith((".", "/", "~"))
 
 
 def _model_id_error(index: int, model_id: str, reason: str) -> ValidationError:
+    return _field_error(index, "model_id", model_id, reason)
+
+
+def _field_error(index: int, field: str, value: str, reason: str) -> ValidationError:
+    """A 422 on ``controlnets.INDEX.FIELD``."""
     return ValidationError.from_exception_data(
         "DiffusionParams",
         [
             {
                 "type": "value_error",
-                "loc": ("controlnets", index, "model_id"),
-                "input": model_id,
+                "loc": ("controlnets", index, field),
+                "input": value,
                 "ctx": {"error": reason},
             }
         ],

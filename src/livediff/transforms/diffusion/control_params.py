@@ -17,7 +17,11 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 #: Most ControlNets one session may combine (each costs about half a UNet pass per row).
 MAX_CONTROLNETS = 4
 
-Preprocessor = Literal["canny", "depth", "passthrough"]
+Preprocessor = Literal["canny", "depth", "passthrough", "temporal_net", "temporal_net_tensorrt"]
+#: TemporalNet's preprocessors: the session's previous output is the control image
+#: (``temporal_net``: 3 channels, TemporalNet; ``temporal_net_tensorrt``: 6 channels,
+#: TemporalNet2: the previous output and the input's optical flow as colours, Livepeer's name).
+TEMPORAL_NET = frozenset({"temporal_net", "temporal_net_tensorrt"})
 
 
 class CannyParams(BaseModel):
@@ -51,10 +55,22 @@ class PassthroughParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TemporalNetParams(BaseModel):
+    """TemporalNet2's optical flow (``temporal_net_tensorrt``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    flow_strength: float = Field(
+        1.0, ge=0, le=2, description="Flow scaled before it is coloured (higher: stronger)."
+    )
+
+
 PREPROCESSOR_PARAMS: dict[str, type[BaseModel]] = {
     "canny": CannyParams,
     "depth": DepthParams,
     "passthrough": PassthroughParams,
+    "temporal_net": PassthroughParams,
+    "temporal_net_tensorrt": TemporalNetParams,
 }
 
 

@@ -10,12 +10,17 @@ from __future__ import annotations
 from itertools import pairwise
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from livediff.config import DEFAULT_MODEL, DEFAULT_VAE
 from livediff.transforms.base import TransformParams
-from livediff.transforms.diffusion.control_params import MAX_CONTROLNETS, ControlNetSpec
+from livediff.transforms.diffusion.control_params import (
+    MAX_CONTROLNETS,
+    TEMPORAL_NET,
+    ControlNetSpec,
+)
 from livediff.transforms.diffusion.temporal_params import (
+    CachedAttention,
     ImageProcessing,
     ImageProcessor,
     LatentProcessing,
@@ -43,6 +48,14 @@ PROCESSING_BLOCKS = (
     "latent_postprocessing",
     "image_postprocessing",
 )
+
+#: Livepeer's earlier spellings of ``cached_attention`` (ai-runner still folds them in):
+#: top-level keys -> the block's fields.
+LEGACY_BANK_KEYS = {
+    "use_cached_attn": "enabled",
+    "cache_maxframes": "max_frames",
+    "cache_interval": "interval",
+}
 
 #: ``vae`` value meaning "the model's own (full) VAE" instead of a Tiny AutoEncoder.
 FULL_VAE = "full"
@@ -123,6 +136,17 @@ class DiffusionParams(TransformParams):
         description="Motion-aware noise: the first step's strength follows how much the input"
         " moved, between min_strength and max_strength (off by default).",
     )
+    cached_attention: CachedAttention = Field(
+        default_factory=lambda: CachedAttention(enabled=False),
+        description="Feature bank (StreamV2V): self-attention also attends to the keys and"
+        " values of up to max_frames earlier frames, refreshed every interval frames (off by"
+        " default).",
+    )
+    prompt_clears_history: bool = Field(
+        False,
+        description="A new prompt clears the temporal history (feature bank, feedback, motion):"
+        " the new look takes hold at once instead of blending in.",
+    )
     image_preprocessing: ImageProcessing = Field(
         default_factory=ImageProcessing,
         description="Processors on the input frame before encoding (feedback: blend the"
@@ -153,6 +177,26 @@ class DiffusionParams(TransformParams):
         max_length=500,
         description=f"Tiny AutoEncoder (hub id or folder), or '{FULL_VAE}' for the model's VAE.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_bank(cls, values: object) -> object:
+        """Fold Livepeer's earlier feature-bank keys into ``cached_attention``."""
+        if not isinstance(values, dict) or not LEGACY_BANK_KEYS.keys() & values.keys():
+            return values
+        folded = {key: value for key, value in values.items() if key not in LEGACY_BANK_KEYS}
+        block = dict(folded.get("cached_attention") or {})
+        for legacy, name in LEGACY_BANK_KEYS.items():
+            if legacy in values:
+                block.setdefault(name, values[legacy])
+        folded["cached_attention"] = block
+        return folded
+
+    @field_validator("cached_attention", mode="before")
+    @classmethod
+    def _null_bank(cls, value: object) -> object:
+        """An absent (null) block is the feature bank off."""
+        return {"enabled": False} if value is None else value
 
     @field_validator(*PROCESSING_BLOCKS, mode="before")
     @classmethod
@@ -213,6 +257,13 @@ class DiffusionParams(TransformParams):
             f"{name}.{processor.type}"
             for name in PROCESSING_BLOCKS
             for processor in _active(getattr(self, name))
+        ]
+        if self.cached_attention.enabled:
+            tools.append(f"cached_attention.max_frames={self.cached_attention.max_frames}")
+        tools += [
+            f"controlnets.{spec.preprocessor}"
+            for spec in self.controlnets
+            if spec.preprocessor in TEMPORAL_NET and spec.enabled
         ]
         if not self.do_add_noise:
             tools.append("do_add_noise=false")

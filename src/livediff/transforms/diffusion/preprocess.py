@@ -2,9 +2,12 @@
 
 ``canny`` (OpenCV's Canny: Sobel ridges as kornia finds them, a sync-free hysteresis),
 ``depth`` (Depth Anything V2 Small through transformers, loaded on first use like the other
-models) and ``passthrough`` (the frame itself). Input and output are (B, 3, H, W) float32 RGB in
-[0, 1] on the device: no PIL, no host round trip, and no host wait: every constant (the grey
-weights, the Sobel kernels, ImageNet's mean and std) comes from the device constants made once
+models), ``passthrough`` (the frame itself), and TemporalNet's ``temporal_net`` and
+``temporal_net_tensorrt`` (:mod:`livediff.transforms.diffusion.temporal_net`: the session's
+previous output, and a pure-torch pyramidal Lucas-Kanade optical flow). Input and output are
+(B, 3, H, W) float32 RGB in [0, 1] on the device (TemporalNet2's output: 6 channels): no PIL,
+no host round trip, and no host wait: every constant (the grey weights, the Sobel kernels,
+ImageNet's mean and std) comes from the device constants made once
 (:func:`livediff.pixels.device.constant`), where ``torch.tensor(values, device=cuda)`` would
 wait for the CUDA stream on every batch.
 """
@@ -21,6 +24,12 @@ import torch.nn.functional as F
 from livediff.config import Settings
 from livediff.pixels.device import constant
 from livediff.transforms.diffusion.models import locate_depth_model
+from livediff.transforms.diffusion.temporal_net import (
+    FLOW_FROM,
+    PREVIOUS,
+    previous_outputs,
+    temporal_net2,
+)
 
 #: ImageNet statistics Depth Anything was trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,12 +60,18 @@ class Preprocessors:
         self._depth: Any = None
 
     def __call__(self, kind: str, images: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
+        """Control images for ``images``; TemporalNet's kinds also read each frame's history
+        from ``params`` (``previous``, ``flow_from``: one tensor or None per frame)."""
         if kind == "canny":
             return canny(images, float(params["low_threshold"]), float(params["high_threshold"]))
         if kind == "depth":
             return self.depth(images, int(params["detect_resolution"]))
         if kind == "passthrough":
             return images.clamp(0, 1)
+        if kind == "temporal_net":
+            return previous_outputs(images, params.get(PREVIOUS) or [None] * len(images))
+        if kind == "temporal_net_tensorrt":
+            return self.temporal_net2(images, params)
         raise ValueError(f"unknown preprocessor {kind!r}")
 
     @torch.inference_mode()
@@ -77,6 +92,17 @@ class Preprocessors:
         span = highest - lowest
         scaled = (depth - lowest) / torch.where(span > 0, span, torch.ones_like(span))
         return scaled.expand(-1, 3, -1, -1).contiguous()
+
+    @torch.inference_mode()
+    def temporal_net2(self, images: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
+        """TemporalNet2's 6-channel control images."""
+        count = len(images)
+        return temporal_net2(
+            images,
+            params.get(PREVIOUS) or [None] * count,
+            params.get(FLOW_FROM) or [None] * count,
+            float(params["flow_strength"]),
+        )
 
     def _depth_model(self) -> Any:
         if self._depth is None:

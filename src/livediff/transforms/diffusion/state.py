@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from livediff.transforms.diffusion.feature_bank import FeatureBankHistory
 from livediff.transforms.diffusion.filter import SimilarityFilter
 from livediff.transforms.diffusion.params import DiffusionParams
 from livediff.transforms.diffusion.prompts import PromptEncoder
@@ -59,11 +60,18 @@ class SessionCache:
     #: and the smoothed strength (1,) it chose, both on the device.
     motion_input: torch.Tensor | None = None
     motion_strength: torch.Tensor | None = None
+    #: TemporalNet2's history: the last input frame (1, 3, H, W) in [0, 1], the start of the
+    #: optical flow to the next one.
+    flow_input: torch.Tensor | None = None
+    #: The feature bank (``cached_attention``): keys and values of earlier frames, per layer.
+    bank: FeatureBankHistory | None = None
 
     def forget_history(self) -> None:
-        """Drop the temporal tools' history (the next frame starts without feedback, and the
-        motion controller from its ``min_strength``)."""
-        self.previous_image = self.previous_latent = None
+        """Drop the temporal tools' history (the next frame starts without feedback, an empty
+        feature bank, TemporalNet from its own frame, and the motion controller from its
+        ``min_strength``)."""
+        self.previous_image = self.previous_latent = self.flow_input = None
+        self.bank = None
         self.forget_motion()
 
     def forget_motion(self) -> None:
@@ -106,6 +114,8 @@ def follow_params(
     """Bring ``state``'s embeddings, noise, coefficients and buffers in line with ``params``."""
     prompt_key = (params.weighted_prompts(), params.negative_prompt)
     if prompt_key != state.prompt_key:
+        if state.prompt_key is not None and params.prompt_clears_history:
+            state.forget_history()
         state.cond = prompts.blend(params.weighted_prompts())
         state.uncond = None
         state.prompt_key = prompt_key

@@ -15,6 +15,9 @@ each ``{"enabled": true, "processors": [{"type": ..., "enabled": true, "params":
 ``s`` is ``params.feedback_strength`` in [0, 1] (0.5 by default). A processor's ``params`` are
 checked against its type: a wrong key or value is a 422 naming
 ``<block>.processors.N.params.KEY``; an unknown ``type`` is a 422 on ``...processors.N.type``.
+
+``cached_attention`` (ai-runner's ``CachedAttentionConfig``): StreamV2V's feature bank, see
+``feature_bank.py``. ``motion_noise``: the motion-aware noise controller (livediff's own block).
 """
 
 from __future__ import annotations
@@ -113,6 +116,29 @@ class LatentProcessing(_Processing):
     def strengths(self) -> tuple[float, ...]:
         """The feedback strengths of the active processors, in order (empty: nothing to do)."""
         return self._strengths(self.processors)
+
+
+#: The most earlier frames one self-attention layer may attend to (Livepeer's bound).
+MAX_BANK_FRAMES = 4
+#: The longest refresh interval, in frames (Livepeer's: a minute at 24 fps).
+MAX_BANK_INTERVAL = 1440
+
+
+class CachedAttention(BaseModel):
+    """StreamV2V's feature bank (``cached_attention``): every self-attention layer of the UNet
+    also attends to the keys and values it computed for up to ``max_frames`` earlier frames of
+    the same session at the same denoising step; the bank takes the newest frame's every
+    ``interval`` frames (the oldest leaves). Live: no reload, no recompile."""
+
+    model_config = _STRICT
+
+    enabled: bool = Field(True, description="On when the block is sent (Livepeer's default).")
+    max_frames: int = Field(
+        1, ge=1, le=MAX_BANK_FRAMES, description="Earlier frames each self-attention sees."
+    )
+    interval: int = Field(
+        1, ge=1, le=MAX_BANK_INTERVAL, description="Frames between two refreshes of the bank."
+    )
 
 
 class MotionNoise(BaseModel):

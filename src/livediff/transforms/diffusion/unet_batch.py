@@ -42,11 +42,18 @@ from livediff.transforms.diffusion.bundle import ModelBundle
 from livediff.transforms.diffusion.clock import StageClock
 from livediff.transforms.diffusion.control import ControlNetPool, RowControl, residuals
 from livediff.transforms.diffusion.control_params import ControlNetSpec
+from livediff.transforms.diffusion.feature_bank import (
+    BankCall,
+    BankRows,
+    FeatureBankHistory,
+    install_feature_bank,
+)
 from livediff.transforms.diffusion.params import DiffusionParams
 from livediff.transforms.diffusion.prompts import PromptEncoder
 from livediff.transforms.diffusion.schedule import STEP_DTYPE, Schedule, StepTable
 from livediff.transforms.diffusion.shapes import PaddedCall, cudnn_autotuning
 from livediff.transforms.diffusion.state import LatentShape, SessionCache, follow_params
+from livediff.transforms.diffusion.temporal_net import history
 
 #: Frames (B, 3, H, W) in [0, 1] -> control images of the same shape, by preprocessor and params.
 Preprocess = Callable[[str, torch.Tensor, Mapping[str, Any]], torch.Tensor]
@@ -116,6 +123,9 @@ class UNetBatch:
         self.preprocess = preprocess
         #: A ControlNet no frame used for this long is freed.
         self.controlnet_idle_s = 30.0
+        if bundle.bank is None:  # prepare() installs it before compiling
+            bundle.bank = install_feature_bank(bundle.uncompiled_unet)
+        self.bank = bundle.bank
         self._unet_call = PaddedCall(
             self._unet_forward, buckets, static_buffers=cuda_graphs, name="unet"
         )
@@ -215,7 +225,10 @@ class UNetBatch:
         x_model = x_t.to(self.dtype)  # the step arithmetic stays in STEP_DTYPE
         extra = self._control_residuals(group, x_model, timesteps, embeddings)
         self._mark("controlnet")
-        output = self.unet(x_model, timesteps, embeddings, extra).to(STEP_DTYPE)
+        bank = self._bank_call(group)
+        output = self.unet(x_model, timesteps, embeddings, extra, bank).to(STEP_DTYPE)
+        if bank is not None:
+            bank.store()
         self._mark("unet")
         finished: list[_Entry] = []
         finished_latents: list[torch.Tensor] = []
@@ -278,6 +291,17 @@ class UNetBatch:
                 )
             )
         )
+
+    # -- the feature bank -------------------------------------------------------------------------
+    def _bank_call(self, group: list[_Entry]) -> BankCall | None:
+        """The group's feature-bank call, None when no session of it uses the bank (a session
+        that turned it off drops its bank here)."""
+        for entry in group:
+            if not entry.params.cached_attention.enabled:
+                entry.state.bank = None
+        if not any(entry.params.cached_attention.enabled for entry in group):
+            return None
+        return BankCall([_bank_rows(entry) for entry in group], self.device)
 
     # -- the stream batch -------------------------------------------------------------------------
     def _unet_inputs(self, group: list[_Entry]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -375,17 +399,22 @@ class UNetBatch:
         timesteps: torch.Tensor,
         embeddings: torch.Tensor,
         residuals: tuple[torch.Tensor, ...] | None = None,
+        bank: BankCall | None = None,
     ) -> torch.Tensor:
         """The UNet's noise estimate (in the model's dtype; ``x_t`` is cast to it).
 
-        With ``residuals`` (ControlNets' down blocks..., mid) the UNet runs uncompiled and
-        unpadded: the compiled one is planned for its plain call only, and a variant with
-        residuals would compile (and record graphs) while serving."""
+        With ``residuals`` (ControlNets' down blocks..., mid) or a feature ``bank`` the UNet
+        runs uncompiled and unpadded: the compiled one is planned for its plain call only, and
+        a variant would compile (and record graphs) while serving."""
         x_t = x_t.to(self.dtype).contiguous(memory_format=self.memory_format)
-        if residuals is None:
+        if residuals is None and bank is None:
             return cast(torch.Tensor, self._unet_call(x_t, timesteps, embeddings))
         unet = self.bundle.uncompiled_unet
-        return _run_unet(unet, x_t, timesteps, embeddings, *residuals)
+        if bank is None:
+            return _run_unet(unet, x_t, timesteps, embeddings, *(residuals or ()))
+        assert self.bank is not None
+        with self.bank.active(bank):
+            return _run_unet(unet, x_t, timesteps, embeddings, *(residuals or ()))
 
     @torch.inference_mode()
     def precompile(self, width: int, height: int) -> None:
@@ -447,7 +476,9 @@ class UNetBatch:
 
     def _update_control_images(self, group: list[_Entry]) -> None:
         """Each new frame's control images, one preprocessor call per kind and params for the
-        whole group; kept per session with its frames in flight (newest first)."""
+        whole group; kept per session with its frames in flight (newest first). TemporalNet's
+        kinds also get each session's history (its previous output, and for TemporalNet2 its
+        previous input, which this frame then replaces)."""
         assert self.preprocess is not None
         wanted: dict[tuple[Any, ...], list[_Entry]] = defaultdict(list)
         for entry in group:
@@ -456,9 +487,37 @@ class UNetBatch:
         for key, entries in wanted.items():
             kind, params = key[0], dict(key[1])
             frames = torch.cat([(entry.image.to(torch.float32) + 1) / 2 for entry in entries])
+            params.update(history(kind, [entry.state for entry in entries]))
             images = self.preprocess(kind, frames, params)
             for entry, image in zip(entries, images.tensor_split(len(entries)), strict=True):
                 entry.state.push_control(key, image)
+        _remember_flow_inputs(group)
+
+
+def _remember_flow_inputs(group: list[_Entry]) -> None:
+    """Each session's new frame (1, 3, H, W) in [0, 1], where TemporalNet2's next flow starts;
+    a session that does not use TemporalNet2 keeps none (a later one starts afresh)."""
+    for entry in group:
+        specs = entry.params.controlnets
+        flows = any(spec.preprocessor == "temporal_net_tensorrt" for spec in specs)
+        entry.state.flow_input = (entry.image.to(torch.float32) + 1) / 2 if flows else None
+
+
+def _bank_rows(entry: _Entry) -> BankRows:
+    """The entry's rows in a feature-bank call: its bank (made, or trimmed to ``max_frames``),
+    and whether this frame refreshes it (an empty bank, or ``interval`` frames since the last)."""
+    table, settings, state = entry.table, entry.params.cached_attention, entry.state
+    assert table is not None
+    steps, row_steps = table.steps, tuple(entry.row_steps)
+    if not settings.enabled:
+        return BankRows(entry.rows, row_steps, None, refresh=False, steps=steps, keep=1)
+    history = state.bank
+    if history is None or history.steps != steps:
+        history = state.bank = FeatureBankHistory(steps)
+    history.trim(settings.max_frames)
+    history.since_refresh += 1
+    refresh = history.frames == 0 or history.since_refresh >= settings.interval
+    return BankRows(entry.rows, row_steps, history, refresh, steps, settings.max_frames)
 
 
 def _renoised(
