@@ -23,6 +23,10 @@ ARG AI_RUNNER_REF=v0.14.1
 # The CUDA 12.8 build of torch, as ai-runner's own live pipelines use on this base.
 ARG TORCH_VERSION=2.7.1
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# torchvision of that torch, and timm: the safety filter's classifier (Freepik/nsfw_image_detector,
+# an EVA-02) loads through transformers' timm wrapper, and timm imports torchvision.
+ARG TORCHVISION_VERSION=0.22.1
+ARG TIMM_VERSION=1.0.31
 ARG PYTHON_VERSION=3.11
 
 WORKDIR /app
@@ -43,6 +47,13 @@ RUN uv venv --python "${PYTHON_VERSION}" /app/.venv
 # hadolint ignore=DL3059
 RUN uv pip install --no-cache --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}+cu128"
 
+# 1b. torchvision (PyTorch's index, like torch) and timm for the safety filter; no dependencies
+#     of their own here: torch is above, numpy, Pillow, PyYAML and the hub come with the lock.
+# hadolint ignore=DL3059
+RUN uv pip install --no-cache --no-deps --index-url "${TORCH_INDEX}" \
+        "torchvision==${TORCHVISION_VERSION}+cu128" \
+    && uv pip install --no-cache --no-deps "timm==${TIMM_VERSION}"
+
 # 2. Every other dependency of livediff and of ai-runner, exactly as locked (hash-checked;
 #    docker/lock.sh makes the lock, which is complete but for torch).
 COPY docker/requirements.lock docker/requirements.lock
@@ -58,7 +69,7 @@ COPY pyproject.toml README.md ./
 COPY src/ src/
 COPY web/ web/
 RUN uv pip install --no-cache --no-deps . \
-    && python -c "import livediff.livepeer.airunner.pipeline, livediff.livepeer.native.app, runner.app"
+    && python -c "import livediff.livepeer.airunner.pipeline, livediff.livepeer.native.app, runner.app, timm"
 
 # 5. The entry point that picks the mode (LIVEDIFF_RUNNER); executable in the repository.
 COPY docker/entrypoint.sh /usr/local/bin/livediff-entrypoint
@@ -66,7 +77,9 @@ COPY docker/entrypoint.sh /usr/local/bin/livediff-entrypoint
 # Orchestrators mount the models at /models and run this image offline; prepare mode
 # (PREPARE_MODELS=1) goes online by itself. LIVEDIFF_* settings configure the transform,
 # e.g. LIVEDIFF_MODEL, LIVEDIFF_VAE, LIVEDIFF_COMPILE (see docs/orchestrator.md). torch.compile's
-# caches live in /models too, so what prepare mode compiled is reused when serving.
+# caches live in /models too, so what prepare mode compiled is reused when serving. The safety
+# filter is on by default here (LIVEDIFF_SAFETY_CHECKER, the use_safety_checker param's default,
+# as in Livepeer's StreamDiffusion pipeline); prepare mode fetches its classifier.
 ENV MODEL_DIR=/models \
     HUGGINGFACE_HUB_CACHE=/models \
     HF_HUB_OFFLINE=1 \
@@ -76,6 +89,7 @@ ENV MODEL_DIR=/models \
     LIVEDIFF_DEVICE=cuda \
     LIVEDIFF_HOST=0.0.0.0 \
     LIVEDIFF_H264_PRESET=superfast \
+    LIVEDIFF_SAFETY_CHECKER=1 \
     LIVEDIFF_RUNNER=ai-runner \
     PIPELINE=live-video-to-video \
     MODEL_ID=livediff

@@ -56,7 +56,7 @@ from livediff.engine.slot import SlotClosedError
 from livediff.frames import Frame, Image
 from livediff.pixels import to_video_frame
 from livediff.testing.models import build_components
-from livediff.testing.reference import diffusers_img2img
+from livediff.testing.reference import diffusers_img2img, diffusers_sdxl_img2img
 from livediff.transforms.diffusion.bundle import ModelBundle
 from livediff.transforms.diffusion.clock import StageClock
 from livediff.transforms.diffusion.models import ModelChoice
@@ -81,13 +81,18 @@ class RandomWeightsTransform(DiffusionTransform):
     def load_bundle(self, choice: ModelChoice) -> ModelBundle:
         device = "cuda" if torch.cuda.is_available() and self.device.startswith("cuda") else "cpu"
         parts = build_components(self.preset, device=device)
-        return ModelBundle(
+        bundle = ModelBundle(
             unet=parts["unet"].to(self._dtype),
             vae=parts["taesd"].to(self._dtype),
             text_encoder=parts["text_encoder"].to(self._dtype),
             tokenizer=parts["tokenizer"],
             scheduler=parts["scheduler"],
         )
+        if "text_encoder_2" in parts:  # the SDXL family
+            bundle.text_encoder_2 = parts["text_encoder_2"].to(self._dtype)
+            bundle.tokenizer_2 = parts["tokenizer_2"]
+            bundle.zeros_for_empty_prompt = True
+        return bundle
 
 
 class VideoFrames:
@@ -140,7 +145,7 @@ def write_depth_model(folder: Path, preset: str) -> str:
     """A random Depth Anything (V2 Small's shape for sd-turbo, a tiny one otherwise)."""
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
 
-    small = preset == "sd-turbo"
+    small = preset in ("sd-turbo", "sdxl-turbo")
     backbone = Dinov2Config(
         hidden_size=384 if small else 32,
         num_hidden_layers=12 if small else 2,
@@ -438,7 +443,7 @@ def diffusers_runs(engine: Engine, args: argparse.Namespace, report: Report) -> 
     bundle = engine.transform.unet_batch.bundle  # type: ignore[attr-defined]
     device = torch.device(engine.transform.device)
     try:
-        pipe = diffusers_img2img(bundle)
+        pipe = diffusers_sdxl_img2img(bundle) if bundle.sdxl else diffusers_img2img(bundle)
         dtype = next(bundle.unet.parameters()).dtype
         image = torch.rand((1, 3, args.size, args.size), device=device, dtype=dtype)
         for steps in args.steps:
@@ -528,7 +533,9 @@ async def main(args: argparse.Namespace) -> Report:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "sd-turbo"])
+    parser.add_argument(
+        "--preset", default="tiny", choices=["tiny", "sd-turbo", "tiny-sdxl", "sdxl-turbo"]
+    )
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], choices=[1, 2, 4])

@@ -153,7 +153,7 @@ def run_script(out: Path, *options: str, frames: int = 2) -> subprocess.Complete
     )
 
 
-@pytest.mark.parametrize("suite", ["engine", "next"])
+@pytest.mark.parametrize("suite", ["engine", "next", "models"])
 def test_each_suite_fits_the_deadline(suite: str, tmp_path: Path) -> None:
     done = run_script(tmp_path, "--plan", "--suite", suite)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -234,3 +234,23 @@ def test_the_next_suites_dry_run_measures_every_temporal_setting(tmp_path: Path)
     for name, row in rows.items():
         assert row["ms_per_frame"] > 0, (name, row)
         assert "failed" not in row and "skipped" not in row, (name, row)
+
+
+@pytest.mark.slow
+def test_the_models_suites_dry_run_measures_sdxl(tmp_path: Path) -> None:
+    done = run_script(tmp_path, "--dry-run", "--suite", "models")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "run.txt",
+        "sdxl-1024.json",
+        "sdxl-1024.txt",
+        "sdxl-512.json",
+        "sdxl-512.txt",
+    ]
+    small = check_report(tmp_path / "sdxl-512.json", compiled=False)
+    assert small["config"]["preset"] == "tiny-sdxl"
+    cases = [row["case"] for row in small["livediff"]]
+    assert "controlnets=canny" in cases and "sessions=4" in cases
+    assert [row["steps"] for row in small["diffusers"]] == [1]
+    large = check_report(tmp_path / "sdxl-1024.json", compiled=False)
+    assert large["config"]["size"] == 128 and not large.get("diffusers")

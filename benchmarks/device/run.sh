@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one call on the lent GPU machine (README.md beside this file), from the repository root:
 #
-#   bash benchmarks/device/run.sh [--suite engine|next]      # there, with carry: [".whl"]
-#   OUT=DIR bash benchmarks/device/run.sh --dry-run [--suite engine|next]     # here, on the CPU
+#   bash benchmarks/device/run.sh [--suite engine|next|models]      # there, with carry: [".whl"]
+#   OUT=DIR bash benchmarks/device/run.sh --dry-run [--suite engine|next|models]     # here, on the CPU
 #
 # Runs one suite's steps (suites.sh) in order, each under its own timeout, the whole within
 # DEADLINE_S, and writes to $OUT (default /tmp/out) as it goes: run.txt (the machine, the plan,
@@ -22,7 +22,7 @@ DEADLINE_S=450
 SETUP_BUDGET_S=30
 
 usage() {
-    echo "usage: [OUT=DIR] $0 [--suite engine|next] [--dry-run] [--plan]" >&2
+    echo "usage: [OUT=DIR] $0 [--suite engine|next|models] [--dry-run] [--plan]" >&2
     exit 2
 }
 
@@ -136,9 +136,11 @@ EOF
 if ((DRY_RUN)); then
     PYTHON=${PYTHON:-python3}
     PRESET=tiny SIZE=64 BACKEND=eager FRAMES=${FRAMES:-4}
+    SDXL_PRESET=tiny-sdxl LARGE_SIZE=128
 else
     PYTHON=python3
     PRESET=sd-turbo SIZE=512 BACKEND=inductor FRAMES=${FRAMES:-40}
+    SDXL_PRESET=sdxl-turbo LARGE_SIZE=1024
 fi
 BENCH=("$PYTHON" benchmarks/gpu_engine.py --preset "$PRESET" --size "$SIZE" --frames "$FRAMES"
     --compile-backend "$BACKEND" --compile-mode reduce-overhead

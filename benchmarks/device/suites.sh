@@ -11,7 +11,9 @@
 # run.txt: the device tool brings back 8.
 #
 # What run.sh sets for the steps: PYTHON; BENCH, benchmarks/gpu_engine.py with the run's preset
-# and size (sd-turbo at 512 on the GPU, the tiny model at 64 in a dry run), frames, compile
+# and size (sd-turbo at 512 on the GPU, the tiny model at 64 in a dry run; a later --preset or
+# --size wins: SDXL_PRESET is sdxl-turbo on the GPU and tiny-sdxl in a dry run, LARGE_SIZE 1024
+# and 128), frames, compile
 # backend (inductor, or eager in a dry run) and row timeout; GPU_TESTS, the test files that hold
 # gpu-marked tests; PYTEST, pytest with the options of an unattended run; OUT.
 
@@ -38,4 +40,15 @@ suite_next() {
     step temporal 150 "$PYTHON" benchmarks/temporal.py --preset "$PRESET" --size "$SIZE" \
         --frames $((FRAMES > 3 ? FRAMES : 3)) --still $((FRAMES / 2)) --repeats 1 \
         --out "$OUT" --name temporal
+}
+
+# The third run, of the same shape and deadline: issue 22's models. SDXL-Turbo (random weights of
+# the published architecture: two text encoders, 2.6 B UNet, TAESD) eager at 512x512 (1 step;
+# 1, 2 and 4 sessions; a ControlNet; diffusers' SDXL img2img beside it) and at 1024x1024.
+suite_models() {
+    step sdxl-512 170 "${BENCH[@]}" --preset "$SDXL_PRESET" --compile off --steps 1 \
+        --sessions 1 2 4 --controlnets none canny --json "$OUT/sdxl-512.json"
+    step sdxl-1024 170 "${BENCH[@]}" --preset "$SDXL_PRESET" --size "$LARGE_SIZE" \
+        --compile off --steps 1 --sessions 1 2 --controlnets --no-diffusers \
+        --json "$OUT/sdxl-1024.json"
 }

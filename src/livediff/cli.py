@@ -183,11 +183,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="also fetch this ControlNet (hub id; repeat for several) and the depth model",
     )
     prepare.add_argument(
+        "--lora",
+        dest="loras",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="also fetch this LoRA (hub id of a repo with a LoRA safetensors file; repeat for"
+        " several), e.g. latent-consistency/lcm-lora-sdv1-5 for use_lcm_lora",
+    )
+    prepare.add_argument(
         "--depth-model",
         dest="depth_model",
         default=None,
         help="the depth preprocessor's model to fetch (default "
         f"{Settings.model_fields['depth_model'].default})",
+    )
+    prepare.add_argument(
+        "--safety-model",
+        dest="safety_model",
+        default=None,
+        help="the safety filter's NSFW classifier to fetch (fetched anyway when"
+        f" LIVEDIFF_SAFETY_CHECKER is on; default {Settings.model_fields['safety_model'].default})",
     )
     add_tls_cert_parser(commands)
     add_bench_parser(commands)
@@ -289,6 +305,8 @@ def prepare_models(args: argparse.Namespace) -> int:
         download,
         locate_controlnet,
         locate_depth_model,
+        locate_lora,
+        locate_safety_model,
     )
 
     settings = settings_from_args(args)
@@ -300,6 +318,11 @@ def prepare_models(args: argparse.Namespace) -> int:
     if args.controlnets or args.depth_model:
         depth = args.depth_model or settings.depth_model
         print(f"depth: {locate_depth_model(depth, settings.model_dir, download=True)}")
+    if settings.safety_checker or args.safety_model:
+        safety = args.safety_model or settings.safety_model
+        print(f"safety: {locate_safety_model(safety, settings.model_dir, download=True)}")
+    for lora_id in args.loras:
+        print(f"lora: {locate_lora(lora_id, settings.model_dir, download=True)}")
     return 0
 
 

@@ -24,6 +24,12 @@ LogFormat = Literal["text", "json"]
 #: The diffusion model and VAE a fresh install serves (the one place these names are written).
 DEFAULT_MODEL = "stabilityai/sd-turbo"
 DEFAULT_VAE = "madebyollin/taesd"
+#: The safety filter's NSFW classifier: Livepeer's StreamDiffusion default (an EVA-02 at 448 px
+#: with the levels neutral, low, medium, high; transformers loads it through timm).
+DEFAULT_SAFETY_MODEL = "Freepik/nsfw_image_detector"
+#: The Tiny AutoEncoder of the SDXL family's latents: the default VAE stands for it when the
+#: model is of that family (its UNet's config says so).
+DEFAULT_SDXL_VAE = "madebyollin/taesdxl"
 
 
 class Settings(BaseSettings):
@@ -209,7 +215,7 @@ class Settings(BaseSettings):
     # -- diffusion (--pipeline diffusion; livediff.transforms.diffusion) --------------------
     model: str = Field(
         DEFAULT_MODEL,
-        description="Diffusers model: hub id (SD 1.5 / 2.1 / sd-turbo family) or local folder.",
+        description="Diffusers model: hub id or local folder (SD 1.5 / 2.1 / sd-turbo, SDXL).",
     )
     vae: str = Field(
         DEFAULT_VAE,
@@ -230,6 +236,16 @@ class Settings(BaseSettings):
     depth_model: str = Field(
         "depth-anything/Depth-Anything-V2-Small-hf",
         description="Depth model of the 'depth' ControlNet preprocessor (hub id or folder).",
+    )
+    safety_checker: bool = Field(
+        False,
+        description="Default of the use_safety_checker param: replace the output frames the"
+        " NSFW classifier flags (off for serve; the orchestrator image turns it on).",
+    )
+    safety_model: str = Field(
+        DEFAULT_SAFETY_MODEL,
+        description="NSFW image classifier of the safety filter (hub id or folder; loaded with"
+        " transformers' AutoModelForImageClassification).",
     )
     prompt_cache_size: int = Field(64, ge=1, description="Prompt embeddings kept per worker.")
     compile_backend: str = Field(

@@ -65,6 +65,12 @@ class Metrics:
             ["stage"],
             registry=reg,
         )
+        self.frames_filtered = Counter(
+            "livediff_frames_filtered_total",
+            "Output frames the safety filter flagged as NSFW and replaced (by the session's"
+            " last safe output, or a black frame) before they were sent.",
+            registry=reg,
+        )
         self.transform_errors = Counter(
             "livediff_transform_errors_total", "Frames on which the transform raised.", registry=reg
         )
@@ -209,6 +215,10 @@ class SessionStats:
         self._metrics.frames_processed.inc()
         self._metrics.stage_seconds.labels("queue").observe(times.started - times.received)
         self._metrics.stage_seconds.labels("process").observe(times.finished - times.started)
+
+    def on_filtered(self) -> None:
+        """Count an output the safety filter replaced."""
+        self._metrics.frames_filtered.inc()
 
     def on_error(self) -> None:
         with self._lock:

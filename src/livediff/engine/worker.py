@@ -506,6 +506,8 @@ class Worker:
         for (session, job), outcome in zip(batch, outcomes, strict=True):
             if job.skipped:
                 session.stats.on_dropped("similarity")
+            if job.filtered:
+                session.stats.on_filtered()
             if outcome.error is None:
                 session.complete(job, outcome.image, finished)
             else:

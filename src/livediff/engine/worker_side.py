@@ -154,7 +154,14 @@ class WorkerSide:
 
     def _reload_if_needed(self, old: TransformParams, new: TransformParams, others: int) -> None:
         """The reload policy. One model serves every session, so only a session alone may
-        change it; a reload warms the new model up before any frame reaches it."""
+        change it; a reload warms the new model up before any frame reaches it. The same
+        holds for what changes every session's output without a reload (LoRA weights)."""
+        if others and self._transform.affects_others(new):
+            self._metrics.reloads_refused.inc()
+            raise ModelInUseError(
+                f"these params change weights the loaded model shares with {others} other "
+                "session(s) (its LoRAs); change them when no other session is open"
+            )
         if not self._transform.requires_reload(old, new):
             return
         if others:

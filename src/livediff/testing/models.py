@@ -137,15 +137,69 @@ TINY_TAESD: dict[str, Any] = {
 }
 
 
+# -- sdxl-turbo (stabilityai/sdxl-turbo), as published --------------------------------------------
+SDXL_TURBO_UNET: dict[str, Any] = {
+    **SD_TURBO_UNET,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20],
+    "cross_attention_dim": 2048,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    # six time ids of 256 each, and text encoder 2's 1280-wide pooled projection
+    "projection_class_embeddings_input_dim": 2816,
+}
+#: Text encoder 1: CLIP ViT-L/14's text tower.
+SDXL_TEXT_ENCODER: dict[str, Any] = {
+    **SD_TURBO_TEXT_ENCODER,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
+#: Text encoder 2: OpenCLIP ViT-bigG/14's text tower, with its projection.
+SDXL_TEXT_ENCODER_2: dict[str, Any] = {
+    **SD_TURBO_TEXT_ENCODER,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "projection_dim": 1280,
+}
+SDXL_VAE: dict[str, Any] = {**SD_TURBO_VAE, "sample_size": 1024, "scaling_factor": 0.13025}
+SDXL_TURBO_SCHEDULER: dict[str, Any] = {
+    **SD_TURBO_SCHEDULER,
+    "_class_name": "EulerAncestralDiscreteScheduler",
+}
+# -- tiny SDXL: the same architecture, text encoders of 16 and 16 (+16 projected) --------------
+TINY_SDXL_UNET: dict[str, Any] = {
+    **TINY_UNET,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2],
+    "cross_attention_dim": 32,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 6 * 8 + 16,
+}
+TINY_VAE_SDXL: dict[str, Any] = {**TINY_VAE, "scaling_factor": 0.13025}
+
+
 @dataclass(frozen=True)
 class Preset:
-    """Configs of every component of one model family."""
+    """Configs of every component of one model family (``text_encoder_2``: the SDXL
+    family's second text encoder, with its projection)."""
 
     unet: dict[str, Any]
     text_encoder: dict[str, Any]
     vae: dict[str, Any]
     taesd: dict[str, Any]
     scheduler: dict[str, Any]
+    text_encoder_2: dict[str, Any] | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -153,6 +207,23 @@ PRESETS: dict[str, Preset] = {
         SD_TURBO_UNET, SD_TURBO_TEXT_ENCODER, SD_TURBO_VAE, TAESD, SD_TURBO_SCHEDULER
     ),
     "tiny": Preset(TINY_UNET, TINY_TEXT_ENCODER, TINY_VAE, TINY_TAESD, SD_TURBO_SCHEDULER),
+    "sdxl-turbo": Preset(
+        SDXL_TURBO_UNET,
+        SDXL_TEXT_ENCODER,
+        SDXL_VAE,
+        TAESD,
+        SDXL_TURBO_SCHEDULER,
+        SDXL_TEXT_ENCODER_2,
+    ),
+    # Euler (not ancestral) so that one step is deterministic against diffusers' pipeline
+    "tiny-sdxl": Preset(
+        TINY_SDXL_UNET,
+        TINY_TEXT_ENCODER,
+        TINY_VAE_SDXL,
+        TINY_TAESD,
+        SD_TURBO_SCHEDULER,
+        TINY_TEXT_ENCODER,
+    ),
 }
 
 
@@ -237,13 +308,21 @@ def build_components(name: str, *, seed: int = 0, device: str = "cpu") -> dict[s
             "vae": diffusers.AutoencoderKL(**chosen.vae),
             "taesd": diffusers.AutoencoderTiny(**chosen.taesd),
         }
+        if chosen.text_encoder_2 is not None:
+            components["text_encoder_2"] = transformers.CLIPTextModelWithProjection(
+                transformers.CLIPTextConfig(**chosen.text_encoder_2)
+            )
     with tempfile.TemporaryDirectory() as scratch:
         folder = write_tokenizer(Path(scratch) / "tokenizer")
         components["tokenizer"] = transformers.CLIPTokenizer.from_pretrained(folder)
-    components["scheduler"] = diffusers.EulerDiscreteScheduler.from_config(chosen.scheduler)
-    for module in ("unet", "text_encoder", "vae", "taesd"):
-        components[module].eval()
-    if name == "tiny":
+        if chosen.text_encoder_2 is not None:
+            components["tokenizer_2"] = components["tokenizer"]
+    scheduler_class = getattr(diffusers, chosen.scheduler["_class_name"])
+    components["scheduler"] = scheduler_class.from_config(chosen.scheduler)
+    for module in ("unet", "text_encoder", "text_encoder_2", "vae", "taesd"):
+        if module in components:
+            components[module].eval()
+    if name.startswith("tiny"):
         spread_decoder_output(components["taesd"], components["taesd"].decoder.layers[-1])
         spread_decoder_output(components["vae"], components["vae"].decoder.conv_out)
     return components
@@ -280,12 +359,16 @@ def write_model_folder(folder: Path | str, name: str = "tiny", *, seed: int = 0)
     root = Path(folder)
     model_dir, taesd_dir = root / "model", root / "taesd"
     components = build_components(name, seed=seed)
-    for part in ("unet", "text_encoder", "vae", "scheduler"):
+    sdxl = "text_encoder_2" in components
+    parts = ["unet", "text_encoder", "vae", "scheduler"] + (["text_encoder_2"] if sdxl else [])
+    for part in parts:
         components[part].save_pretrained(model_dir / part)
-    write_tokenizer(model_dir / "tokenizer")
+    for tokenizer in ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",):
+        write_tokenizer(model_dir / tokenizer)
     components["taesd"].save_pretrained(taesd_dir)
     _drop_config_keys(taesd_dir / "config.json", "block_out_channels")
-    (model_dir / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
+    index = _sdxl_model_index() if sdxl else _model_index()
+    (model_dir / "model_index.json").write_text(json.dumps(index, indent=2))
     return ModelFolders(model=model_dir, taesd=taesd_dir)
 
 
@@ -320,6 +403,18 @@ def _model_index() -> dict[str, Any]:
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def _sdxl_model_index() -> dict[str, Any]:
+    """An SDXL pipeline's index, as sdxl-turbo's (an empty negative prompt is zeros)."""
+    return {
+        **_model_index(),
+        "_class_name": "StableDiffusionXLPipeline",
+        "force_zeros_for_empty_prompt": True,
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "image_encoder": [None, None],
     }
 
 

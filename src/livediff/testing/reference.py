@@ -29,3 +29,23 @@ def diffusers_img2img(bundle: ModelBundle) -> Any:
     pipe = AutoPipelineForImage2Image.from_pipe(text2img)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def diffusers_sdxl_img2img(bundle: ModelBundle) -> Any:
+    """diffusers' ``StableDiffusionXLImg2ImgPipeline`` sharing an SDXL ``bundle``'s components
+    (no copies), with the bundle's rule for an empty negative prompt."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    pipe: Any = StableDiffusionXLImg2ImgPipeline(  # type: ignore[no-untyped-call]
+        vae=bundle.vae,
+        text_encoder=bundle.text_encoder,
+        text_encoder_2=bundle.text_encoder_2,
+        tokenizer=bundle.tokenizer,
+        tokenizer_2=bundle.tokenizer_2,
+        unet=bundle.uncompiled_unet,
+        scheduler=bundle.scheduler,
+        requires_aesthetics_score=False,
+        force_zeros_for_empty_prompt=bundle.zeros_for_empty_prompt,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -54,6 +54,9 @@ class Job(Generic[ParamsT, StateT, StagedT]):
     #: Set by a transform that repeated an earlier output instead of processing this frame
     #: (e.g. the similarity filter); the engine counts it with the dropped frames.
     skipped: bool = False
+    #: Set by a transform whose safety filter replaced this frame's output (it was never
+    #: sent); the engine counts it in ``livediff_frames_filtered_total``.
+    filtered: bool = False
     #: The transform's own: what :meth:`Transform.stage` started for this job (e.g. pixels
     #: already on their way to the device); None when nothing was staged.
     staged: StagedT | None = None
@@ -120,6 +123,12 @@ class Transform(ABC, Generic[ParamsT, StateT, StagedT]):
     def validate_params(self, params: ParamsT) -> None:
         """Refuse params the loaded model cannot serve (raise pydantic's ValidationError, which
         the faces answer with a 422); called before a session takes them."""
+
+    def affects_others(self, params: ParamsT) -> bool:
+        """True when ``params`` change, without a reload, what the loaded model gives every
+        session (the diffusion transform's LoRAs): the engine then allows them only to a
+        session that is alone, as it does a reload."""
+        return False
 
     def requires_reload(self, old: ParamsT, new: ParamsT) -> bool:
         """True when moving from ``old`` to ``new`` params means reloading weights."""

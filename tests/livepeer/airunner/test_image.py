@@ -63,7 +63,12 @@ def test_the_image_builds_on_ai_runner_and_serves_offline_from_models() -> None:
     args = " ".join(rest for keyword, rest in found if keyword == "ARG")
     assert "AI_RUNNER_REF=v0.14.1" in args
     env = " ".join(rest for keyword, rest in found if keyword == "ENV")
-    for setting in ("HF_HUB_OFFLINE=1", "MODEL_DIR=/models", "LIVEDIFF_PIPELINE=diffusion"):
+    for setting in (
+        "HF_HUB_OFFLINE=1",
+        "MODEL_DIR=/models",
+        "LIVEDIFF_PIPELINE=diffusion",
+        "LIVEDIFF_SAFETY_CHECKER=1",  # the safety filter on by default, as in Livepeer's
+    ):
         assert setting in env
     assert found[-1] == ("CMD", '["livediff-airunner"]')
     scripts = pyproject()["project"]["scripts"]  # type: ignore[index]

@@ -30,6 +30,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> ModelFolders:
     return write_model_folder(tmp_path_factory.mktemp("tiny-sd"), "tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> ModelFolders:
+    """A tiny random model of the SDXL family (two text encoders, added conditioning)."""
+    return write_model_folder(tmp_path_factory.mktemp("tiny-sdxl"), "tiny-sdxl", seed=0)
+
+
 def tiny_settings(folders: ModelFolders, **overrides: Any) -> Settings:
     return Settings(**{**tiny_options(folders, SIZE), **overrides})
 

@@ -15,6 +15,7 @@ import torch
 
 from livediff.transforms.diffusion.feature_bank import BankSwitch, install_feature_bank
 from livediff.transforms.diffusion.models import ModelChoice, ModelPaths, UnsupportedModelError
+from livediff.transforms.diffusion.prompts import TextEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,11 @@ class ModelBundle:
     text_encoder: Any
     tokenizer: Any
     scheduler: Any
+    #: SDXL's second text encoder (OpenCLIP ViT-bigG, with a projection) and its tokenizer.
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    #: SDXL: an empty negative prompt is zeros (the pipeline's ``force_zeros_for_empty_prompt``).
+    zeros_for_empty_prompt: bool = False
     #: The UNet as diffusers built it, when ``unet`` is its compiled wrapper (same weights).
     eager_unet: Any = None
     #: The switch of the feature bank's self-attention layers (installed before compiling).
@@ -40,6 +46,19 @@ class ModelBundle:
         """The UNet to call with inputs no compiled plan covers (ControlNet residuals): run
         eager, never compiled while serving."""
         return self.unet if self.eager_unet is None else self.eager_unet
+
+    @property
+    def sdxl(self) -> bool:
+        """The SDXL family: two text encoders, pooled text embeddings and size conditioning
+        (``time_ids``) as the UNet's added conditioning."""
+        return bool(self.unet.config.get("addition_embed_type") == TEXT_TIME)
+
+    @property
+    def text_encoders(self) -> list[TextEncoder]:
+        encoders = [TextEncoder(self.tokenizer, self.text_encoder)]
+        if self.text_encoder_2 is not None:
+            encoders.append(TextEncoder(self.tokenizer_2, self.text_encoder_2))
+        return encoders
 
     @property
     def vae_scale_factor(self) -> int:
@@ -70,22 +89,52 @@ def _transformers() -> Any:
 
 
 def load_bundle(paths: ModelPaths, choice: ModelChoice, dtype: torch.dtype) -> ModelBundle:
-    """Load every component from local folders, on the CPU, in ``dtype`` (see :func:`prepare`)."""
+    """Load every component from local folders, on the CPU, in ``dtype`` (see :func:`prepare`).
+
+    The family comes from the model's own configs (:func:`check_family`), never its name."""
     diffusers, transformers = _diffusers(), _transformers()
+    index = json.loads((paths.model / "model_index.json").read_text())
+    check_family(
+        json.loads((paths.model / "unet" / "config.json").read_text()), index, choice.model
+    )
     unet = diffusers.UNet2DConditionModel.from_pretrained(paths.model / "unet", torch_dtype=dtype)
-    if unet.config.get("addition_embed_type") is not None:
-        raise UnsupportedModelError(
-            f"model {choice.model!r} needs added conditioning (SDXL-style UNet); this transform"
-            " runs the SD 1.5 / SD 2.1 / sd-turbo family"
-        )
     text_encoder = transformers.CLIPTextModel.from_pretrained(paths.model / "text_encoder")
-    return ModelBundle(
+    bundle = ModelBundle(
         unet=unet,
         vae=load_vae(paths.vae, dtype),
         text_encoder=text_encoder.to(dtype),
         tokenizer=transformers.CLIPTokenizer.from_pretrained(paths.model / "tokenizer"),
         scheduler=load_scheduler(paths.model / "scheduler"),
     )
+    if bundle.sdxl:
+        bundle.text_encoder_2 = transformers.CLIPTextModelWithProjection.from_pretrained(
+            paths.model / "text_encoder_2"
+        ).to(dtype)
+        bundle.tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(paths.model / "tokenizer_2")
+        bundle.zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", True))
+    return bundle
+
+
+#: ``addition_embed_type`` of an SDXL UNet: pooled text embeddings and size conditioning.
+TEXT_TIME = "text_time"
+#: SDXL's size conditioning: original size, crop top-left, target size (height, width each).
+TIME_IDS = 6
+
+
+def check_family(unet_config: Any, index: dict[str, Any], name: str) -> None:
+    """Refuse what this transform cannot run, from the configs: another added conditioning
+    than SDXL's, and SDXL refiners (aesthetic-score conditioning, no text encoder 1)."""
+    added = unet_config.get("addition_embed_type")
+    if added not in (None, TEXT_TIME):
+        raise UnsupportedModelError(
+            f"model {name!r} needs added conditioning {added!r}; this transform runs the SD 1.5 /"
+            " SD 2.1 / sd-turbo and SDXL / sdxl-turbo families"
+        )
+    if added == TEXT_TIME and index.get("requires_aesthetics_score", False):
+        raise UnsupportedModelError(
+            f"model {name!r} is an SDXL refiner (aesthetic-score conditioning); use a base or"
+            " turbo model of the SDXL family (e.g. stabilityai/sdxl-turbo)"
+        )
 
 
 def load_vae(folder: Path, dtype: torch.dtype) -> Any:
@@ -142,11 +191,10 @@ def prepare(
     The UNet and text encoder take ``dtype``; the VAE takes ``vae_dtype`` (default: see
     :func:`choose_vae_dtype`)."""
     vae_target = vae_dtype or choose_vae_dtype(bundle.vae, dtype, device)
-    for module, target in (
-        (bundle.unet, dtype),
-        (bundle.text_encoder, dtype),
-        (bundle.vae, vae_target),
-    ):
+    modules = [(bundle.unet, dtype), (bundle.text_encoder, dtype), (bundle.vae, vae_target)]
+    if bundle.text_encoder_2 is not None:
+        modules.append((bundle.text_encoder_2, dtype))
+    for module, target in modules:
         if next(module.parameters()).dtype != target:
             module.to(dtype=target)
         module.to(device=device)

@@ -135,6 +135,8 @@ class ControlNetPool:
             "cross_attention_dim": unet.cross_attention_dim,
             "block_out_channels": list(unet.block_out_channels),
             "in_channels": unet.in_channels,
+            # SDXL's ControlNets read the pooled text and time ids as the UNet does
+            "addition_embed_type": unet.get("addition_embed_type"),
         }
         for key, value in wanted.items():
             found = config.get(key)
@@ -217,14 +219,20 @@ class ControlNetPool:
 
 def _controlnet_forward(model: Any) -> ControlNetForward:
     def forward(
-        x_t: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor, cond: torch.Tensor
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeddings: torch.Tensor,
+        cond: torch.Tensor,
+        *added: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
+        extra = {"added_cond_kwargs": {"text_embeds": added[0], "time_ids": added[1]}}
         down, mid = model(
             x_t,
             timesteps,
             encoder_hidden_states=embeddings,
             controlnet_cond=cond,
             return_dict=False,
+            **(extra if added else {}),
         )
         return (*down, mid)
 
@@ -246,9 +254,12 @@ def residuals(
     x_t: torch.Tensor,
     timesteps: torch.Tensor,
     embeddings: torch.Tensor,
+    *,
+    added: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...] | None:
     """The summed, scaled residuals (down blocks..., mid) for every row, in ``x_t``'s dtype (the
-    model's); None if no loaded ControlNet acts on any row."""
+    model's); None if no loaded ControlNet acts on any row. ``added``: SDXL's pooled text
+    embeddings and time ids of every row (an SDXL ControlNet reads them too)."""
     total: list[torch.Tensor] | None = None
     for model_id, rows in uses.items():
         call = pool.get(model_id)
@@ -257,7 +268,8 @@ def residuals(
         index = constant(tuple(use.row for use in rows), x_t.device, torch.long)
         scale = constant(tuple(use.scale for use in rows), x_t.device, x_t.dtype)
         cond = torch.cat([use.image for use in rows]).to(x_t.dtype)
-        outputs = call(x_t[index], timesteps[index], embeddings[index], cond)
+        rows_added = () if added is None else tuple(part[index] for part in added)
+        outputs = call(x_t[index], timesteps[index], embeddings[index], cond, *rows_added)
         if total is None:
             total = [x_t.new_zeros((x_t.shape[0], *out.shape[1:])) for out in outputs]
         for summed, out in zip(total, outputs, strict=True):

@@ -9,11 +9,13 @@ missing model is an error that says which command fetches it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from livediff.config import DEFAULT_SDXL_VAE, DEFAULT_VAE
 from livediff.transforms.diffusion.params import FULL_VAE
 
 #: What a model folder must hold (weights are checked per component below).
@@ -31,6 +33,10 @@ HUB_PATTERNS = [
     "tokenizer/*",
     "text_encoder/config.json",
     "text_encoder/model.safetensors",
+    # the SDXL family's second text encoder (matches nothing in an SD repo)
+    "tokenizer_2/*",
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.safetensors",
     "unet/config.json",
     "unet/diffusion_pytorch_model.safetensors",
 ]
@@ -95,10 +101,24 @@ def locate(choice: ModelChoice, *, download: bool = False) -> ModelPaths:
     if choice.full_vae:
         vae = model / "vae"
     else:
-        vae = _locate_one(choice, choice.vae, "vae", TINY_VAE_PATTERNS, download)
+        tiny = family_vae(choice.vae, model)
+        vae = _locate_one(choice, tiny, "vae", TINY_VAE_PATTERNS, download)
     vae_name = f"{choice.model!r} vae/" if choice.full_vae else repr(choice.vae)
     _check_weights(vae, f"VAE {vae_name}", "vae")
     return ModelPaths(model=model, vae=vae)
+
+
+def is_sdxl(model: Path) -> bool:
+    """Whether the model folder holds the SDXL family (its UNet's added conditioning is
+    ``text_time``): read from its config, never from its name."""
+    config = json.loads((model / "unet" / "config.json").read_text())
+    return bool(config.get("addition_embed_type") == "text_time")
+
+
+def family_vae(vae: str, model: Path) -> str:
+    """The Tiny AutoEncoder to use: the default one stands for the SDXL family's
+    (``madebyollin/taesdxl``) when the model is of that family; any other choice is kept."""
+    return DEFAULT_SDXL_VAE if vae == DEFAULT_VAE and is_sdxl(model) else vae
 
 
 def _locate_one(
@@ -168,7 +188,16 @@ def _check_model_folder(folder: Path, choice: ModelChoice) -> None:
             f"model {choice.model!r} ({folder}) is not a complete diffusers folder: missing"
             f" {', '.join(missing)}; fetch it with: {choice.fetch_command()}"
         )
-    for part in ("unet", "text_encoder"):
+    parts = ["unet", "text_encoder"]
+    if is_sdxl(folder):
+        parts.append("text_encoder_2")
+        tokenizer_2 = folder / "tokenizer_2"
+        if not any((tokenizer_2 / name).is_file() for name in ("vocab.json", "tokenizer.json")):
+            raise ModelUnavailableError(
+                f"model {choice.model!r} ({folder}) is of the SDXL family but has no tokenizer_2/;"
+                f" fetch it with: {choice.fetch_command()}"
+            )
+    for part in parts:
         _check_weights(folder / part, f"model {choice.model!r} {part}/", "model")
 
 
@@ -285,4 +314,65 @@ def locate_depth_model(name: str, model_dir: str | None, *, download: bool = Fal
         model_dir,
         download=download,
         fetch=f"livediff prepare-models --depth-model {name}",
+    )
+
+
+#: What a LoRA repo holds that livediff reads (its weights; diffusers' file name is preferred).
+LORA_PATTERNS = ["*.safetensors"]
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def locate_lora(lora_id: str, model_dir: str | None, *, download: bool = False) -> Path:
+    """A LoRA's safetensors file: the file itself, or the one in a folder or hub repo
+    (``pytorch_lora_weights.safetensors``, else the only ``*.safetensors`` at its top).
+    Hub ids are found in ``model_dir`` (downloaded when ``download`` and the hub may be used).
+    Raises ModelUnavailableError naming the command that fetches it."""
+    path = Path(lora_id).expanduser()
+    if path.is_file():
+        return _lora_file_checked(path, lora_id)
+    if path.is_dir():
+        return _lora_file_in(path, lora_id)
+    if lora_id.startswith((".", "/", "~")) or not REPO_ID.fullmatch(lora_id):
+        raise ModelUnavailableError(
+            f"LoRA {lora_id!r} is neither a file, a folder nor a hub id like 'owner/name'", "lora"
+        )
+    fetch = f"livediff prepare-models --lora {lora_id}"
+    folder = _hub_repo(lora_id, "LoRA", LORA_PATTERNS, model_dir, download=download, fetch=fetch)
+    return _lora_file_in(folder, lora_id)
+
+
+def _lora_file_in(folder: Path, lora_id: str) -> Path:
+    if (folder / LORA_WEIGHT_NAME).is_file():
+        return folder / LORA_WEIGHT_NAME
+    found = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if len(found) == 1:
+        return found[0]
+    what = "no *.safetensors file" if not found else f"{len(found)} *.safetensors files"
+    raise ModelUnavailableError(
+        f"LoRA {lora_id!r} ({folder}) holds {what}; name the file itself (a path), or use a"
+        f" folder holding {LORA_WEIGHT_NAME}",
+        "lora",
+    )
+
+
+def _lora_file_checked(path: Path, lora_id: str) -> Path:
+    if path.suffix != ".safetensors":
+        raise ModelUnavailableError(f"LoRA {lora_id!r} is not a .safetensors file", "lora")
+    return path
+
+
+#: What the safety filter's classifier folder holds (transformers' layout; a timm model's
+#: config.json carries its input size, mean and std).
+SAFETY_PATTERNS = ["config.json", "model.safetensors", "preprocessor_config.json"]
+
+
+def locate_safety_model(name: str, model_dir: str | None, *, download: bool = False) -> Path:
+    """The safety filter's NSFW classifier folder, as :func:`locate_repo`."""
+    return locate_repo(
+        name,
+        "safety model",
+        SAFETY_PATTERNS,
+        model_dir,
+        download=download,
+        fetch=f"livediff prepare-models --safety-model {name}",
     )

@@ -60,6 +60,14 @@ LEGACY_BANK_KEYS = {
 #: ``vae`` value meaning "the model's own (full) VAE" instead of a Tiny AutoEncoder.
 FULL_VAE = "full"
 
+#: Most LoRAs one params set may name (``lora_dict``), and the range of their weights.
+MAX_LORAS = 8
+LORA_WEIGHT_LIMIT = 5.0
+#: The LCM-LoRA ``use_lcm_lora`` adds (Livepeer's StreamDiffusion default for SD 1.5).
+DEFAULT_LCM_LORA = "latent-consistency/lcm-lora-sdv1-5"
+LoraId = Annotated[str, Field(min_length=1, max_length=500)]
+LoraWeight = Annotated[float, Field(ge=-LORA_WEIGHT_LIMIT, le=LORA_WEIGHT_LIMIT)]
+
 
 def _check_blend(pairs: list[tuple[Any, float]], field: str) -> None:
     """A weighted list: 1 to MAX_BLEND [value, weight] pairs whose weights add up above 0."""
@@ -165,11 +173,44 @@ class DiffusionParams(TransformParams):
         default_factory=LatentProcessing,
         description="Processors on the denoised latent before decoding (latent_feedback).",
     )
+    use_safety_checker: bool = Field(
+        False,
+        description="Replace every output frame the NSFW classifier flags (Livepeer's"
+        " StreamDiffusion param) by the session's last safe output, or a black frame; the"
+        " default is the server's (LIVEDIFF_SAFETY_CHECKER: off for serve, on in the"
+        " orchestrator image).",
+    )
+    safety_checker_threshold: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="NSFW score (1 - P(neutral)) at which a frame is replaced; higher values"
+        " allow more NSFW images to pass through.",
+    )
+    lora_dict: dict[LoraId, LoraWeight] | None = Field(
+        None,
+        max_length=MAX_LORAS,
+        description=f"LoRAs fused into the UNet: {{id_or_path: weight}} (hub id of a repo with a"
+        f" LoRA safetensors file, a file or a folder), up to {MAX_LORAS}, weights"
+        f" -{LORA_WEIGHT_LIMIT:g} to {LORA_WEIGHT_LIMIT:g}; null or empty = none. One set serves"
+        " every session on the model: a change is allowed to a session that is alone. Weights"
+        " change live (no reload).",
+    )
+    use_lcm_lora: bool = Field(
+        False,
+        description="Add the LCM-LoRA (lcm_lora_id, weight 1) to the LoRAs. Livepeer's"
+        " StreamDiffusion defaults it to true; here it is false, so that params that do not"
+        " name it keep today's output.",
+    )
+    lcm_lora_id: LoraId = Field(
+        DEFAULT_LCM_LORA,
+        description="The LCM-LoRA use_lcm_lora adds (hub id, file or folder).",
+    )
     model: str = Field(
         DEFAULT_MODEL,
         min_length=1,
         max_length=500,
-        description="Diffusers model: hub id (SD 1.5 / 2.1 / sd-turbo family) or local folder.",
+        description="Diffusers model: hub id or local folder (SD 1.5 / 2.1 / sd-turbo, SDXL).",
     )
     vae: str = Field(
         DEFAULT_VAE,
@@ -270,6 +311,14 @@ class DiffusionParams(TransformParams):
         if self.motion_noise.enabled:
             tools.append("motion_noise")
         return tools
+
+    def loras(self) -> tuple[tuple[str, float], ...]:
+        """The LoRAs these params ask for, as sorted (id, weight) pairs: ``lora_dict``, and the
+        LCM-LoRA at weight 1 with ``use_lcm_lora`` (unless ``lora_dict`` names it itself)."""
+        chosen = dict(self.lora_dict or {})
+        if self.use_lcm_lora:
+            chosen.setdefault(self.lcm_lora_id, 1.0)
+        return tuple(sorted((lora_id, float(weight)) for lora_id, weight in chosen.items()))
 
     def guided(self) -> bool:
         """True when classifier-free guidance (of any kind) changes the result."""

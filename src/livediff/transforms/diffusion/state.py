@@ -14,7 +14,7 @@ import torch
 from livediff.transforms.diffusion.feature_bank import FeatureBankHistory
 from livediff.transforms.diffusion.filter import SimilarityFilter
 from livediff.transforms.diffusion.params import DiffusionParams
-from livediff.transforms.diffusion.prompts import PromptEncoder
+from livediff.transforms.diffusion.prompts import PromptEmbedding, PromptEncoder
 from livediff.transforms.diffusion.schedule import Schedule, StepTable
 
 
@@ -37,8 +37,8 @@ class SessionCache:
     shape: LatentShape | None = None
     filter: SimilarityFilter = field(default_factory=SimilarityFilter)
     prompt_key: tuple[object, ...] | None = None
-    cond: torch.Tensor | None = None
-    uncond: torch.Tensor | None = None
+    cond: PromptEmbedding | None = None
+    uncond: PromptEmbedding | None = None
     noise_key: tuple[object, ...] | None = None
     noise: torch.Tensor | None = None
     table: StepTable | None = None
@@ -51,6 +51,9 @@ class SessionCache:
     #: Control images of the frames in flight (N, 3, H, W), newest first, per preprocessor key.
     controls: dict[tuple[object, ...], torch.Tensor] = field(default_factory=dict)
     last_output: torch.Tensor | None = None
+    #: The safety filter's last output of this session as sent, decoded (1, 3, H, W) in
+    #: [-1, 1]: what replaces a flagged frame (None while the session does not filter).
+    safe_output: torch.Tensor | None = None
     #: The temporal tools' history (feedback processors): the decoded image (1, 3, H, W) in
     #: [-1, 1] and the latent (1, C, h, w) the session's last output came from. Its own,
     #: on the device; cleared by a new size and a model reload (:meth:`forget_history`).
@@ -97,7 +100,7 @@ class SessionCache:
         """Drop every tensor (the session is closing)."""
         self.restart()
         self.forget_history()
-        self.cond = self.uncond = self.noise = self.last_output = None
+        self.cond = self.uncond = self.noise = self.last_output = self.safe_output = None
         self.prompt_key = self.noise_key = None
         self.table = None
         self.params = None
@@ -120,7 +123,7 @@ def follow_params(
         state.uncond = None
         state.prompt_key = prompt_key
     if state.uncond is None and params.guided() and params.cfg_type in ("initialize", "full"):
-        state.uncond = prompts.encode(params.negative_prompt)
+        state.uncond = prompts.negative(params.negative_prompt)
     steps = params.timesteps(schedule.train_steps)
     noise_key = (params.weighted_seeds(), len(steps), shape)
     if noise_key != state.noise_key:

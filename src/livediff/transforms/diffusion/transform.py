@@ -4,7 +4,8 @@ The worker thread loads the model and runs :class:`UNetBatch` on each batch (the
 it up). The model is one per worker: a session that asks for another ``model``/``vae`` reloads
 it for every session, so the engine allows that only to a session that is alone (409 otherwise,
 see :class:`livediff.engine.Engine`). A model that cannot be loaded is refused with a 422 on the
-``model``/``vae`` field, and the running model stays.
+``model``/``vae`` field, and the running model stays. LoRAs (``lora_dict``) are fused into the
+loaded UNet between batches, with no reload, under the same rule (see :mod:`.lora`).
 """
 
 from __future__ import annotations
@@ -30,15 +31,18 @@ from livediff.transforms.diffusion.bundle import (
     uses_cuda_graphs,
 )
 from livediff.transforms.diffusion.control import ControlNetPool
+from livediff.transforms.diffusion.lora import LoraPool
 from livediff.transforms.diffusion.models import (
     ModelChoice,
     ModelUnavailableError,
     hub_offline,
     locate,
     locate_controlnet,
+    locate_lora,
 )
 from livediff.transforms.diffusion.params import FULL_VAE, DiffusionParams
 from livediff.transforms.diffusion.preprocess import Preprocessors
+from livediff.transforms.diffusion.safety import SafetyFilter
 from livediff.transforms.diffusion.state import SessionCache
 from livediff.transforms.diffusion.unet_batch import DiffusionJob, UNetBatch
 
@@ -98,6 +102,8 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
         self._vae_dtype = None if settings.vae_dtype == "auto" else DTYPES[settings.vae_dtype]
         self.choice = ModelChoice(settings.model, settings.vae, settings.model_dir)
         self.unet_batch: UNetBatch | None = None
+        #: The LoRAs fused into the loaded UNet (made for it on first use; see lora.py).
+        self._loras: LoraPool | None = None
         self.check_available(settings)
 
     @classmethod
@@ -117,17 +123,27 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
 
     @classmethod
     def default_params(cls, settings: Settings) -> dict[str, Any]:
-        return {**super().default_params(settings), "model": settings.model, "vae": settings.vae}
+        return {
+            **super().default_params(settings),
+            "model": settings.model,
+            "vae": settings.vae,
+            "use_safety_checker": settings.safety_checker,
+        }
 
     @classmethod
     def model_ids(cls, params: DiffusionParams) -> dict[tuple[str | int, ...], str]:
         """``model``, ``vae`` unless it is 'full' (the model's own VAE, no other files), and
-        the ``model_id`` of each entry of a ``controlnets`` list."""
+        the ``model_id`` of each entry of a ``controlnets`` list, and each LoRA id
+        (``lora_dict`` keys, and ``lcm_lora_id`` when ``use_lcm_lora`` is on)."""
         ids: dict[tuple[str | int, ...], str] = {("model",): params.model}
         if params.vae != FULL_VAE:
             ids[("vae",)] = params.vae
         for index, entry in enumerate(params.controlnets):
             ids[("controlnets", index, "model_id")] = entry.model_id
+        for lora_id in params.lora_dict or {}:
+            ids[("lora_dict", lora_id)] = lora_id
+        if params.use_lcm_lora:
+            ids[("lcm_lora_id",)] = params.lcm_lora_id
         return ids
 
     @classmethod
@@ -171,6 +187,9 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
                 bundle.unet.config, self._device, self._dtype, self._locate_controlnet
             ),
             preprocess=Preprocessors(self._device, self._dtype, self.settings),
+            safety=SafetyFilter(
+                self._device, self._dtype, self.settings.safety_model, self.settings.model_dir
+            ),
         )
         unet_batch.generation = generation
         if self._compile is not None:  # every bucket compiles now, never while serving
@@ -188,23 +207,57 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
     def _locate_controlnet(self, model_id: str, download: bool) -> Path:
         return locate_controlnet(model_id, self.settings.model_dir, download=download)
 
+    def _locate_lora(self, lora_id: str, download: bool) -> Path:
+        return locate_lora(lora_id, self.settings.model_dir, download=download)
+
+    def lora_pool(self) -> LoraPool:
+        """The LoRAs of the loaded UNet (a new pool after a reload)."""
+        unet = self._unet_batch().bundle.uncompiled_unet
+        if self._loras is None or self._loras.unet is not unet:
+            self._close_loras()
+            self._loras = LoraPool(unet, self._device, self._dtype, self._locate_lora)
+        return self._loras
+
+    def _close_loras(self) -> None:
+        if self._loras is not None:
+            self._loras.close()
+            self._loras = None
+
     def validate_params(self, params: DiffusionParams) -> None:
-        """Refuse ControlNets that cannot serve the loaded model (422 on their model_id)."""
+        """Refuse ControlNets and LoRAs that cannot serve the loaded model (422 on their
+        model_id, on ``lora_dict.<id>``); accepted LoRAs start loading."""
         if params.controlnets:
             pool = self._unet_batch().controlnets
             if pool is not None:
                 pool.check(params.controlnets)
+        self.lora_pool().check(params)
+        if params.use_safety_checker:
+            self._check_safety_model()
+
+    def _check_safety_model(self) -> None:
+        """The safety classifier, loaded now (once): one that cannot be found, fetched or
+        loaded is a 422 on ``use_safety_checker``, not a failure of every frame later."""
+        try:
+            self._unet_batch().safety.classifier()
+        except ModelUnavailableError as exc:
+            raise _field_error("use_safety_checker", True, str(exc)) from exc
+
+    def affects_others(self, params: DiffusionParams) -> bool:
+        """Another LoRA set than the one sessions run with: one set serves every session."""
+        return params.loras() != self.lora_pool().wanted
 
     def synchronize(self) -> None:
         if self._device.type == "cuda":
             torch.cuda.current_stream(self._device).synchronize()
 
     def _drop_unet_batch(self) -> None:
+        self._close_loras()
         if self.unet_batch is not None:
             if self.unet_batch.controlnets is not None:
                 self.unet_batch.controlnets.close()
             if isinstance(self.unet_batch.preprocess, Preprocessors):
                 self.unet_batch.preprocess.close()
+            self.unet_batch.safety.close()
         self.unet_batch = None
         gc.collect()
         if self._device.type == "cuda":
@@ -237,6 +290,8 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
         self._unet_batch().stage(jobs)
 
     def process(self, jobs: Sequence[DiffusionJob]) -> list[Image | None]:
+        if jobs:  # one LoRA set per model (the policy keeps the batch's sessions on one)
+            self.lora_pool().follow(jobs[0].params.loras())
         return self._unet_batch().process(jobs)
 
     def close(self) -> None:

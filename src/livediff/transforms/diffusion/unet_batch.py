@@ -36,9 +36,9 @@ from typing import Any, cast
 import torch
 
 from livediff.frames import Image
-from livediff.pixels.device import FrameUploader, StagedUpload, to_output_images
+from livediff.pixels.device import FrameUploader, StagedUpload, constant, to_output_images
 from livediff.transforms.base import Job
-from livediff.transforms.diffusion.bundle import ModelBundle
+from livediff.transforms.diffusion.bundle import TIME_IDS, ModelBundle
 from livediff.transforms.diffusion.clock import StageClock
 from livediff.transforms.diffusion.control import ControlNetPool, RowControl, residuals
 from livediff.transforms.diffusion.control_params import ControlNetSpec
@@ -49,7 +49,8 @@ from livediff.transforms.diffusion.feature_bank import (
     install_feature_bank,
 )
 from livediff.transforms.diffusion.params import DiffusionParams
-from livediff.transforms.diffusion.prompts import PromptEncoder
+from livediff.transforms.diffusion.prompts import PromptEmbedding, PromptEncoder
+from livediff.transforms.diffusion.safety import SafetyFilter
 from livediff.transforms.diffusion.schedule import STEP_DTYPE, Schedule, StepTable
 from livediff.transforms.diffusion.shapes import PaddedCall, cudnn_autotuning
 from livediff.transforms.diffusion.state import LatentShape, SessionCache, follow_params
@@ -57,6 +58,8 @@ from livediff.transforms.diffusion.temporal_net import history
 
 #: Frames (B, 3, H, W) in [0, 1] -> control images of the same shape, by preprocessor and params.
 Preprocess = Callable[[str, torch.Tensor, Mapping[str, Any]], torch.Tensor]
+#: SDXL's added conditioning of a batch's rows: pooled text embeddings (B, P), time ids (B, 6).
+Added = tuple[torch.Tensor, torch.Tensor]
 #: A job of the diffusion transform: its params, its session's cache, its staged upload.
 DiffusionJob = Job[DiffusionParams, SessionCache, StagedUpload]
 
@@ -83,6 +86,8 @@ class _Entry:
     #: This frame's coefficients: the session's table, its first row chosen by the motion
     #: controller when that is on.
     table: StepTable | None = None
+    #: Whether the safety filter replaced this frame's output.
+    filtered: bool = False
 
 
 class UNetBatch:
@@ -101,6 +106,7 @@ class UNetBatch:
         buckets: Sequence[int] | None = None,
         controlnets: ControlNetPool | None = None,
         preprocess: Preprocess | None = None,
+        safety: SafetyFilter | None = None,
     ) -> None:
         """``controlnets`` and ``preprocess`` (frames -> control images) serve sessions whose
         params name ControlNets; without them such entries are ignored."""
@@ -113,7 +119,11 @@ class UNetBatch:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.schedule = Schedule(bundle.scheduler, device)
         self.prompts = PromptEncoder(
-            bundle.tokenizer, bundle.text_encoder, device, dtype, prompt_cache_size
+            bundle.text_encoders,
+            device,
+            dtype,
+            prompt_cache_size,
+            zeros_for_empty=bundle.zeros_for_empty_prompt,
         )
         self.upload = FrameUploader(device, dtype)
         self.generation = 0
@@ -121,6 +131,8 @@ class UNetBatch:
         self.clock: StageClock | None = None
         self.controlnets = controlnets
         self.preprocess = preprocess
+        #: The NSFW filter of sessions with ``use_safety_checker`` (its model loads on first use).
+        self.safety = safety if safety is not None else SafetyFilter(device, dtype)
         #: A ControlNet no frame used for this long is freed.
         self.controlnet_idle_s = 30.0
         if bundle.bank is None:  # prepare() installs it before compiling
@@ -183,6 +195,7 @@ class UNetBatch:
         for group in groups.values():
             for entry, image in self._run(group):
                 outputs[entry.index] = entry.state.last_output = image
+                jobs[entry.index].filtered = entry.filtered
         return outputs
 
     def _skips(self, entries: list[_Entry]) -> list[bool]:
@@ -221,12 +234,13 @@ class UNetBatch:
             strengths = entry.params.latent_preprocessing.strengths()
             entry.source = feedback(source, entry.state.previous_latent, strengths)
             entry.table = self._frame_table(entry)
-        x_t, timesteps, embeddings = self._unet_inputs(group)
+        x_t, timesteps, embeddings, added = self._unet_inputs(group)
         x_model = x_t.to(self.dtype)  # the step arithmetic stays in STEP_DTYPE
-        extra = self._control_residuals(group, x_model, timesteps, embeddings)
+        extra = self._control_residuals(group, x_model, timesteps, embeddings, added)
         self._mark("controlnet")
         bank = self._bank_call(group)
-        output = self.unet(x_model, timesteps, embeddings, extra, bank).to(STEP_DTYPE)
+        output = self.unet(x_model, timesteps, embeddings, extra, bank, added=added)
+        output = output.to(STEP_DTYPE)
         if bank is not None:
             bank.store()
         self._mark("unet")
@@ -244,6 +258,7 @@ class UNetBatch:
         if not finished:
             return []
         images = _image_postprocessing(finished, self.decode(torch.cat(finished_latents)))
+        images = self.safety.apply(finished, images)
         self._mark("decode")
         return list(zip(finished, to_output_images(images), strict=True))
 
@@ -304,18 +319,35 @@ class UNetBatch:
         return BankCall([_bank_rows(entry) for entry in group], self.device)
 
     # -- the stream batch -------------------------------------------------------------------------
-    def _unet_inputs(self, group: list[_Entry]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x_parts, t_parts, e_parts = [], [], []
+    def _unet_inputs(
+        self, group: list[_Entry]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Added | None]:
+        """Every row of the group: x_t, timesteps, prompt embeddings and (SDXL) the added
+        conditioning."""
+        x_parts, t_parts, e_parts, pooled_parts, time_parts = [], [], [], [], []
         for entry in group:
-            x_t, timesteps, embeddings = self._session_rows(entry)
+            x_t, timesteps, embeddings, pooled = self._session_rows(entry)
             entry.rows = x_t.shape[0]
             x_parts.append(x_t)
             t_parts.append(timesteps)
             e_parts.append(embeddings)
-        return torch.cat(x_parts), torch.cat(t_parts), torch.cat(e_parts)
+            if pooled is not None:
+                pooled_parts.append(pooled)
+                time_parts.append(self._time_ids(entry.params).expand(entry.rows, -1))
+        added = (torch.cat(pooled_parts), torch.cat(time_parts)) if pooled_parts else None
+        return torch.cat(x_parts), torch.cat(t_parts), torch.cat(e_parts), added
 
-    def _session_rows(self, entry: _Entry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A session's UNet rows: its N steps (newest frame first), then its negative rows."""
+    def _time_ids(self, params: DiffusionParams) -> torch.Tensor:
+        """SDXL's size conditioning (1, 6): original size, crop top-left (0, 0), target size,
+        all the session's output size (what diffusers' img2img passes by default)."""
+        size = (params.height, params.width)
+        return constant((*size, 0, 0, *size), self.device, self.dtype).view(1, TIME_IDS)
+
+    def _session_rows(
+        self, entry: _Entry
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A session's UNet rows: its N steps (newest frame first), then its negative rows;
+        the last item is SDXL's pooled text embeddings of those rows (None for the SD family)."""
         state, table = entry.state, entry.table
         assert table is not None and state.noise is not None and state.cond is not None
         assert entry.source is not None
@@ -330,22 +362,21 @@ class UNetBatch:
             entry.sources = torch.cat((entry.source, state.sources))
         else:
             entry.x_t, entry.sources = newest, entry.source
-        cond = state.cond.expand(steps, -1, -1)
-        x_t, timesteps, embeddings = entry.x_t, table.timesteps, cond
+        x_t, timesteps = entry.x_t, table.timesteps
         entry.row_steps = list(range(steps))
+        prompts: list[tuple[PromptEmbedding | None, int]] = [(state.cond, steps)]
         if entry.params.guided() and entry.params.cfg_type == "full":
-            assert state.uncond is not None
             x_t = torch.cat((x_t, x_t))
             timesteps = torch.cat((timesteps, timesteps))
-            embeddings = torch.cat((cond, state.uncond.expand(steps, -1, -1)))
+            prompts.append((state.uncond, steps))
             entry.row_steps += list(range(steps))
         elif entry.params.guided() and entry.params.cfg_type == "initialize":
-            assert state.uncond is not None
             x_t = torch.cat((x_t, x_t[:1]))
             timesteps = torch.cat((timesteps, timesteps[:1]))
-            embeddings = torch.cat((cond, state.uncond))
+            prompts.append((state.uncond, 1))
             entry.row_steps.append(0)
-        return x_t, timesteps, embeddings
+        embeddings, pooled = _prompt_rows(prompts)
+        return x_t, timesteps, embeddings, pooled
 
     def _advance(self, entry: _Entry, output: torch.Tensor) -> torch.Tensor | None:
         """Guidance and the scheduler step for one session; returns its finished latent."""
@@ -400,21 +431,24 @@ class UNetBatch:
         embeddings: torch.Tensor,
         residuals: tuple[torch.Tensor, ...] | None = None,
         bank: BankCall | None = None,
+        *,
+        added: Added | None = None,
     ) -> torch.Tensor:
         """The UNet's noise estimate (in the model's dtype; ``x_t`` is cast to it).
 
         With ``residuals`` (ControlNets' down blocks..., mid) or a feature ``bank`` the UNet
         runs uncompiled and unpadded: the compiled one is planned for its plain call only, and
-        a variant would compile (and record graphs) while serving."""
+        a variant would compile (and record graphs) while serving. ``added``: SDXL's pooled
+        text embeddings and time ids, row by row."""
         x_t = x_t.to(self.dtype).contiguous(memory_format=self.memory_format)
         if residuals is None and bank is None:
-            return cast(torch.Tensor, self._unet_call(x_t, timesteps, embeddings))
+            return cast(torch.Tensor, self._unet_call(x_t, timesteps, embeddings, *(added or ())))
         unet = self.bundle.uncompiled_unet
         if bank is None:
-            return _run_unet(unet, x_t, timesteps, embeddings, *(residuals or ()))
+            return _run_unet(unet, x_t, timesteps, embeddings, *(residuals or ()), added=added)
         assert self.bank is not None
         with self.bank.active(bank):
-            return _run_unet(unet, x_t, timesteps, embeddings, *(residuals or ()))
+            return _run_unet(unet, x_t, timesteps, embeddings, *(residuals or ()), added=added)
 
     @torch.inference_mode()
     def precompile(self, width: int, height: int) -> None:
@@ -428,11 +462,14 @@ class UNetBatch:
             dtype=self.dtype,
         ).contiguous(memory_format=self.memory_format)
         pixels = torch.zeros((1, 3, height, width), device=self.device, dtype=self.bundle.vae_dtype)
-        embedding = self.prompts.encode("")
+        prompt = self.prompts.encode("")
         timestep = self.schedule.table((self.schedule.train_steps // 2,)).timesteps[:1]
+        added: tuple[torch.Tensor, ...] = ()
+        if prompt.pooled is not None:
+            added = (prompt.pooled, self._time_ids(DiffusionParams(width=width, height=height)))
         # inference tensors, like the ones served (dynamo guards on the difference)
         with cudnn_autotuning():
-            self._unet_call.precompile(latent, timestep, embedding)
+            self._unet_call.precompile(latent, timestep, prompt.hidden, *added)
             self._encode_call.precompile(pixels.contiguous(memory_format=self.memory_format))
             self._decode_call.precompile(latent.to(self.bundle.vae_dtype))
 
@@ -447,9 +484,14 @@ class UNetBatch:
         return self.bundle.vae.decode(latents, return_dict=False)[0].to(self.dtype)  # type: ignore[no-any-return]
 
     def _unet_forward(
-        self, x_t: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor
+        self,
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeddings: torch.Tensor,
+        *added: torch.Tensor,
     ) -> torch.Tensor:
-        return _run_unet(self.bundle.unet, x_t, timesteps, embeddings)
+        pair = (added[0], added[1]) if added else None
+        return _run_unet(self.bundle.unet, x_t, timesteps, embeddings, added=pair)
 
     # -- ControlNets ------------------------------------------------------------------------------
     def _control_residuals(
@@ -458,6 +500,7 @@ class UNetBatch:
         x_t: torch.Tensor,
         timesteps: torch.Tensor,
         embeddings: torch.Tensor,
+        added: Added | None,
     ) -> tuple[torch.Tensor, ...] | None:
         """The summed residuals of the ControlNets the group's sessions use (None: none)."""
         pool = self.controlnets
@@ -472,7 +515,7 @@ class UNetBatch:
             for spec in entry.params.controlnets:
                 uses[spec.model_id] += _row_controls(entry, spec, offset)
             offset += entry.rows
-        return residuals(uses, pool, x_t, timesteps, embeddings)
+        return residuals(uses, pool, x_t, timesteps, embeddings, added=added)
 
     def _update_control_images(self, group: list[_Entry]) -> None:
         """Each new frame's control images, one preprocessor call per kind and params for the
@@ -518,6 +561,20 @@ def _bank_rows(entry: _Entry) -> BankRows:
     history.since_refresh += 1
     refresh = history.frames == 0 or history.since_refresh >= settings.interval
     return BankRows(entry.rows, row_steps, history, refresh, steps, settings.max_frames)
+
+
+def _prompt_rows(
+    prompts: Sequence[tuple[PromptEmbedding | None, int]],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each prompt's embedding repeated for its rows, in order: the hidden states, and SDXL's
+    pooled embeddings (None for the SD family)."""
+    hidden, pooled = [], []
+    for prompt, rows in prompts:
+        assert prompt is not None
+        hidden.append(prompt.hidden.expand(rows, -1, -1))
+        if prompt.pooled is not None:
+            pooled.append(prompt.pooled.expand(rows, -1))
+    return torch.cat(hidden), torch.cat(pooled) if pooled else None
 
 
 def _renoised(
@@ -569,9 +626,13 @@ def _run_unet(
     timesteps: torch.Tensor,
     embeddings: torch.Tensor,
     *residuals: torch.Tensor,
+    added: Added | None = None,
 ) -> torch.Tensor:
-    """``unet``'s noise estimate, with ControlNet ``residuals`` (down blocks..., mid) if any."""
+    """``unet``'s noise estimate, with ControlNet ``residuals`` (down blocks..., mid) and SDXL's
+    ``added`` conditioning (pooled text embeddings, time ids) if any."""
     extra: dict[str, Any] = {}
+    if added is not None:
+        extra["added_cond_kwargs"] = {"text_embeds": added[0], "time_ids": added[1]}
     if residuals:
         extra["down_block_additional_residuals"] = residuals[:-1]
         extra["mid_block_additional_residual"] = residuals[-1]
