@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from runner.live.pipelines.loader import parse_pipeline_params
 from runner.live.trickle import VideoOutput
 
@@ -23,7 +24,8 @@ from livediff.config import Settings
 from livediff.livepeer.airunner.main import build_spec, spec_or_exit
 from livediff.livepeer.airunner.params import LivediffParams
 from livediff.livepeer.airunner.pipeline import LivediffPipeline
-from livediff.testing.models import ModelFolders, write_model_folder
+from livediff.testing.lora import write_lora
+from livediff.testing.models import TINY_UNET, ModelFolders, write_model_folder
 from livediff.transforms.diffusion.params import DiffusionParams
 from livediff.transforms.diffusion.state import SessionCache
 from tests.livepeer.airunner.conftest import TIME_BASE, video_frame
@@ -139,6 +141,41 @@ async def test_temporal_tools_in_livepeers_shape_apply_in_place(
     await roundtrip(pipeline, image, 5)
     assert state.bank is None
     assert transform.unet_batch is unet_batch and model_loads(pipeline) == loads  # no reload
+
+
+async def test_loras_and_the_safety_filter_in_livepeers_shape_apply_in_place(
+    models: tuple[ModelFolders, ModelFolders], tmp_path: Path
+) -> None:
+    """lora_dict (weights live, no reload Task) and use_safety_checker through ai-runner's
+    params update, as a Livepeer client sends them."""
+    first = models[0]
+    lora = str(write_lora(tmp_path / "lora", TINY_UNET, seed=3))
+    settings = Settings(
+        pipeline="diffusion",
+        model=str(first.model),
+        vae=str(first.taesd),
+        device="cpu",
+        width=SIZE,
+        height=SIZE,
+        allow_models=[lora],
+    )
+    built = LivediffPipeline(settings)
+    await built.initialize(**PARAMS)
+    try:
+        image = camera(9)
+        plain = await roundtrip(built, image, 1)
+        assert await built.update_params(**{**PARAMS, "lora_dict": {lora: 0.8}}) is None
+        outputs = [await roundtrip(built, image, index) for index in range(2, 5)]
+        assert not torch.equal(outputs[-1].tensor, plain.tensor)  # fused within a few frames
+        refused = {**PARAMS, "safety_checker_threshold": 1.5, "use_safety_checker": True}
+        with pytest.raises(ValidationError):
+            await built.update_params(**refused)
+        assert await built.update_params(**{**PARAMS, "lora_dict": None}) is None
+        again = [await roundtrip(built, image, index) for index in range(5, 8)]
+        assert torch.equal(again[-1].tensor, plain.tensor)  # unfused bit for bit
+        assert model_loads(built) == 1
+    finally:
+        await built.stop()
 
 
 async def test_a_model_change_returns_a_task_that_reloads(

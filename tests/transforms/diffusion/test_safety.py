@@ -28,32 +28,6 @@ FLAGS = {"use_safety_checker": True, "safety_checker_threshold": 0.5}
 PASSES = {"use_safety_checker": True, "safety_checker_threshold": 1.0}
 
 
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny random ViT image classifier (labels nsfw, normal) in transformers' layout; its
-    head ignores the image: the nsfw logit is 4, the normal one 0 (score about 0.98)."""
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        id2label={0: "nsfw", 1: "normal"},
-        label2id={"nsfw": 0, "normal": 1},
-    )
-    model = ViTForImageClassification(config)
-    with torch.no_grad():
-        model.classifier.weight.zero_()
-        model.classifier.bias.copy_(torch.tensor([4.0, 0.0]))
-    folder = tmp_path_factory.mktemp("nsfw-classifier")
-    model.save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.fixture
 def filtering(
     make_transform: Callable[..., DiffusionTransform], classifier: str
