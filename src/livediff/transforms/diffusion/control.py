@@ -225,14 +225,16 @@ def _controlnet_forward(model: Any) -> ControlNetForward:
         cond: torch.Tensor,
         *added: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        extra = {"added_cond_kwargs": {"text_embeds": added[0], "time_ids": added[1]}}
+        extra: dict[str, Any] = {}
+        if added:  # SDXL's pooled text embeddings and time ids
+            extra["added_cond_kwargs"] = {"text_embeds": added[0], "time_ids": added[1]}
         down, mid = model(
             x_t,
             timesteps,
             encoder_hidden_states=embeddings,
             controlnet_cond=cond,
             return_dict=False,
-            **(extra if added else {}),
+            **extra,
         )
         return (*down, mid)
 
