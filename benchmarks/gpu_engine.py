@@ -55,6 +55,7 @@ from livediff.engine.errors import EngineUnavailableError
 from livediff.engine.slot import SlotClosedError
 from livediff.frames import Frame, Image
 from livediff.pixels import to_video_frame
+from livediff.testing.ip_adapter import style_data_url, write_ip_adapter
 from livediff.testing.models import build_components
 from livediff.testing.reference import diffusers_img2img, diffusers_sdxl_img2img
 from livediff.transforms.diffusion.bundle import ModelBundle
@@ -175,7 +176,12 @@ ERROR_LIMIT = 3
 def engine_settings(args: argparse.Namespace, compiled: bool) -> Settings:
     return Settings(
         depth_model=args.depth_model,
-        allow_models=[f"random:{args.preset}", f"random:{args.preset}-taesd", *RANDOM_CONTROLNETS],
+        allow_models=[
+            f"random:{args.preset}",
+            f"random:{args.preset}-taesd",
+            *RANDOM_CONTROLNETS,
+            str(args.ip_adapter_folder),
+        ],
         pipeline="diffusion",
         device=args.device,
         model=f"random:{args.preset}",
@@ -218,7 +224,41 @@ def cases(args: argparse.Namespace, compiled: bool) -> list[Case]:
     sessions = [
         Case(f"sessions={n}", {"t_index_list": STEP_INDICES[1]}, n) for n in args.sessions if n > 1
     ]
-    return steps + controls + sessions
+    styled = [] if compiled or not args.ip_adapter else [ip_adapter_case(args)]
+    return steps + controls + styled + sessions
+
+
+def ip_adapter_case(args: argparse.Namespace) -> Case:
+    """One step with a random IP-Adapter and a style image (compare with steps=1: off)."""
+    params = {
+        "t_index_list": STEP_INDICES[1],
+        "ip_adapter": {
+            "enabled": True,
+            "scale": 0.8,
+            "ipadapter_model_path": str(args.ip_adapter_folder),
+        },
+        "ip_adapter_style_image_url": style_data_url(1),
+    }
+    return Case("ip_adapter=on", params, extra={"ip_adapter": True})
+
+
+async def add_random_ip_adapter(engine: Engine, folder: Path) -> None:
+    """A random IP-Adapter of the loaded UNet's family written to ``folder``, loaded into the
+    transform's pool before any case asks for it (its first frames would run without it)."""
+
+    def write() -> None:
+        unet_batch = engine.transform.unet_batch  # type: ignore[attr-defined]
+        write_ip_adapter(folder, unet_batch.bundle.uncompiled_unet, seed=1)
+
+    def loaded() -> bool:
+        pool = engine.transform.unet_batch.ip_adapters  # type: ignore[attr-defined]
+        if (reason := pool.refusal(str(folder))) is not None:
+            raise CaseFailedError(f"the random IP-Adapter was refused: {reason}")
+        return pool.get(str(folder)) is not None
+
+    await engine.on_worker(write)
+    while not await engine.on_worker(loaded):
+        await asyncio.sleep(0.05)
 
 
 def set_stage_clock(engine: Engine, clock: StageClock | None) -> None:
@@ -430,6 +470,8 @@ async def engine_runs(args: argparse.Namespace, compiled: bool, report: Report) 
     try:
         if not compiled and args.controlnets:
             await engine.on_worker(lambda: add_random_controlnets(engine))
+        if not compiled and args.ip_adapter:
+            await add_random_ip_adapter(engine, args.ip_adapter_folder)
         await measure_cases(engine, args, compiled, report)
         if not compiled and not args.no_diffusers:
             await asyncio.to_thread(diffusers_runs, engine, args, report)
@@ -548,6 +590,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=40, help="measured frames per session")
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument(
+        "--ip-adapter",
+        action="store_true",
+        help="also measure 1 step with a random IP-Adapter and a style image (eager; SD 1.5 and"
+        " SDXL widths only: h94 has no adapter for sd-turbo's)",
+    )
+    parser.add_argument(
         "--controlnets",
         nargs="*",
         default=["none", "canny", "depth", "canny+depth"],
@@ -574,6 +622,7 @@ def run(args: argparse.Namespace) -> int:
     """The whole benchmark; 1 when a case failed."""
     scratch = Path(tempfile.mkdtemp(prefix="livediff-bench-"))
     args.depth_model = write_depth_model(scratch / "depth", args.preset)
+    args.ip_adapter_folder = scratch / "ip-adapter"
     report = asyncio.run(main(args))
     print_table(report.data)
     print(f"wrote {report.path}")

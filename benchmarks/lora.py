@@ -14,6 +14,7 @@ Every timing is the median of ``--iterations`` calls, the best of ``--repeats`` 
 runs. It prints a table and writes ``benchmarks/results/lora-<preset>-<size>-<device>.json``.
 
     python benchmarks/lora.py                      # CPU, tiny model, 128 px, ~20 s
+    python benchmarks/lora.py --preset sd-turbo --size 512    # a GPU: float16, synchronized
 """
 
 from __future__ import annotations
@@ -39,33 +40,46 @@ WEIGHTS = (0.5, 1.0)
 WEIGHT_FILE = "pytorch_lora_weights.safetensors"
 
 
-def timed_ms(call: Callable[[], Any], iterations: int) -> float:
-    """Median ms of ``call`` over ``iterations`` runs (after one untimed)."""
+def timed_ms(call: Callable[[], Any], iterations: int, device: torch.device) -> float:
+    """Median ms of ``call`` over ``iterations`` runs (after one untimed); on a GPU each run
+    is timed to the end of its kernels."""
     call()
     times = []
     for _ in range(iterations):
+        synchronize(device)
         started = time.perf_counter()
         call()
+        synchronize(device)
         times.append(1e3 * (time.perf_counter() - started))
     return median(times)
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def dtype_of(device: torch.device) -> torch.dtype:
+    """What the worker runs the UNet in: float16 on a GPU, float32 on the CPU."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 def build_unet(args: argparse.Namespace) -> Any:
     """The preset's UNet, prepared as the worker prepares it (eval, SDPA, channels_last)."""
-    parts = build_components(args.preset)
+    parts = build_components(args.preset, device=args.device.type)
     bundle = ModelBundle(
         parts["unet"], parts["taesd"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"]
     )
-    return prepare(bundle, torch.device("cpu"), torch.float32).unet
+    return prepare(bundle, args.device, dtype_of(args.device)).unet
 
 
 def inputs(unet: Any, args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
-    latent = args.size // 8
-    x_t = torch.randn(args.batch, unet.config.in_channels, latent, latent)
-    embeddings = torch.randn(args.batch, 77, unet.config.cross_attention_dim)
+    latent, place = args.size // 8, {"device": args.device, "dtype": dtype_of(args.device)}
+    x_t = torch.randn(args.batch, unet.config.in_channels, latent, latent, **place)
+    embeddings = torch.randn(args.batch, 77, unet.config.cross_attention_dim, **place)
     return (
         x_t.contiguous(memory_format=torch.channels_last),
-        torch.full((args.batch,), 499),
+        torch.full((args.batch,), 499, device=args.device),
         embeddings,
     )
 
@@ -77,7 +91,7 @@ class Ways:
         self.plain = build_unet(args)
         self.fused_unet = copy.deepcopy(self.plain)
         self.adapter_unet = copy.deepcopy(self.plain)
-        lora = read_lora(lora_folder / WEIGHT_FILE)
+        lora = read_lora(lora_folder / WEIGHT_FILE, device=args.device, dtype=dtype_of(args.device))
         self.fused = FusedLoras(self.fused_unet)
         self.set_fused = lambda weight: self.fused.apply([(lora, weight)])
         self.set_fused(WEIGHTS[0])
@@ -117,7 +131,7 @@ def measure(ways: Ways, args: argparse.Namespace, turn: int) -> dict[str, float]
     }
     names = list(calls)
     names = names[turn % len(names) :] + names[: turn % len(names)]
-    return {name: timed_ms(calls[name], args.iterations) for name in names}
+    return {name: timed_ms(calls[name], args.iterations, args.device) for name in names}
 
 
 def recompiles(unet: Any, setter: Callable[[float], Any], args: argparse.Namespace) -> int:
@@ -164,7 +178,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     parser.add_argument("--compile-backend", default="eager")
     parser.add_argument("--out", type=Path, default=common.RESULTS)
-    return parser.parse_args()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--name", help="result name (default lora-<preset>-<size>-<device>)")
+    args = parser.parse_args()
+    args.device = torch.device(args.device)
+    return args
 
 
 def main() -> None:
@@ -175,9 +193,10 @@ def main() -> None:
         Column(key, key, ".3f" if isinstance(value, float) else "") for key, value in result.items()
     ]
     print(Table(columns).render([result]))
-    config = {key: value for key, value in vars(args).items() if key != "out"}
-    config["threads"] = torch.get_num_threads()
-    path = save_json(f"lora-{args.preset}-{args.size}-cpu", machine(), config, result)
+    config = {key: str(value) for key, value in vars(args).items() if key != "out"}
+    config["threads"] = str(torch.get_num_threads())
+    name = args.name or f"lora-{args.preset}-{args.size}-{args.device.type}"
+    path = save_json(name, machine(), config, result)
     print(f"saved {path}")
 
 

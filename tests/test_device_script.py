@@ -45,6 +45,7 @@ def bench() -> ModuleType:
 def arguments(bench: ModuleType, tmp_path: Path, *extra: str) -> Any:
     args = bench.parse(["--device", "cpu", "--size", str(SIZE), "--controlnets", *extra])
     args.depth_model = str(tmp_path / "no-depth-model")  # no case here uses one
+    args.ip_adapter_folder = tmp_path / "ip-adapter"
     return args
 
 
@@ -241,6 +242,8 @@ def test_the_models_suites_dry_run_measures_sdxl(tmp_path: Path) -> None:
     done = run_script(tmp_path, "--dry-run", "--suite", "models")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "lora.json",
+        "lora.txt",
         "run.txt",
         "sdxl-1024.json",
         "sdxl-1024.txt",
@@ -250,7 +253,9 @@ def test_the_models_suites_dry_run_measures_sdxl(tmp_path: Path) -> None:
     small = check_report(tmp_path / "sdxl-512.json", compiled=False)
     assert small["config"]["preset"] == "tiny-sdxl"
     cases = [row["case"] for row in small["livediff"]]
-    assert "controlnets=canny" in cases and "sessions=4" in cases
+    assert {"controlnets=canny", "ip_adapter=on", "sessions=4"} <= set(cases)
     assert [row["steps"] for row in small["diffusers"]] == [1]
     large = check_report(tmp_path / "sdxl-1024.json", compiled=False)
     assert large["config"]["size"] == 128 and not large.get("diffusers")
+    lora = json.loads((tmp_path / "lora.json").read_text())["results"]
+    assert lora["fused_recompiles"] == 0 and lora["fused_unet_ms"] > 0

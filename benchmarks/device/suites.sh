@@ -44,11 +44,16 @@ suite_next() {
 
 # The third run, of the same shape and deadline: issue 22's models. SDXL-Turbo (random weights of
 # the published architecture: two text encoders, 2.6 B UNet, TAESD) eager at 512x512 (1 step;
-# 1, 2 and 4 sessions; a ControlNet; diffusers' SDXL img2img beside it) and at 1024x1024.
+# 1, 2 and 4 sessions; a ControlNet; an IP-Adapter with a style image; diffusers' SDXL img2img
+# beside it) and at 1024x1024, and LoRA's cost (benchmarks/lora.py).
 suite_models() {
     step sdxl-512 170 "${BENCH[@]}" --preset "$SDXL_PRESET" --compile off --steps 1 \
-        --sessions 1 2 4 --controlnets none canny --json "$OUT/sdxl-512.json"
-    step sdxl-1024 170 "${BENCH[@]}" --preset "$SDXL_PRESET" --size "$LARGE_SIZE" \
+        --sessions 1 2 4 --controlnets none canny --ip-adapter --json "$OUT/sdxl-512.json"
+    step sdxl-1024 150 "${BENCH[@]}" --preset "$SDXL_PRESET" --size "$LARGE_SIZE" \
         --compile off --steps 1 --sessions 1 2 --controlnets --no-diffusers \
         --json "$OUT/sdxl-1024.json"
+    # LoRA on and off (sd-turbo's UNet, a rank-8 LoRA): fused against peft adapters, per UNet
+    # call and per weight change, and the graphs a weight change recompiles
+    step lora 80 "$PYTHON" benchmarks/lora.py --preset "$PRESET" --size "$SIZE" \
+        --iterations 20 --repeats 3 --out "$OUT" --name lora
 }

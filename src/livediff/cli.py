@@ -192,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
         " several), e.g. latent-consistency/lcm-lora-sdv1-5 for use_lcm_lora",
     )
     prepare.add_argument(
+        "--ip-adapter",
+        dest="ip_adapter",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ID",
+        help="also fetch the IP-Adapter of the model's family and its image encoder (default"
+        f" {Settings.model_fields['ip_adapter_model'].default}, h94's layout)",
+    )
+    prepare.add_argument(
         "--depth-model",
         dest="depth_model",
         default=None,
@@ -303,8 +313,10 @@ def runner(args: argparse.Namespace) -> int:
 def prepare_models(args: argparse.Namespace) -> int:
     from livediff.transforms.diffusion.models import (
         download,
+        is_sdxl,
         locate_controlnet,
         locate_depth_model,
+        locate_ip_adapter,
         locate_lora,
         locate_safety_model,
     )
@@ -323,6 +335,10 @@ def prepare_models(args: argparse.Namespace) -> int:
         print(f"safety: {locate_safety_model(safety, settings.model_dir, download=True)}")
     for lora_id in args.loras:
         print(f"lora: {locate_lora(lora_id, settings.model_dir, download=True)}")
+    if args.ip_adapter is not None:
+        repo = args.ip_adapter or settings.ip_adapter_model
+        sdxl = is_sdxl(paths.model)
+        print(f"ip-adapter: {locate_ip_adapter(repo, settings.model_dir, sdxl, download=True)}")
     return 0
 
 

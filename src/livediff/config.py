@@ -247,6 +247,22 @@ class Settings(BaseSettings):
         description="NSFW image classifier of the safety filter (hub id or folder; loaded with"
         " transformers' AutoModelForImageClassification).",
     )
+    ip_adapter_model: str = Field(
+        "h94/IP-Adapter",
+        description="IP-Adapter weights in h94/IP-Adapter's layout (hub id or folder): the default"
+        " of the ip_adapter.ipadapter_model_path param, allowed without --allow-model.",
+    )
+    style_image_max_bytes: int = Field(
+        10_000_000, ge=1, description="Largest IP-Adapter style image fetched (bytes)."
+    )
+    style_image_timeout_s: float = Field(
+        10.0, gt=0, description="Longest fetch of an IP-Adapter style image (seconds)."
+    )
+    style_image_allow_private: bool = Field(
+        False,
+        description="Fetch IP-Adapter style images from private, loopback and link-local"
+        " addresses too (off: such URLs get 422; tests serving from 127.0.0.1 turn it on).",
+    )
     prompt_cache_size: int = Field(64, ge=1, description="Prompt embeddings kept per worker.")
     compile_backend: str = Field(
         "inductor",

@@ -25,6 +25,16 @@ def test_livepeer_only_fields_never_reach_the_transform() -> None:
     assert "show_reloading_frame" in LIVEPEER_ONLY_FIELDS
 
 
+def test_livepeers_model_id_is_the_diffusion_models_field() -> None:
+    from livediff.transforms.diffusion.params import DiffusionParams
+
+    sent = {"model_id": "stabilityai/sdxl-turbo", "prompt": "flowers"}
+    assert transform_values(sent) == {"model": "stabilityai/sdxl-turbo", "prompt": "flowers"}
+    both = transform_values({"model": "a/b", "model_id": "stabilityai/sd-turbo"})
+    assert both == {"model": "stabilityai/sd-turbo"}  # Livepeer's name wins at its doors
+    assert DiffusionParams.model_validate(transform_values(sent)).model == sent["model_id"]
+
+
 @pytest.fixture
 async def engine() -> AsyncIterator[Engine]:
     running = Engine(SETTINGS)

@@ -12,6 +12,8 @@ from livediff.transforms.diffusion.params import DiffusionParams
 
 pytestmark = pytest.mark.browser
 
+STYLE_IMAGE = ["ip_adapter", "ip_adapter_style_image_url"]
+
 #: Renders a ParamsForm for a given pipeline description into a fresh <form id="probe"> and
 #: records every patch it emits in window.patches.
 RENDER_JS = """async (pipeline) => {
@@ -62,9 +64,12 @@ def test_diffusion_params_get_their_controls(
     page = open_page(server.url)
     page.get_by_test_id("start").wait_for()
     names = page.evaluate(RENDER_JS, pipeline)
+    # The IP-Adapter's params (being added to DiffusionParams) make the Style image group.
+    style_image = [name for name in STYLE_IMAGE if name in DiffusionParams.model_fields]
     assert names == [
         "prompt",
         "negative_prompt",
+        *style_image,
         "strength",
         "t_index_list",
         "guidance_scale",
@@ -85,6 +90,11 @@ def test_diffusion_params_get_their_controls(
         "height",
         "model",
         "vae",
+        "lora_dict",
+        "use_lcm_lora",
+        "lcm_lora_id",
+        "use_safety_checker",
+        "safety_checker_threshold",
     ]
     prompt = control_facts(page, "prompt")
     assert (prompt["tag"], prompt["value"]) == ("textarea", defaults["prompt"])

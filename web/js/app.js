@@ -165,6 +165,8 @@ class StudioPage {
     }
     this.outputVideo.addEventListener("resize", () => this.fitOutput());
     document.addEventListener("keydown", (event) => this.onShortcut(event));
+    document.addEventListener("dragover", (event) => this.onDragOver(event));
+    document.addEventListener("drop", (event) => this.onDrop(event));
     window.addEventListener("pagehide", () => this.studio.closeOnUnload());
   }
 
@@ -183,6 +185,21 @@ class StudioPage {
       event.preventDefault();
       event.target.dispatchEvent(new Event("change", { bubbles: true }));
     }
+  }
+
+  /** A file dragged over the page: it may be dropped when the panel takes one (a style image). */
+  onDragOver(event) {
+    if (event.defaultPrevented || !this.form?.fileField()) return;
+    if (!event.dataTransfer?.types.includes("Files")) return;
+    event.preventDefault();
+    event.dataTransfer.dropEffect = "copy";
+  }
+
+  onDrop(event) {
+    const file = event.dataTransfer?.files?.[0];
+    if (event.defaultPrevented || !file || !this.form?.fileField()) return;
+    event.preventDefault();
+    this.form.takeFile(file);
   }
 
   onShortcut(event) {

@@ -6,7 +6,7 @@ import { buildControl } from "./objects.js";
 import { GROUP_ORDER, fieldSpecs } from "./schema.js";
 
 const STORAGE_PREFIX = "livediff.params.";
-const OPEN_GROUPS = ["Style", "Generation", "Control"];
+const OPEN_GROUPS = ["Style", "Style image", "Generation", "Control"];
 
 /** Event "change" (detail: a patch object) after edits settle; ``values`` holds the current set. */
 export class ParamsForm extends EventTarget {
@@ -66,9 +66,37 @@ export class ParamsForm extends EventTarget {
     }
     field.setError("");
     this.pending.set(name, read.value);
+    if (field.spec.turnsOn && read.value) this._switchOn(field.spec.turnsOn);
     clearTimeout(this.timer);
     if (commit) this.flush();
     else this.timer = setTimeout(() => this.flush(), field.spec.debounceMs);
+  }
+
+  /** Switches the object param ``name`` on (its ``enabled``), in the same patch as the edit that
+   * needs it (a style image turns the IP-Adapter on). */
+  _switchOn(name) {
+    const target = this.fields.get(name);
+    const read = target?.read();
+    if (!read || "error" in read || !read.value || typeof read.value !== "object") return;
+    const value = { ...read.value, enabled: true };
+    target.write(value, { force: true });
+    this.pending.set(name, value);
+  }
+
+  /** The field that takes a file dropped on the page (the style image), or null. */
+  fileField() {
+    return [...this.fields.values()].find((field) => typeof field.takeFile === "function") ?? null;
+  }
+
+  /** Gives ``file`` to the field that takes files, shown open; false when there is none. */
+  takeFile(file) {
+    const field = this.fileField();
+    if (!field) return false;
+    const group = field.root.closest("details");
+    if (group) group.open = true;
+    field.root.scrollIntoView({ block: "nearest" });
+    field.takeFile(file);
+    return true;
   }
 
   /** Sends the edits waiting for their debounce now. */

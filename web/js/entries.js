@@ -5,9 +5,10 @@ import { buildField, element, same } from "./fields.js";
 import { scoped, startValue } from "./schema.js";
 
 const SVG = "http://www.w3.org/2000/svg";
-const REMOVE_ICON = "M9 3h6l1 2h4v2H4V5h4l1-2zM6 9h12l-1 12H7L6 9zm4 2v8h1.5v-8H10zm2.5 0v8H14v-8h-1.5z";
+export const REMOVE_ICON = "M9 3h6l1 2h4v2H4V5h4l1-2zM6 9h12l-1 12H7L6 9zm4 2v8h1.5v-8H10zm2.5 0v8H14v-8h-1.5z";
 
-function icon(path) {
+/** An inline SVG icon of one path (aria-hidden). */
+export function icon(path) {
   const svg = document.createElementNS(SVG, "svg");
   svg.setAttribute("viewBox", "0 0 24 24");
   svg.setAttribute("aria-hidden", "true");

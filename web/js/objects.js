@@ -1,13 +1,18 @@
 // A param that is an object with its own schema (e.g. cached_attention, a processing block): a
 // small card of controls built from its fields like the panel's own, the whole object one value.
 
+import { buildDict } from "./dicts.js";
 import { buildEntries } from "./entries.js";
 import { buildField, element } from "./fields.js";
+import { buildImage } from "./images.js";
 import { scoped, startValue } from "./schema.js";
 
-/** The field (same shape as buildField's) for any spec: a list of objects, an object, or one control. */
+/** The field (same shape as buildField's) for any spec: a list of objects, an object, a dict of
+ * numbers, an image, or one control. */
 export function buildControl(spec, onEdit) {
   if (spec.widget === "entries") return buildEntries(spec, onEdit);
+  if (spec.widget === "dict") return buildDict(spec, onEdit);
+  if (spec.widget === "image") return buildImage(spec, onEdit);
   if (spec.widget === "object") return new ObjectField(spec, onEdit);
   return buildField(spec, onEdit);
 }

@@ -196,11 +196,57 @@ export const HINTS = {
   width: { label: "Output width", widget: "number", group: "Output", order: 30 },
   height: { label: "Output height", widget: "number", group: "Output", order: 31 },
   delay_ms: { label: "Simulated model delay (ms)", group: "Output", order: 32, step: 10 },
-  model: { label: "Model", group: "Model", order: 40, help: "Hub id or folder; changing it reloads." },
-  vae: { label: "VAE", group: "Model", order: 41 },
+  model: { label: "Model", group: "Models", order: 40, help: "Hub id or folder; changing it reloads." },
+  vae: { label: "VAE", group: "Models", order: 41 },
+  lora_dict: {
+    label: "LoRAs",
+    group: "Models",
+    order: 42,
+    step: 0.05,
+    itemLabel: "LoRA",
+    addLabel: "Add LoRA",
+    placeholder: "hub id, file or folder",
+    help: "Fused into the model, up to 8, each with its weight (-5 to 5); weights change live.",
+  },
+  use_lcm_lora: { label: "Add the LCM-LoRA", group: "Models", order: 43 },
+  lcm_lora_id: { label: "LCM-LoRA", group: "Models", order: 44, placeholder: "hub id, file or folder" },
+  ip_adapter: {
+    label: "IP-Adapter",
+    help: "The style image steers the picture alongside the prompt.",
+    group: "Style image",
+    order: 60,
+    fields: {
+      enabled: { label: "Enabled", order: 0, inHead: true, enables: true },
+      type: { label: "Kind", order: 1, half: true },
+      scale: { label: "Scale", order: 2, step: 0.01, half: true },
+      weight_type: { label: "Weight type", order: 3 },
+      ipadapter_model_path: { label: "Adapter model", order: 4, placeholder: "hub id or folder" },
+    },
+  },
+  ip_adapter_style_image_url: {
+    label: "Style image",
+    widget: "image",
+    group: "Style image",
+    order: 61,
+    turnsOn: "ip_adapter",
+    placeholder: "https://… (or drop an image)",
+    help: "Drop an image anywhere on the page, choose a file, or paste an http(s) address.",
+  },
+  use_safety_checker: { label: "Safety filter", group: "Safety", order: 70 },
+  safety_checker_threshold: { label: "Threshold", group: "Safety", order: 71, step: 0.01 },
 };
 
-export const GROUP_ORDER = ["Style", "Generation", "Control", "Temporal", "Output", "Model", "More"];
+export const GROUP_ORDER = [
+  "Style",
+  "Style image",
+  "Generation",
+  "Control",
+  "Temporal",
+  "Output",
+  "Models",
+  "Safety",
+  "More",
+];
 const SIMPLE_TYPES = new Set(["string", "number", "integer", "boolean", "array"]);
 
 function follow(node, root) {
@@ -230,7 +276,9 @@ function simplest(node, root) {
   if (!branches) return { ...resolved, nullable: false };
   const options = branches.map((branch) => follow(branch, root));
   const nullable = options.some((option) => option.type === "null");
-  const chosen = options.find((option) => option.enum || SIMPLE_TYPES.has(option.type));
+  const chosen =
+    options.find((option) => option.enum || SIMPLE_TYPES.has(option.type)) ??
+    options.find((option) => option.type === "object");
   const meta = withoutKey(withoutKey(resolved, "anyOf"), "oneOf");
   return { ...(chosen ?? { type: "json" }), ...meta, nullable, union: options.length > 1 + nullable };
 }
@@ -242,6 +290,7 @@ function widgetFor(spec) {
   if (spec.type === "array" && ["number", "integer"].includes(spec.items?.type)) return "list";
   if (spec.type === "array" && spec.items?.type === "object" && spec.items.properties) return "entries";
   if (spec.type === "object" && spec.fields) return "object";
+  if (spec.type === "object" && spec.values) return "dict";
   if (spec.type === "number" || spec.type === "integer") {
     return Number.isFinite(spec.min) && Number.isFinite(spec.max) ? "slider" : "number";
   }
@@ -268,6 +317,7 @@ function chooseWidget(spec, hinted) {
   if (hinted === "number" && !spec.enum && ["number", "integer"].includes(spec.type)) return "number";
   if (hinted === "textarea" && spec.type === "string" && !spec.enum) return "textarea";
   if (hinted === "variants" && spec.type === "object" && spec.variants) return "variants";
+  if (hinted === "image" && spec.type === "string" && !spec.enum) return "image";
   return widgetFor(spec);
 }
 
@@ -293,7 +343,7 @@ export function fieldSpecs(schema, { root = schema, hints = HINTS } = {}) {
       required: required.has(name),
       default: type.default,
       maxLength: type.maxLength,
-      maxItems: type.maxItems,
+      maxItems: type.maxItems ?? type.maxProperties,
       label: hint.label ?? type.title ?? name,
       help: hint.help ?? type.description ?? "",
       group: hint.group ?? "More",
@@ -306,6 +356,7 @@ export function fieldSpecs(schema, { root = schema, hints = HINTS } = {}) {
       half: Boolean(hint.half),
       inHead: Boolean(hint.inHead),
       enables: Boolean(hint.enables),
+      turnsOn: hint.turnsOn ?? null,
     };
     Object.assign(spec, range(type, hint));
     if (hint.variants) Object.assign(spec, variantSpecs(hint, root));
@@ -314,6 +365,8 @@ export function fieldSpecs(schema, { root = schema, hints = HINTS } = {}) {
     }
     // An object with its own schema (e.g. cached_attention): its fields, built like the panel's.
     if (spec.type === "object" && type.properties) spec.fields = fieldSpecs(type, { root, hints: hint.fields ?? {} });
+    // A dict of numbers (e.g. lora_dict, {id: weight}): the spec of its keys and of its values.
+    if (spec.type === "object" && !type.properties) Object.assign(spec, dictSpec(type, hint, root));
     spec.widget = chooseWidget(spec, hint.widget);
     return spec;
   });
@@ -327,6 +380,19 @@ function itemSpec(items, hint, root) {
     fields,
     label: hint.itemLabel ?? items.title ?? "Item",
     addLabel: hint.addLabel ?? `Add ${(hint.itemLabel ?? items.title ?? "item").toLowerCase()}`,
+  };
+}
+
+/** What a dict of numbers needs: its values' spec (a number control's) and its rows' names. */
+function dictSpec(type, hint, root) {
+  const values = type.additionalProperties ? follow(type.additionalProperties, root) : null;
+  if (!values || !["number", "integer"].includes(values.type)) return {};
+  const label = hint.itemLabel ?? "Entry";
+  return {
+    values: { type: values.type, default: values.default, ...range(values, hint) },
+    keyMaxLength: type.propertyNames?.maxLength,
+    itemLabel: label,
+    addLabel: hint.addLabel ?? `Add ${label.toLowerCase()}`,
   };
 }
 

@@ -306,9 +306,12 @@ class Engine:
         return await self._to_worker(lambda _: self.worker_side.requires_reload(old, new))
 
     async def update_params(self, session_id: str, patch: Mapping[str, Any]) -> TransformParams:
-        """Merge ``patch`` into the session's params, validate, apply from its next frame."""
+        """Merge ``patch`` into the session's params, validate, apply from its next frame; what
+        they point at (a style image) is fetched here first, on the loop
+        (``Transform.resolve_params``), so the worker never waits on the network."""
         self.loop_thread.assert_current()
         session = self.get(session_id)
+        await self.transform.resolve_params(self.validate(patch, session.params))
         others = self._others(session_id)
         return await self._to_worker(lambda _: self.worker_side.apply(session, patch, others))
 
@@ -317,6 +320,7 @@ class Engine:
         ``session_id``, that session (which must be alone) takes ``params`` in the same step."""
         self.loop_thread.assert_current()
         session = self.get(session_id) if session_id is not None else None
+        await self.transform.resolve_params(params)
         others = self._others(session_id)
         await self._to_worker(lambda _: self.worker_side.load_for(params, session, others))
 
@@ -345,6 +349,7 @@ class Engine:
         """
         self.loop_thread.assert_current()
         self.check_can_open()
+        await self.transform.resolve_params(params)
         session = self._new_session(params, session_id, adapt_output)
         others = self._others(None)
         self._reserved += 1

@@ -27,9 +27,20 @@ PARAMS_REFUSALS: tuple[type[Exception], ...] = (
 )
 
 
+#: Livepeer's StreamDiffusion names of fields the transforms call otherwise: ``model_id`` (the
+#: diffusion model in ai-runner's ``StreamDiffusionParams``) is the diffusion transform's
+#: ``model``. A Livepeer door reads Livepeer's name; sent beside ours, it wins.
+LIVEPEER_NAMES = {"model_id": "model"}
+
+
 def transform_values(params: Mapping[str, Any]) -> dict[str, Any]:
-    """A stream's params without the fields only Livepeer's own machinery reads."""
-    return {key: value for key, value in params.items() if key not in LIVEPEER_ONLY_FIELDS}
+    """A stream's params without the fields only Livepeer's own machinery reads, and with
+    Livepeer's names of the transforms' fields turned into theirs (:data:`LIVEPEER_NAMES`)."""
+    values = {key: value for key, value in params.items() if key not in LIVEPEER_ONLY_FIELDS}
+    for livepeer, ours in LIVEPEER_NAMES.items():
+        if livepeer in values:
+            values[ours] = values.pop(livepeer)
+    return values
 
 
 def refusal_message(exc: BaseException) -> str:

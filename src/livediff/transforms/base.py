@@ -1,9 +1,10 @@
 """The plug-in contract between the engine and a model.
 
 A transform knows pixels and params; it never learns about WebRTC, HTTP or ai-runner.
-All of its methods but the constructor, the class attributes and the classmethods run on the
+All of its methods but the constructor, the class attributes, the classmethods and
+:meth:`Transform.resolve_params` (the event loop's: fetching what params point at) run on the
 worker thread that owns the device (the engine sends every call there), so a transform needs no
-locks of its own.
+locks beyond what ``resolve_params`` shares with the worker.
 
 The contract is generic in three types a transform declares once, so that its methods need no
 runtime checks of what the engine hands back to them: its params (``ParamsT``, a
@@ -119,6 +120,15 @@ class Transform(ABC, Generic[ParamsT, StateT, StagedT]):
 
     def close_session(self, state: StateT) -> None:
         """Release what :meth:`open_session` made."""
+
+    async def resolve_params(self, params: ParamsT) -> None:
+        """Fetch what ``params`` point at (e.g. a style image URL) before they reach the worker.
+
+        The one method that runs on the event loop: the engine awaits it as a session opens and
+        before every params change, so the worker never waits on the network. It must touch
+        only thread-safe state (a cache the worker reads); a refusal is a pydantic
+        ValidationError naming the field. Default: nothing to fetch."""
+        return None
 
     def validate_params(self, params: ParamsT) -> None:
         """Refuse params the loaded model cannot serve (raise pydantic's ValidationError, which

@@ -46,8 +46,10 @@ def recorded(unet_batch: UNetBatch) -> Iterator[dict[str, list[Any]]]:
         calls["decode_out"].append(decoded.clone())
         return decoded
 
-    def unet_recorded(x_t: torch.Tensor, timesteps: torch.Tensor, *rest: Any) -> torch.Tensor:
-        output = unet(x_t, timesteps, *rest)
+    def unet_recorded(
+        x_t: torch.Tensor, timesteps: torch.Tensor, *rest: Any, **named: Any
+    ) -> torch.Tensor:
+        output = unet(x_t, timesteps, *rest, **named)
         calls["unet"].append((x_t.clone(), timesteps.clone(), output.clone()))
         return output
 

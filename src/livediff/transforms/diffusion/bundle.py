@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from livediff.transforms.diffusion.feature_bank import BankSwitch, install_feature_bank
+from livediff.transforms.diffusion.ip_adapter import IPAdapterSwitch, install_ip_adapter
 from livediff.transforms.diffusion.models import ModelChoice, ModelPaths, UnsupportedModelError
 from livediff.transforms.diffusion.prompts import TextEncoder
 
@@ -40,6 +41,8 @@ class ModelBundle:
     eager_unet: Any = None
     #: The switch of the feature bank's self-attention layers (installed before compiling).
     bank: BankSwitch | None = None
+    #: The switch of the IP-Adapter's cross-attention layers (installed before compiling).
+    ip_switch: IPAdapterSwitch | None = None
 
     @property
     def uncompiled_unet(self) -> Any:
@@ -202,6 +205,7 @@ def prepare(
         module.requires_grad_(False)
     _use_sdpa(bundle.unet)
     bundle.bank = install_feature_bank(bundle.unet)
+    bundle.ip_switch = install_ip_adapter(bundle.unet)
     if channels_last:
         bundle.unet.to(memory_format=torch.channels_last)
         bundle.vae.to(memory_format=torch.channels_last)

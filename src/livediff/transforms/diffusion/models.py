@@ -376,3 +376,43 @@ def locate_safety_model(name: str, model_dir: str | None, *, download: bool = Fa
         download=download,
         fetch=f"livediff prepare-models --safety-model {name}",
     )
+
+
+#: h94/IP-Adapter's family subfolders: (subfolder, adapter file) of the SD 1.5 family and SDXL.
+IP_ADAPTER_FILES = {
+    False: ("models", "ip-adapter_sd15.bin"),
+    True: ("sdxl_models", "ip-adapter_sdxl.bin"),
+}
+
+
+def locate_ip_adapter(
+    repo: str, model_dir: str | None, sdxl: bool, *, download: bool = False
+) -> Path:
+    """The family folder of an IP-Adapter repo in h94's layout (``models/`` with
+    ``ip-adapter_sd15.bin`` and ``image_encoder/``, or ``sdxl_models/`` for SDXL): a folder,
+    or a hub id found in ``model_dir`` (downloaded when ``download`` and the hub may be used)."""
+    subfolder, weights = IP_ADAPTER_FILES[sdxl]
+    path = Path(repo).expanduser()
+    if path.is_dir():
+        folder = path
+    elif repo.startswith((".", "/", "~")) or not REPO_ID.fullmatch(repo):
+        raise ModelUnavailableError(
+            f"IP-Adapter {repo!r} is neither a folder nor a hub id", "ip_adapter"
+        )
+    else:
+        patterns = [
+            f"{subfolder}/{weights}",
+            f"{subfolder}/image_encoder/config.json",
+            f"{subfolder}/image_encoder/model.safetensors",
+        ]
+        fetch = "livediff prepare-models --ip-adapter" + (
+            "" if repo == "h94/IP-Adapter" else f" {repo}"
+        )
+        folder = _hub_repo(repo, "IP-Adapter", patterns, model_dir, download=download, fetch=fetch)
+    family = folder / subfolder
+    if not (family / "image_encoder" / "config.json").is_file():
+        raise ModelUnavailableError(
+            f"IP-Adapter {repo!r} ({folder}) has no {subfolder}/image_encoder/config.json",
+            "ip_adapter",
+        )
+    return family

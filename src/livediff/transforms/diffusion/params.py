@@ -19,6 +19,7 @@ from livediff.transforms.diffusion.control_params import (
     TEMPORAL_NET,
     ControlNetSpec,
 )
+from livediff.transforms.diffusion.ip_adapter_params import IPAdapterConfig
 from livediff.transforms.diffusion.temporal_params import (
     CachedAttention,
     ImageProcessing,
@@ -206,6 +207,17 @@ class DiffusionParams(TransformParams):
         DEFAULT_LCM_LORA,
         description="The LCM-LoRA use_lcm_lora adds (hub id, file or folder).",
     )
+    ip_adapter: IPAdapterConfig = Field(
+        default_factory=lambda: IPAdapterConfig(enabled=False),
+        description="IP-Adapter (Livepeer's shape): the style image steers every frame through"
+        " extra cross-attention tokens; type, scale, weight_type, enabled (off by default).",
+    )
+    ip_adapter_style_image_url: str = Field(
+        "",
+        max_length=14_000_000,
+        description="The IP-Adapter's style image: an http(s) URL or a data:image/...;base64,"
+        " URL (fetched once, bounded in size and time; a new one applies within a few frames).",
+    )
     model: str = Field(
         DEFAULT_MODEL,
         min_length=1,
@@ -237,6 +249,12 @@ class DiffusionParams(TransformParams):
     @classmethod
     def _null_bank(cls, value: object) -> object:
         """An absent (null) block is the feature bank off."""
+        return {"enabled": False} if value is None else value
+
+    @field_validator("ip_adapter", mode="before")
+    @classmethod
+    def _null_ip_adapter(cls, value: object) -> object:
+        """An absent (null) block is the IP-Adapter off (Livepeer's default)."""
         return {"enabled": False} if value is None else value
 
     @field_validator(*PROCESSING_BLOCKS, mode="before")
@@ -319,6 +337,10 @@ class DiffusionParams(TransformParams):
         if self.use_lcm_lora:
             chosen.setdefault(self.lcm_lora_id, 1.0)
         return tuple(sorted((lora_id, float(weight)) for lora_id, weight in chosen.items()))
+
+    def ip_adapter_active(self) -> bool:
+        """Whether the IP-Adapter changes this session's frames."""
+        return self.ip_adapter.active(self.ip_adapter_style_image_url)
 
     def guided(self) -> bool:
         """True when classifier-free guidance (of any kind) changes the result."""

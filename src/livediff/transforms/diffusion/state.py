@@ -68,6 +68,10 @@ class SessionCache:
     flow_input: torch.Tensor | None = None
     #: The feature bank (``cached_attention``): keys and values of earlier frames, per layer.
     bank: FeatureBankHistory | None = None
+    #: The IP-Adapter's image tokens of the session's style image (1, tokens, dim), and what
+    #: they were made from (adapter, style image URL): the image encoder runs once per change.
+    ip_tokens: torch.Tensor | None = None
+    ip_key: tuple[object, ...] | None = None
 
     def forget_history(self) -> None:
         """Drop the temporal tools' history (the next frame starts without feedback, an empty
@@ -104,6 +108,7 @@ class SessionCache:
         self.prompt_key = self.noise_key = None
         self.table = None
         self.params = None
+        self.ip_tokens = self.ip_key = None
         self.filter.forget()
 
 

@@ -31,6 +31,8 @@ from livediff.transforms.diffusion.bundle import (
     uses_cuda_graphs,
 )
 from livediff.transforms.diffusion.control import ControlNetPool
+from livediff.transforms.diffusion.ip_adapter import IPAdapterPool
+from livediff.transforms.diffusion.ip_adapter_params import IPAdapterConfig
 from livediff.transforms.diffusion.lora import LoraPool
 from livediff.transforms.diffusion.models import (
     ModelChoice,
@@ -38,12 +40,14 @@ from livediff.transforms.diffusion.models import (
     hub_offline,
     locate,
     locate_controlnet,
+    locate_ip_adapter,
     locate_lora,
 )
 from livediff.transforms.diffusion.params import FULL_VAE, DiffusionParams
 from livediff.transforms.diffusion.preprocess import Preprocessors
 from livediff.transforms.diffusion.safety import SafetyFilter
 from livediff.transforms.diffusion.state import SessionCache
+from livediff.transforms.diffusion.style_image import StyleImages
 from livediff.transforms.diffusion.unet_batch import DiffusionJob, UNetBatch
 
 logger = logging.getLogger(__name__)
@@ -104,6 +108,13 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
         self.unet_batch: UNetBatch | None = None
         #: The LoRAs fused into the loaded UNet (made for it on first use; see lora.py).
         self._loras: LoraPool | None = None
+        #: The IP-Adapter's style images by URL: fetched on the event loop
+        #: (:meth:`resolve_params`), read by the worker.
+        self.style_images = StyleImages(
+            max_bytes=settings.style_image_max_bytes,
+            timeout_s=settings.style_image_timeout_s,
+            allow_private=settings.style_image_allow_private,
+        )
         self.check_available(settings)
 
     @classmethod
@@ -128,13 +139,15 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
             "model": settings.model,
             "vae": settings.vae,
             "use_safety_checker": settings.safety_checker,
+            "ip_adapter": {"enabled": False, "ipadapter_model_path": settings.ip_adapter_model},
         }
 
     @classmethod
     def model_ids(cls, params: DiffusionParams) -> dict[tuple[str | int, ...], str]:
         """``model``, ``vae`` unless it is 'full' (the model's own VAE, no other files), and
-        the ``model_id`` of each entry of a ``controlnets`` list, and each LoRA id
-        (``lora_dict`` keys, and ``lcm_lora_id`` when ``use_lcm_lora`` is on)."""
+        the ``model_id`` of each entry of a ``controlnets`` list, each LoRA id
+        (``lora_dict`` keys, and ``lcm_lora_id`` when ``use_lcm_lora`` is on), and the
+        IP-Adapter's ``ipadapter_model_path`` (the server's default is allowed)."""
         ids: dict[tuple[str | int, ...], str] = {("model",): params.model}
         if params.vae != FULL_VAE:
             ids[("vae",)] = params.vae
@@ -144,6 +157,10 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
             ids[("lora_dict", lora_id)] = lora_id
         if params.use_lcm_lora:
             ids[("lcm_lora_id",)] = params.lcm_lora_id
+        block = params.ip_adapter
+        if isinstance(block, dict):  # defaults made with model_construct (not validated)
+            block = IPAdapterConfig.model_validate(block)
+        ids[("ip_adapter", "ipadapter_model_path")] = block.ipadapter_model_path
         return ids
 
     @classmethod
@@ -174,6 +191,7 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
             self._compile.mode if self._compile and self._compile.backend == "inductor" else None
         )
         cuda_graphs = uses_cuda_graphs(self._device, compile_mode)
+        assert bundle.ip_switch is not None  # prepare() installed it
         buckets = self.settings.batch_buckets if self._compile is not None else None
         unet_batch = UNetBatch(
             bundle,
@@ -189,6 +207,15 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
             preprocess=Preprocessors(self._device, self._dtype, self.settings),
             safety=SafetyFilter(
                 self._device, self._dtype, self.settings.safety_model, self.settings.model_dir
+            ),
+            ip_adapters=IPAdapterPool(
+                bundle.uncompiled_unet,
+                bundle.ip_switch,
+                self._device,
+                self._dtype,
+                self._locate_ip_adapter,
+                sdxl=bundle.sdxl,
+                style_image=self.style_images.get,
             ),
         )
         unet_batch.generation = generation
@@ -206,6 +233,9 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
 
     def _locate_controlnet(self, model_id: str, download: bool) -> Path:
         return locate_controlnet(model_id, self.settings.model_dir, download=download)
+
+    def _locate_ip_adapter(self, repo: str, sdxl: bool, download: bool) -> Path:
+        return locate_ip_adapter(repo, self.settings.model_dir, sdxl, download=download)
 
     def _locate_lora(self, lora_id: str, download: bool) -> Path:
         return locate_lora(lora_id, self.settings.model_dir, download=download)
@@ -233,6 +263,24 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
         self.lora_pool().check(params)
         if params.use_safety_checker:
             self._check_safety_model()
+        if params.ip_adapter.enabled:
+            self._check_ip_adapter(params.ip_adapter)
+
+    def _check_ip_adapter(self, settings: IPAdapterConfig) -> None:
+        """Refuse FaceID (not available yet) and an adapter that cannot serve the loaded
+        model (422 on ``ip_adapter``); an accepted one starts loading."""
+        if settings.type == "faceid":
+            raise _field_error(("ip_adapter", "type"), settings.type, FACEID_UNAVAILABLE)
+        pool = self._unet_batch().ip_adapters
+        reason = None if pool is None else pool.refusal(settings.ipadapter_model_path)
+        if reason is not None:
+            raise _field_error(("ip_adapter",), settings.model_dump(), reason)
+
+    async def resolve_params(self, params: DiffusionParams) -> None:
+        """Event loop: fetch the IP-Adapter's style image (when it acts) into the cache the
+        worker reads; a refusal is a 422 on ``ip_adapter_style_image_url``."""
+        if params.ip_adapter.enabled and params.ip_adapter_style_image_url:
+            await self.style_images.resolve(params.ip_adapter_style_image_url)
 
     def _check_safety_model(self) -> None:
         """The safety classifier, loaded now (once): one that cannot be found, fetched or
@@ -258,6 +306,8 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
             if isinstance(self.unet_batch.preprocess, Preprocessors):
                 self.unet_batch.preprocess.close()
             self.unet_batch.safety.close()
+            if self.unet_batch.ip_adapters is not None:
+                self.unet_batch.ip_adapters.close()
         self.unet_batch = None
         gc.collect()
         if self._device.type == "cuda":
@@ -312,9 +362,19 @@ def _names_a_folder(choice: ModelChoice) -> bool:
     return any(name.startswith((".", "/", "~")) for name in (choice.model, choice.vae))
 
 
-def _field_error(field: str, value: object, message: str) -> ValidationError:
+def _field_error(field: str | tuple[str, ...], value: object, message: str) -> ValidationError:
     """A pydantic ValidationError on ``field`` (the server answers it with a 422)."""
+    loc = (field,) if isinstance(field, str) else field
     return ValidationError.from_exception_data(
         "DiffusionParams",
-        [{"type": "value_error", "loc": (field,), "input": value, "ctx": {"error": message}}],
+        [{"type": "value_error", "loc": loc, "input": value, "ctx": {"error": message}}],
     )
+
+
+#: Why ``ip_adapter.type`` "faceid" is refused.
+FACEID_UNAVAILABLE = (
+    "IP-Adapter FaceID is not available yet: it needs an insightface face model (buffalo_l:"
+    " detection, alignment and an ArcFace embedding, hosted outside the Hugging Face hub), the"
+    " FaceID adapter's own projection and its LoRA, none of which livediff runs yet; use type"
+    " 'regular' with a style image"
+)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, cast
@@ -47,6 +48,14 @@ from livediff.transforms.diffusion.feature_bank import (
     BankRows,
     FeatureBankHistory,
     install_feature_bank,
+)
+from livediff.transforms.diffusion.ip_adapter import (
+    IPAdapterCall,
+    IPAdapterPool,
+    IPAdapterWeights,
+    IPRows,
+    install_ip_adapter,
+    ip_call,
 )
 from livediff.transforms.diffusion.params import DiffusionParams
 from livediff.transforms.diffusion.prompts import PromptEmbedding, PromptEncoder
@@ -107,9 +116,11 @@ class UNetBatch:
         controlnets: ControlNetPool | None = None,
         preprocess: Preprocess | None = None,
         safety: SafetyFilter | None = None,
+        ip_adapters: IPAdapterPool | None = None,
     ) -> None:
         """``controlnets`` and ``preprocess`` (frames -> control images) serve sessions whose
-        params name ControlNets; without them such entries are ignored."""
+        params name ControlNets, ``ip_adapters`` those with an IP-Adapter; without them such
+        entries are ignored."""
         self.bundle = bundle
         self.device = device
         self.dtype = dtype
@@ -138,6 +149,10 @@ class UNetBatch:
         if bundle.bank is None:  # prepare() installs it before compiling
             bundle.bank = install_feature_bank(bundle.uncompiled_unet)
         self.bank = bundle.bank
+        if bundle.ip_switch is None:  # prepare() installs it before compiling
+            bundle.ip_switch = install_ip_adapter(bundle.uncompiled_unet)
+        self.ip_switch = bundle.ip_switch
+        self.ip_adapters = ip_adapters
         self._unet_call = PaddedCall(
             self._unet_forward, buckets, static_buffers=cuda_graphs, name="unet"
         )
@@ -239,7 +254,8 @@ class UNetBatch:
         extra = self._control_residuals(group, x_model, timesteps, embeddings, added)
         self._mark("controlnet")
         bank = self._bank_call(group)
-        output = self.unet(x_model, timesteps, embeddings, extra, bank, added=added)
+        ip = self._ip_call(group)
+        output = self.unet(x_model, timesteps, embeddings, extra, bank, added=added, ip=ip)
         output = output.to(STEP_DTYPE)
         if bank is not None:
             bank.store()
@@ -317,6 +333,46 @@ class UNetBatch:
         if not any(entry.params.cached_attention.enabled for entry in group):
             return None
         return BankCall([_bank_rows(entry) for entry in group], self.device)
+
+    # -- the IP-Adapter ---------------------------------------------------------------------------
+    def _ip_call(self, group: list[_Entry]) -> IPAdapterCall | None:
+        """The group's IP-Adapter call, None when no session of it uses one (or its adapter is
+        still loading). One adapter serves a call: that of the first session using one; a
+        session naming another runs without it meanwhile (one per model family in practice)."""
+        pool = self.ip_adapters
+        active = [entry for entry in group if entry.params.ip_adapter_active()]
+        for entry in group:
+            if not entry.params.ip_adapter_active():
+                entry.state.ip_tokens = entry.state.ip_key = None
+        if pool is None or not active:
+            return None
+        repo = active[0].params.ip_adapter.ipadapter_model_path
+        adapter = pool.get(repo)
+        if adapter is None:
+            return None
+        rows = [self._ip_rows(entry, pool, adapter, repo) for entry in group]
+        if all(row.tokens is None for row in rows):
+            return None
+        return ip_call(rows, adapter, self.ip_switch.layers, self.device)
+
+    def _ip_rows(
+        self, entry: _Entry, pool: IPAdapterPool, adapter: IPAdapterWeights, repo: str
+    ) -> IPRows:
+        """The entry's rows: its steps attend to its style image's tokens (encoded once per
+        image), its guidance rows to the zero image's."""
+        params, state, table = entry.params, entry.state, entry.table
+        assert table is not None
+        settings = params.ip_adapter
+        if not params.ip_adapter_active() or settings.ipadapter_model_path != repo:
+            return IPRows(entry.rows, table.steps, None, 0.0, ())
+        key = (repo, params.ip_adapter_style_image_url)
+        if state.ip_key != key:
+            image = pool.style_image(params.ip_adapter_style_image_url)
+            if image is None:  # not fetched (a face that skipped resolve_params): no style
+                return IPRows(entry.rows, table.steps, None, 0.0, ())
+            state.ip_tokens, state.ip_key = adapter.encode(image), key
+        weights = pool.layer_weights(settings.weight_type)
+        return IPRows(entry.rows, table.steps, state.ip_tokens, settings.scale, weights)
 
     # -- the stream batch -------------------------------------------------------------------------
     def _unet_inputs(
@@ -433,21 +489,24 @@ class UNetBatch:
         bank: BankCall | None = None,
         *,
         added: Added | None = None,
+        ip: IPAdapterCall | None = None,
     ) -> torch.Tensor:
         """The UNet's noise estimate (in the model's dtype; ``x_t`` is cast to it).
 
-        With ``residuals`` (ControlNets' down blocks..., mid) or a feature ``bank`` the UNet
-        runs uncompiled and unpadded: the compiled one is planned for its plain call only, and
-        a variant would compile (and record graphs) while serving. ``added``: SDXL's pooled
-        text embeddings and time ids, row by row."""
+        With ``residuals`` (ControlNets' down blocks..., mid), a feature ``bank`` or an
+        IP-Adapter call (``ip``) the UNet runs uncompiled and unpadded: the compiled one is
+        planned for its plain call only, and a variant would compile (and record graphs) while
+        serving. ``added``: SDXL's pooled text embeddings and time ids, row by row."""
         x_t = x_t.to(self.dtype).contiguous(memory_format=self.memory_format)
-        if residuals is None and bank is None:
+        if residuals is None and bank is None and ip is None:
             return cast(torch.Tensor, self._unet_call(x_t, timesteps, embeddings, *(added or ())))
         unet = self.bundle.uncompiled_unet
-        if bank is None:
-            return _run_unet(unet, x_t, timesteps, embeddings, *(residuals or ()), added=added)
-        assert self.bank is not None
-        with self.bank.active(bank):
+        with ExitStack() as switches:
+            if bank is not None:
+                assert self.bank is not None
+                switches.enter_context(self.bank.active(bank))
+            if ip is not None:
+                switches.enter_context(self.ip_switch.active(ip))
             return _run_unet(unet, x_t, timesteps, embeddings, *(residuals or ()), added=added)
 
     @torch.inference_mode()
