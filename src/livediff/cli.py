@@ -175,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, field, kwargs in MODEL_OPTIONS:
         prepare.add_argument(flag, dest=field, default=None, **with_default(field, kwargs))
     prepare.add_argument(
+        "--pipeline",
+        dest="pipeline",
+        default=None,
+        choices=["diffusion", "video"],
+        help="video: fetch the causal video pipeline's Wan model (--model, default"
+        " Wan-AI/Wan2.1-T2V-1.3B-Diffusers) instead of the diffusion model",
+    )
+    prepare.add_argument(
         "--controlnet",
         dest="controlnets",
         action="append",
@@ -200,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="also fetch the IP-Adapter of the model's family and its image encoder (default"
         f" {Settings.model_fields['ip_adapter_model'].default}, h94's layout)",
+    )
+    prepare.add_argument(
+        "--ip-adapter-faceid",
+        dest="ip_adapter_faceid",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ID",
+        help="also fetch IP-Adapter FaceID for the model's family (default"
+        " h94/IP-Adapter-FaceID) and its face model (insightface's buffalo_l from the hub"
+        " mirror public-data/insightface)",
     )
     prepare.add_argument(
         "--depth-model",
@@ -323,6 +342,8 @@ def prepare_models(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if settings.pipeline == "video":
+        return prepare_video_model(settings)
     paths = download(settings.model, settings.vae, settings.model_dir)
     print(f"model: {paths.model}\nvae:   {paths.vae}")
     for model_id in args.controlnets:
@@ -339,6 +360,27 @@ def prepare_models(args: argparse.Namespace) -> int:
         repo = args.ip_adapter or settings.ip_adapter_model
         sdxl = is_sdxl(paths.model)
         print(f"ip-adapter: {locate_ip_adapter(repo, settings.model_dir, sdxl, download=True)}")
+    if args.ip_adapter_faceid is not None:
+        prepare_faceid(args.ip_adapter_faceid, settings.model_dir, is_sdxl(paths.model))
+    return 0
+
+
+def prepare_faceid(repo: str, model_dir: str | None, sdxl: bool) -> None:
+    """Fetch IP-Adapter FaceID (``repo``, default h94's) and its face model."""
+    from livediff.transforms.diffusion.ip_adapter_params import FACE_MODEL_REPO, FACEID_REPO
+    from livediff.transforms.diffusion.models import locate_face_model, locate_faceid_adapter
+
+    adapter = locate_faceid_adapter(repo or FACEID_REPO, model_dir, sdxl, download=True)
+    print(f"ip-adapter-faceid: {adapter}")
+    print(f"face model: {locate_face_model(FACE_MODEL_REPO, model_dir, download=True)}")
+
+
+def prepare_video_model(settings: Settings) -> int:
+    """``prepare-models --pipeline video``: fetch the Wan model (transformer, VAE, UMT5 and
+    tokenizer)."""
+    from livediff.transforms.video.models import locate, video_model
+
+    print(f"video model: {locate(video_model(settings.model), settings.model_dir, download=True)}")
     return 0
 
 

@@ -326,10 +326,13 @@ def test_the_diffusion_pipeline_takes_controlnets_from_the_panel(
     wait_playing(page, timeout_ms=60_000)
 
     control(page, 0, "control_guidance_start").fill("0.7")
+    started = [{**expected, "control_guidance_start": 0.7}]
+    # the valid edit lands first (an edit right after it could share its debounced patch)
+    wait_controlnets(record, started, "control_guidance_start to reach the session")
     control(page, 0, "control_guidance_end").fill("0.2")
     entry_error = page.get_by_test_id("error-controlnets-0")
     entry_error.wait_for(state="visible", timeout=20_000)
     assert GUIDANCE_ORDER in entry_error.inner_text()
-    assert session_controlnets(record) == [{**expected, "control_guidance_start": 0.7}]
+    assert session_controlnets(record) == started  # the refused edit changed nothing
     loads = server.service.engine.metrics.registry.get_sample_value("livediff_model_loads_total")
     assert loads == 1, "ControlNet changes must not reload the model"

@@ -35,8 +35,7 @@ class ParamsRules:
 
     def _models_allowed(self, settings: Settings) -> frozenset[str]:
         configured = {settings.model, settings.vae, *settings.allow_models}
-        defaults = self.params_model.model_construct(**self.configured_defaults(settings))
-        return frozenset(configured | set(self._kind.model_ids(defaults).values()))
+        return frozenset(configured | self._kind.configured_model_ids(settings))
 
     def validate(
         self,

@@ -122,3 +122,66 @@ def build_wan_vae(config: dict[str, Any], seed: int = 0, dtype: Any = None) -> A
 def count_parameters(model: Any) -> int:
     """Parameters in ``model`` (for the tests' size budget and the benchmark's report)."""
     return sum(int(parameter.numel()) for parameter in model.parameters())
+
+
+#: A tiny UMT5 encoder whose width is the tiny transformer's ``text_dim``.
+TINY_UMT5_TEXT_ENCODER: dict[str, Any] = {
+    **WAN21_UMT5_TEXT_ENCODER,
+    "d_model": TINY_WAN_TRANSFORMER["text_dim"],
+    "d_ff": 32,
+    "d_kv": 8,
+    "num_heads": 2,
+    "num_layers": 2,
+    "vocab_size": 64,
+}
+#: The tiny tokenizer's characters (each one token; anything else is <unk>).
+TINY_TOKENIZER_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789 "
+
+
+def build_tiny_tokenizer(max_tokens: int = TINY_TEXT_TOKENS) -> Any:
+    """A character-level fast tokenizer (pad 0, eos 1, unk 2; ``</s>`` appended), standing in
+    for UMT5's SentencePiece one so that different prompts give different tokens."""
+    tokenizers = importlib.import_module("tokenizers")
+    transformers = importlib.import_module("transformers")
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab = {token: index for index, token in enumerate([*specials, *TINY_TOKENIZER_CHARACTERS])}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Split(
+        tokenizers.Regex("."), behavior="isolated"
+    )
+    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)]
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=max_tokens,
+    )
+
+
+def build_umt5_encoder(config: dict[str, Any], seed: int = 0) -> Any:
+    """A ``UMT5EncoderModel`` of ``config`` with seeded random weights, in eval mode."""
+    import torch
+
+    transformers = importlib.import_module("transformers")
+    torch.manual_seed(seed)
+    encoder = transformers.UMT5EncoderModel(transformers.UMT5Config(**config))
+    encoder.eval()
+    return encoder
+
+
+def write_tiny_wan_folder(folder: Any, seed: int = 0) -> Any:
+    """A tiny random Wan 2.1 T2V model written as ``WanPipeline.save_pretrained`` writes one
+    (transformer, VAE, UMT5 encoder, tokenizer, scheduler): what ``--model <folder>`` loads."""
+    diffusers = importlib.import_module("diffusers")
+    pipeline = diffusers.WanPipeline(
+        tokenizer=build_tiny_tokenizer(),
+        text_encoder=build_umt5_encoder(TINY_UMT5_TEXT_ENCODER, seed),
+        transformer=build_wan_transformer(TINY_WAN_TRANSFORMER, seed),
+        vae=build_wan_vae(TINY_WAN_VAE, seed),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0),
+    )
+    pipeline.save_pretrained(folder)
+    return folder

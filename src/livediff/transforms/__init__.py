@@ -24,6 +24,7 @@ __all__ = [
 BUILTIN_TRANSFORMS: dict[str, str] = {
     "passthrough": "livediff.transforms.passthrough:PassthroughTransform",
     "diffusion": "livediff.transforms.diffusion.transform:DiffusionTransform",
+    "video": "livediff.transforms.video.transform:VideoTransform",
 }
 
 ENTRY_POINT_GROUP = "livediff.transforms"

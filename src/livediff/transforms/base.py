@@ -103,6 +103,13 @@ class Transform(ABC, Generic[ParamsT, StateT, StagedT]):
         the transform sees it. Pure, like :meth:`default_params`; none by default."""
         return {}
 
+    @classmethod
+    def configured_model_ids(cls, settings: Settings) -> set[str]:
+        """The model ids the server's own settings name (allowed without ``--allow-model``):
+        by default those its default params name."""
+        defaults = cls.params_model.model_construct(**cls.default_params(settings))
+        return set(cls.model_ids(cast(ParamsT, defaults)).values())
+
     def loaded_params(self) -> dict[str, Any]:
         """Defaults that follow what is loaded now (e.g. the model), over :meth:`default_params`,
         so that a new session does not ask for a reload. Asked after every (re)load."""

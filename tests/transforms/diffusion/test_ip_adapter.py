@@ -259,15 +259,11 @@ def only_loc(refused: pytest.ExceptionInfo[ValidationError]) -> tuple[str | int,
     return tuple(errors[0]["loc"])
 
 
-def test_an_unknown_type_faceid_and_another_family_are_422s(
+def test_an_unknown_type_and_another_family_are_422s(
     transform: DiffusionTransform, adapters: dict[str, str]
 ) -> None:
     with pytest.raises(ValidationError) as refused:
         DiffusionParams(ip_adapter={"type": "plus"})
-    assert only_loc(refused) == ("ip_adapter", "type")
-    faceid = DiffusionParams.model_validate(ip_params(adapters["fits"], type="faceid"))
-    with pytest.raises(ValidationError, match="FaceID is not available yet") as refused:
-        transform.validate_params(faceid)
     assert only_loc(refused) == ("ip_adapter", "type")
     other = DiffusionParams.model_validate(ip_params(adapters["other"]))
     with pytest.raises(ValidationError, match=r"SD 1\.5 family") as refused:

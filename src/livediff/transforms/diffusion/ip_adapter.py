@@ -6,7 +6,9 @@ layer to tokens x cross_attention_dim, then LayerNorm), and every cross-attentio
 (``attn2`` of each transformer block) adds ``scale * weight_l * attention(query, to_k_ip_l(tokens),
 to_v_ip_l(tokens))`` to its text attention before its output projection: diffusers'
 ``IPAdapterAttnProcessor2_0``, but with a scale per row, so sessions with different style
-images, scales, weight types or none at all share one UNet call.
+images, scales, weight types or none at all share one UNet call. FaceID (``type: "faceid"``,
+:mod:`.ip_adapter_faceid`) differs only in the embedding (a face's ArcFace embedding) and the
+projection (an MLP); the pool loads it as a kind of adapter and the attention path is this one.
 
 The UNet is never converted (diffusers' ``load_ip_adapter`` would replace its processors and
 add ``encoder_hid_proj``, which changes every call and the compiled graph): at load,
@@ -50,7 +52,11 @@ import torch
 import torch.nn.functional as F
 
 from livediff.pixels.device import constant
-from livediff.transforms.diffusion.models import IP_ADAPTER_FILES, ModelUnavailableError
+from livediff.transforms.diffusion.models import (
+    FACEID_FILES,
+    IP_ADAPTER_FILES,
+    ModelUnavailableError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -283,11 +289,13 @@ class IPAdapterWeights:
     """An adapter on the device: the image projection and each cross-attention layer's
     ``to_k_ip`` / ``to_v_ip`` weights (out, cross_attention_dim), and its image encoder."""
 
-    proj: torch.nn.Linear
+    proj: torch.nn.Module
     norm: torch.nn.LayerNorm
     tokens: int
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    #: The width of the embeddings ``proj`` takes.
+    embed_dim: int = 0
     encoder: Any = None
     #: The encoder's input size (pixels a side) and its preprocessor.
     processor: Any = None
@@ -295,25 +303,28 @@ class IPAdapterWeights:
 
     def project(self, embeds: torch.Tensor) -> torch.Tensor:
         """Image embeds (B, E) -> image tokens (B, tokens, D): diffusers' ImageProjection."""
-        projected = self.proj(embeds.to(self.proj.weight.dtype))
+        projected = self.proj(embeds.to(self.norm.weight.dtype))
         return self.norm(projected.reshape(embeds.shape[0], self.tokens, -1))  # type: ignore[no-any-return]
 
     def negative(self) -> torch.Tensor:
         """The tokens of a zero embedding (1, tokens, D): what guidance rows attend to."""
         if self._negative is None:
-            zeros = self.proj.weight.new_zeros((1, self.proj.in_features))
+            zeros = self.norm.weight.new_zeros((1, self.embed_dim))
             self._negative = self.project(zeros)
         return self._negative
 
     @torch.inference_mode()
     def encode(self, image: Any) -> torch.Tensor:
-        """A style image (PIL) -> its tokens (1, tokens, D): the image encoder's projected
-        embedding (CLIP preprocessing: resize, centre crop, normalise), projected."""
+        """A style image (PIL) -> its tokens (1, tokens, D): its embedding, projected."""
+        return self.project(self.embed(image))
+
+    def embed(self, image: Any) -> torch.Tensor:
+        """The image encoder's projected embedding (1, E) (CLIP preprocessing: resize, centre
+        crop, normalise)."""
         pixels = self.processor(images=image, return_tensors="pt").pixel_values
         encoder = self.encoder
         weight = next(encoder.parameters())
-        embeds = encoder(pixels.to(weight.device, weight.dtype)).image_embeds
-        return self.project(embeds)
+        return encoder(pixels.to(weight.device, weight.dtype)).image_embeds  # type: ignore[no-any-return]
 
 
 def read_state(path: Path) -> AdapterState:
@@ -348,6 +359,11 @@ def misfit(state: AdapterState, unet: Any, switch: IPAdapterSwitch) -> str | Non
             f" cross-attention is {width} wide: h94/IP-Adapter serves {SERVED}; SD 2.1 /"
             " sd-turbo (1024) have none"
         )
+    return layers_misfit(state, unet, f"it serves {SERVED}")
+
+
+def layers_misfit(state: AdapterState, unet: Any, serves: str) -> str | None:
+    """Why the adapter's per-layer ``to_k_ip`` do not fit ``unet``'s cross-attention, or None."""
     layers = state.get("ip_adapter", {})
     for index, name in enumerate(_cross_names(unet)):
         key = layers.get(f"{2 * index + 1}.to_k_ip.weight")
@@ -355,7 +371,7 @@ def misfit(state: AdapterState, unet: Any, switch: IPAdapterSwitch) -> str | Non
         if key is None or tuple(key.shape) != tuple(wanted):
             return (
                 f"this IP-Adapter does not fit the loaded model's cross-attention layer"
-                f" {index} ({name}): it serves {SERVED}"
+                f" {index} ({name}): {serves}"
             )
     return None
 
@@ -384,6 +400,7 @@ def build_weights(
         proj=proj.to(device, dtype).eval().requires_grad_(False),
         norm=norm.to(device, dtype).eval().requires_grad_(False),
         tokens=4,
+        embed_dim=int(in_features),
         keys=[moved("to_k_ip", index) for index in range(layers)],
         values=[moved("to_v_ip", index) for index in range(layers)],
     )
@@ -416,8 +433,12 @@ class IPAdapterPool:
         *,
         sdxl: bool,
         style_image: Callable[[str], Any] = lambda _url: None,
+        locate_faceid: Locate | None = None,
+        locate_face: Callable[[], Path] | None = None,
     ) -> None:
-        """``style_image(url)``: the decoded style image the event loop fetched, or None."""
+        """``style_image(url)``: the decoded style image the event loop fetched, or None;
+        ``locate_faceid`` / ``locate_face``: FaceID adapters and the face model (None: no
+        FaceID)."""
         self.unet = unet
         self.style_image = style_image
         self.switch = switch
@@ -425,6 +446,12 @@ class IPAdapterPool:
         self.dtype = dtype
         self.sdxl = sdxl
         self._locate = locate
+        self._locate_faceid = locate_faceid
+        self._locate_face = locate_face
+        #: Each repo's kind (True: FaceID), set by the first ``refusal`` that names it.
+        self._faceid: dict[str, bool] = {}
+        self._face: Any = None
+        self._face_lock = threading.Lock()
         self._ready: dict[str, IPAdapterWeights] = {}
         self._failed: dict[str, str] = {}
         self._loading: dict[str, concurrent.futures.Future[IPAdapterWeights]] = {}
@@ -432,22 +459,26 @@ class IPAdapterPool:
         self._loader = concurrent.futures.ThreadPoolExecutor(1, "livediff-ip-adapter")
         self._weights: dict[str, tuple[float, ...]] = {}
 
-    def refusal(self, repo: str) -> str | None:
+    def refusal(self, repo: str, *, faceid: bool = False) -> str | None:
         """Why the adapter of ``repo`` cannot serve this model (None: fine, or loading); an
-        adapter on disk is checked now (its shapes, memory-mapped), else its load starts."""
+        adapter on disk is checked now (its shapes, memory-mapped), else its load starts.
+        ``faceid``: as an IP-Adapter FaceID (a repo serves as one kind)."""
+        kind = self._faceid.setdefault(repo, faceid)
+        if kind != faceid:
+            return f"{repo!r} serves as {'a FaceID' if kind else 'a plain'} IP-Adapter already"
         if repo in self._ready:
             return None
         if repo in self._failed:
             return self._failed[repo]
         try:
-            folder = self._locate(repo, self.sdxl, False)
+            folder = self._folder(repo, download=False)
         except ModelUnavailableError as exc:
-            if repo.startswith((".", "/", "~")):
+            if repo.startswith((".", "/", "~")) or (faceid and self._locate_faceid is None):
                 return str(exc)
             self.get(repo)  # fetched by the background load
             return None
         try:
-            reason = misfit(read_state(weights_file(folder, self.sdxl)), self.unet, self.switch)
+            reason = self._misfit(read_state(self._file(folder, faceid)), faceid)
         except ModelUnavailableError as exc:
             reason = str(exc)
         if reason is not None:
@@ -479,13 +510,53 @@ class IPAdapterPool:
         logger.info("IP-Adapter %s joined", repo)
         return self._ready[repo]
 
+    def _folder(self, repo: str, *, download: bool) -> Path:
+        """The adapter's folder (the family's, for a plain one), by its kind."""
+        if not self._faceid.get(repo, False):
+            return self._locate(repo, self.sdxl, download)
+        if self._locate_faceid is None:
+            raise ModelUnavailableError("IP-Adapter FaceID is not served here", "ip_adapter")
+        return self._locate_faceid(repo, self.sdxl, download)
+
+    def _file(self, folder: Path, faceid: bool) -> Path:
+        return folder / FACEID_FILES[self.sdxl] if faceid else weights_file(folder, self.sdxl)
+
+    def _misfit(self, state: AdapterState, faceid: bool) -> str | None:
+        if not faceid:
+            return misfit(state, self.unet, self.switch)
+        from livediff.transforms.diffusion.ip_adapter_faceid import faceid_misfit
+
+        return faceid_misfit(state, self.unet)
+
+    def face_model(self) -> Any:
+        """FaceID's face model (:class:`.ip_adapter_faceid.FaceModel`), loaded on first ask;
+        raises ModelUnavailableError when it cannot be found or loaded."""
+        with self._face_lock:
+            if self._face is None:
+                if self._locate_face is None:
+                    raise ModelUnavailableError("no face model is served here", "ip_adapter")
+                from livediff.transforms.diffusion.ip_adapter_faceid import FaceModel
+
+                folder = self._locate_face()
+                try:
+                    self._face = FaceModel(folder, cuda=self.device.type == "cuda")
+                except Exception as exc:  # onnxruntime's errors have no common base
+                    raise ModelUnavailableError(
+                        f"the face model in {folder} could not be loaded: {exc}", "ip_adapter"
+                    ) from exc
+            return self._face
+
     def _load(self, repo: str) -> IPAdapterWeights:
-        """Loader thread: the adapter and its image encoder, on the device."""
-        folder = self._locate(repo, self.sdxl, True)
-        state = read_state(weights_file(folder, self.sdxl))
-        reason = misfit(state, self.unet, self.switch)
+        """Loader thread: the adapter and its image encoder (FaceID: the face model), on the
+        device."""
+        faceid = self._faceid.get(repo, False)
+        folder = self._folder(repo, download=True)
+        state = read_state(self._file(folder, faceid))
+        reason = self._misfit(state, faceid)
         if reason is not None:
             raise ValueError(reason)
+        if faceid:
+            return self._load_faceid(state)
         weights = build_weights(state, self.switch.layers, self.device, self.dtype)
         transformers = importlib.import_module("transformers")
         encoder = transformers.CLIPVisionModelWithProjection.from_pretrained(
@@ -494,9 +565,20 @@ class IPAdapterPool:
         weights.encoder = encoder.to(self.device, self.dtype).eval().requires_grad_(False)
         size = int(encoder.config.image_size)
         weights.processor = transformers.CLIPImageProcessor(size=size, crop_size=size)
+        self._synchronize()
+        return weights
+
+    def _load_faceid(self, state: AdapterState) -> IPAdapterWeights:
+        from livediff.transforms.diffusion.ip_adapter_faceid import build_faceid_weights
+
+        weights = build_faceid_weights(state, self.switch.layers, self.device, self.dtype)
+        weights.face = self.face_model()
+        self._synchronize()
+        return weights
+
+    def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        return weights
 
     def layer_weights(self, weight_type: str) -> tuple[float, ...]:
         """Every cross-attention layer's multiplier for ``weight_type`` (cached)."""

@@ -416,3 +416,59 @@ def locate_ip_adapter(
             "ip_adapter",
         )
     return family
+
+
+#: IP-Adapter FaceID's adapters (h94's layout: the files at the repo's root), by "is SDXL".
+FACEID_FILES = {False: "ip-adapter-faceid_sd15.bin", True: "ip-adapter-faceid_sdxl.bin"}
+#: The face model (insightface's buffalo_l pack: SCRFD detection and ArcFace recognition, the
+#: onnx files of its GitHub release zip), from a hub mirror that keeps the pack's layout.
+FACE_MODEL_FILES = ("models/buffalo_l/det_10g.onnx", "models/buffalo_l/w600k_r50.onnx")
+
+
+def locate_faceid_adapter(
+    repo: str, model_dir: str | None, sdxl: bool, *, download: bool = False
+) -> Path:
+    """The folder of an IP-Adapter FaceID repo in h94/IP-Adapter-FaceID's layout (the family's
+    ``ip-adapter-faceid_sd15.bin`` / ``_sdxl.bin`` at its root), as :func:`locate_ip_adapter`."""
+    weights = FACEID_FILES[sdxl]
+    path = Path(repo).expanduser()
+    if path.is_dir():
+        folder = path
+    elif repo.startswith((".", "/", "~")) or not REPO_ID.fullmatch(repo):
+        raise ModelUnavailableError(
+            f"IP-Adapter FaceID {repo!r} is neither a folder nor a hub id", "ip_adapter"
+        )
+    else:
+        fetch = f"livediff prepare-models --ip-adapter-faceid {repo}"
+        folder = _hub_repo(
+            repo, "IP-Adapter FaceID", [weights], model_dir, download=download, fetch=fetch
+        )
+    if not (folder / weights).is_file():
+        raise ModelUnavailableError(
+            f"IP-Adapter FaceID {repo!r} ({folder}) has no {weights}", "ip_adapter"
+        )
+    return folder
+
+
+def locate_face_model(name: str, model_dir: str | None, *, download: bool = False) -> Path:
+    """The face model's folder (``det_10g.onnx`` and ``w600k_r50.onnx``): a folder holding
+    them, or a hub mirror of insightface's buffalo_l (``models/buffalo_l/``) in ``model_dir``."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        folder = path
+    elif name.startswith((".", "/", "~")) or not REPO_ID.fullmatch(name):
+        raise ModelUnavailableError(
+            f"face model {name!r} is neither a folder nor a hub id", "ip_adapter"
+        )
+    else:
+        fetch = "livediff prepare-models --ip-adapter-faceid"
+        root = _hub_repo(
+            name, "face model", list(FACE_MODEL_FILES), model_dir, download=download, fetch=fetch
+        )
+        folder = root / Path(FACE_MODEL_FILES[0]).parent
+    for file in FACE_MODEL_FILES:
+        if not (folder / Path(file).name).is_file():
+            raise ModelUnavailableError(
+                f"face model {name!r} ({folder}) has no {Path(file).name}", "ip_adapter"
+            )
+    return folder

@@ -32,7 +32,7 @@ from livediff.transforms.diffusion.bundle import (
 )
 from livediff.transforms.diffusion.control import ControlNetPool
 from livediff.transforms.diffusion.ip_adapter import IPAdapterPool
-from livediff.transforms.diffusion.ip_adapter_params import IPAdapterConfig
+from livediff.transforms.diffusion.ip_adapter_params import FACE_MODEL_REPO, IPAdapterConfig
 from livediff.transforms.diffusion.lora import LoraPool
 from livediff.transforms.diffusion.models import (
     ModelChoice,
@@ -40,6 +40,8 @@ from livediff.transforms.diffusion.models import (
     hub_offline,
     locate,
     locate_controlnet,
+    locate_face_model,
+    locate_faceid_adapter,
     locate_ip_adapter,
     locate_lora,
 )
@@ -146,8 +148,8 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
     def model_ids(cls, params: DiffusionParams) -> dict[tuple[str | int, ...], str]:
         """``model``, ``vae`` unless it is 'full' (the model's own VAE, no other files), and
         the ``model_id`` of each entry of a ``controlnets`` list, each LoRA id
-        (``lora_dict`` keys, and ``lcm_lora_id`` when ``use_lcm_lora`` is on), and the
-        IP-Adapter's ``ipadapter_model_path`` (the server's default is allowed)."""
+        (``lora_dict`` keys, and ``lcm_lora_id`` when ``use_lcm_lora`` is on), and, when the
+        IP-Adapter is on, its ``ipadapter_model_path`` (and FaceID's face model)."""
         ids: dict[tuple[str | int, ...], str] = {("model",): params.model}
         if params.vae != FULL_VAE:
             ids[("vae",)] = params.vae
@@ -160,8 +162,16 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
         block = params.ip_adapter
         if isinstance(block, dict):  # defaults made with model_construct (not validated)
             block = IPAdapterConfig.model_validate(block)
-        ids[("ip_adapter", "ipadapter_model_path")] = block.ipadapter_model_path
+        if block.enabled:
+            ids[("ip_adapter", "ipadapter_model_path")] = block.ipadapter_model_path
+            if block.type == "faceid":  # the face model's hub mirror
+                ids[("ip_adapter", "type")] = FACE_MODEL_REPO
         return ids
+
+    @classmethod
+    def configured_model_ids(cls, settings: Settings) -> set[str]:
+        """The defaults' ids and the server's IP-Adapter (``LIVEDIFF_IP_ADAPTER_MODEL``)."""
+        return {*super().configured_model_ids(settings), settings.ip_adapter_model}
 
     @classmethod
     def describe_session(cls, params: DiffusionParams) -> dict[str, Any]:
@@ -216,6 +226,8 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
                 self._locate_ip_adapter,
                 sdxl=bundle.sdxl,
                 style_image=self.style_images.get,
+                locate_faceid=self._locate_faceid_adapter,
+                locate_face=self._locate_face_model,
             ),
         )
         unet_batch.generation = generation
@@ -236,6 +248,12 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
 
     def _locate_ip_adapter(self, repo: str, sdxl: bool, download: bool) -> Path:
         return locate_ip_adapter(repo, self.settings.model_dir, sdxl, download=download)
+
+    def _locate_faceid_adapter(self, repo: str, sdxl: bool, download: bool) -> Path:
+        return locate_faceid_adapter(repo, self.settings.model_dir, sdxl, download=download)
+
+    def _locate_face_model(self) -> Path:
+        return locate_face_model(FACE_MODEL_REPO, self.settings.model_dir, download=True)
 
     def _locate_lora(self, lora_id: str, download: bool) -> Path:
         return locate_lora(lora_id, self.settings.model_dir, download=download)
@@ -264,17 +282,32 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
         if params.use_safety_checker:
             self._check_safety_model()
         if params.ip_adapter.enabled:
-            self._check_ip_adapter(params.ip_adapter)
+            self._check_ip_adapter(params)
 
-    def _check_ip_adapter(self, settings: IPAdapterConfig) -> None:
-        """Refuse FaceID (not available yet) and an adapter that cannot serve the loaded
-        model (422 on ``ip_adapter``); an accepted one starts loading."""
-        if settings.type == "faceid":
-            raise _field_error(("ip_adapter", "type"), settings.type, FACEID_UNAVAILABLE)
+    def _check_ip_adapter(self, params: DiffusionParams) -> None:
+        """Refuse an adapter that cannot serve the loaded model (422 on ``ip_adapter``); an
+        accepted one starts loading. FaceID also needs its face model (loaded now, once) and
+        a face in the style image (422 on ``ip_adapter_style_image_url``)."""
+        settings = params.ip_adapter
+        faceid = settings.type == "faceid"
         pool = self._unet_batch().ip_adapters
-        reason = None if pool is None else pool.refusal(settings.ipadapter_model_path)
+        if pool is None:
+            return
+        reason = pool.refusal(settings.ipadapter_model_path, faceid=faceid)
         if reason is not None:
             raise _field_error(("ip_adapter",), settings.model_dump(), reason)
+        if faceid:
+            self._check_face(pool, params.ip_adapter_style_image_url)
+
+    def _check_face(self, pool: IPAdapterPool, url: str) -> None:
+        """The face model loads (once); the style image (fetched already) must show a face."""
+        try:
+            face = pool.face_model()
+        except ModelUnavailableError as exc:
+            raise _field_error(("ip_adapter", "type"), "faceid", str(exc)) from exc
+        image = self.style_images.get(url) if url else None
+        if image is not None and face.embed(image) is None:
+            raise _field_error("ip_adapter_style_image_url", url, NO_FACE)
 
     async def resolve_params(self, params: DiffusionParams) -> None:
         """Event loop: fetch the IP-Adapter's style image (when it acts) into the cache the
@@ -371,10 +404,8 @@ def _field_error(field: str | tuple[str, ...], value: object, message: str) -> V
     )
 
 
-#: Why ``ip_adapter.type`` "faceid" is refused.
-FACEID_UNAVAILABLE = (
-    "IP-Adapter FaceID is not available yet: it needs an insightface face model (buffalo_l:"
-    " detection, alignment and an ArcFace embedding, hosted outside the Hugging Face hub), the"
-    " FaceID adapter's own projection and its LoRA, none of which livediff runs yet; use type"
-    " 'regular' with a style image"
+#: Why a FaceID style image is refused.
+NO_FACE = (
+    "IP-Adapter FaceID found no face in the style image (buffalo_l's detector, score 0.5):"
+    " use a picture of a face, or type 'regular'"
 )
