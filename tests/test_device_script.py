@@ -154,7 +154,7 @@ def run_script(out: Path, *options: str, frames: int = 2) -> subprocess.Complete
     )
 
 
-@pytest.mark.parametrize("suite", ["engine", "next", "models"])
+@pytest.mark.parametrize("suite", ["engine", "next", "models", "video"])
 def test_each_suite_fits_the_deadline(suite: str, tmp_path: Path) -> None:
     done = run_script(tmp_path, "--plan", "--suite", suite)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -259,3 +259,52 @@ def test_the_models_suites_dry_run_measures_sdxl(tmp_path: Path) -> None:
     assert large["config"]["size"] == 128 and not large.get("diffusers")
     lora = json.loads((tmp_path / "lora.json").read_text())["results"]
     assert lora["fused_recompiles"] == 0 and lora["fused_unet_ms"] > 0
+
+
+VIDEO_ROW_KEYS = {
+    "case",
+    "mode",
+    "size",
+    "steps",
+    "sessions",
+    "fps_per_session",
+    "fps_total",
+    "chunk_ms_p50",
+    "first_chunk_ms",
+    "first_frame_ms",
+    "gpu_memory_gib",
+    "dropped",
+    "failed_frames",
+}
+
+
+@pytest.mark.slow
+def test_the_video_suites_dry_run_measures_every_case(tmp_path: Path) -> None:
+    done = run_script(tmp_path, "--dry-run", "--suite", "video")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "run.txt",
+        "video-480x832.json",
+        "video-480x832.txt",
+        "video-512.json",
+        "video-512.txt",
+    ]
+    for name, size in (("video-480x832", "64x112"), ("video-512", "64x64")):
+        report = json.loads((tmp_path / f"{name}.json").read_text())
+        assert report["failed"] == [] and report["config"]["preset"] == "tiny"
+        assert report["load"]["load_s"] > 0
+        rows = report["results"]
+        assert [(row["mode"], row["steps"], row["sessions"]) for row in rows] == [
+            (mode, steps, sessions)
+            for mode in ("saturating", "source")
+            for steps in (1, 4)
+            for sessions in (1, 2)
+        ]
+        for row in rows:
+            assert row.keys() >= VIDEO_ROW_KEYS, row
+            assert row["size"] == size and row["failed_frames"] == 0
+            assert row["fps_per_session"] > 0 and row["chunk_ms_p50"] > 0
+            assert row["fps_total"] == pytest.approx(row["fps_per_session"] * row["sessions"], 0.01)
+            assert 0 < row["first_chunk_ms"] < row["first_frame_ms"]
+            assert row["gpu_memory_gib"] is None  # the CPU
+            assert row["source_fps"] == (24.0 if row["mode"] == "source" else None)

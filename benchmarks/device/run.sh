@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one call on the lent GPU machine (README.md beside this file), from the repository root:
 #
-#   bash benchmarks/device/run.sh [--suite engine|next|models]      # there, with carry: [".whl"]
-#   OUT=DIR bash benchmarks/device/run.sh --dry-run [--suite engine|next|models]     # here, on the CPU
+#   bash benchmarks/device/run.sh [--suite engine|next|models|video]   # there, carry: [".whl"]
+#   OUT=DIR bash benchmarks/device/run.sh --dry-run [--suite engine|next|models|video]   # here
 #
 # Runs one suite's steps (suites.sh) in order, each under its own timeout, the whole within
 # DEADLINE_S, and writes to $OUT (default /tmp/out) as it goes: run.txt (the machine, the plan,
@@ -10,7 +10,8 @@
 # step's rows, rewritten after every row). Exits 1 when a step failed or ran out of time.
 #
 # --plan: only check that the suite's budgets fit the deadline (and write the plan to run.txt).
-# --dry-run: the same steps on this machine's CPU with the tiny model at 64 px, the current python
+# --dry-run: the same steps on this machine's CPU with the tiny models at 64 px (the video suite's
+# tiny Wan at 64x112 and 64x64), the current python
 # (PYTHON, default python3; no .whl), the `eager` compile backend (traces and guards like inductor,
 # generates no code) and FRAMES (default 4) frames per measurement.
 set -uo pipefail
@@ -22,7 +23,7 @@ DEADLINE_S=450
 SETUP_BUDGET_S=30
 
 usage() {
-    echo "usage: [OUT=DIR] $0 [--suite engine|next|models] [--dry-run] [--plan]" >&2
+    echo "usage: [OUT=DIR] $0 [--suite engine|next|models|video] [--dry-run] [--plan]" >&2
     exit 2
 }
 
@@ -137,14 +138,18 @@ if ((DRY_RUN)); then
     PYTHON=${PYTHON:-python3}
     PRESET=tiny SIZE=64 BACKEND=eager FRAMES=${FRAMES:-4}
     SDXL_PRESET=tiny-sdxl LARGE_SIZE=128
+    VIDEO_PRESET=tiny VIDEO_WIDE_SIZE=64x112 VIDEO_SQUARE_SIZE=64x64
 else
     PYTHON=python3
     PRESET=sd-turbo SIZE=512 BACKEND=inductor FRAMES=${FRAMES:-40}
     SDXL_PRESET=sdxl-turbo LARGE_SIZE=1024
+    VIDEO_PRESET=wan-1.3b VIDEO_WIDE_SIZE=480x832 VIDEO_SQUARE_SIZE=512x512
 fi
 BENCH=("$PYTHON" benchmarks/gpu_engine.py --preset "$PRESET" --size "$SIZE" --frames "$FRAMES"
     --compile-backend "$BACKEND" --compile-mode reduce-overhead
     --compile-cache-dir /tmp/livediff-compile-cache --row-timeout "${ROW_TIMEOUT_S:-60}")
+VIDEO=("$PYTHON" benchmarks/video.py --preset "$VIDEO_PRESET" --frames "$FRAMES"
+    --row-timeout "${ROW_TIMEOUT_S:-60}")
 PYTEST=("$PYTHON" -m pytest -m gpu -v -p no:cacheprovider -o addopts= --timeout=75 --durations=5)
 mapfile -t GPU_TESTS < <(grep -rlE --include='*.py' 'pytest\.mark\.gpu' tests | sort)
 

@@ -14,8 +14,11 @@
 # and size (sd-turbo at 512 on the GPU, the tiny model at 64 in a dry run; a later --preset or
 # --size wins: SDXL_PRESET is sdxl-turbo on the GPU and tiny-sdxl in a dry run, LARGE_SIZE 1024
 # and 128), frames, compile
-# backend (inductor, or eager in a dry run) and row timeout; GPU_TESTS, the test files that hold
-# gpu-marked tests; PYTEST, pytest with the options of an unattended run; OUT.
+# backend (inductor, or eager in a dry run) and row timeout; VIDEO, benchmarks/video.py with the
+# run's video preset (wan-1.3b on the GPU, tiny in a dry run), frames and row timeout, and its
+# two sizes, VIDEO_WIDE_SIZE (480x832, or 64x112 in a dry run) and VIDEO_SQUARE_SIZE (512x512,
+# or 64x64); GPU_TESTS, the test files that hold gpu-marked tests; PYTEST, pytest with the
+# options of an unattended run; OUT.
 
 # The engine: the CUDA tests, then sd-turbo eager (steps, ControlNets, sessions, diffusers), then
 # compiled with CUDA graphs for buckets 1 and 4 (six cold inductor compiles: UNet, TAESD encoder
@@ -56,4 +59,14 @@ suite_models() {
     # call and per weight change, and the graphs a weight change recompiles
     step lora 80 "$PYTHON" benchmarks/lora.py --preset "$PRESET" --size "$SIZE" \
         --iterations 20 --repeats 3 --out "$OUT" --name lora
+}
+
+# The fourth run, of the same shape and deadline: issue 23's causal video pipeline (Wan 2.1 T2V
+# 1.3B transformer and VAE and UMT5-XXL, random weights built on the GPU in bf16), at 480x832
+# and 512x512: 1 and 4 steps, 1 and 2 sessions, saturating and at a 24 fps source; fps per
+# session and in all, chunk and first-frame latency, peak GPU memory (benchmarks/video.py).
+suite_video() {
+    step video-480x832 210 "${VIDEO[@]}" --size "$VIDEO_WIDE_SIZE" \
+        --json "$OUT/video-480x832.json"
+    step video-512 210 "${VIDEO[@]}" --size "$VIDEO_SQUARE_SIZE" --json "$OUT/video-512.json"
 }

@@ -58,3 +58,29 @@ def test_the_studio_drives_the_diffusion_pipeline(
     assert "strictly increasing" in error.inner_text()
     assert record.session.params.t_index_list == [20, 35]
     assert page.evaluate("document.body.dataset.state") == "live"
+
+
+def test_the_studio_restyles_a_camera_with_the_video_pipeline(
+    serve: Callable[..., LiveServer], tmp_path_factory: pytest.TempPathFactory, open_page: Any
+) -> None:
+    """``--pipeline video`` on the tiny Wan model: the page's fake camera goes in, the causal
+    pipeline's chunks come back and play, and a prompt typed in the panel reaches the session."""
+    from livediff.testing.video_models import write_tiny_wan_folder
+    from livediff.transforms.video.transform import VideoTransform
+
+    folder = tmp_path_factory.mktemp("tiny-wan-studio") / "model"
+    write_tiny_wan_folder(folder, seed=0)
+    server = serve(pipeline="video", model=str(folder), device="cpu", width=SIZE, height=SIZE)
+    assert isinstance(server.service.engine.transform, VideoTransform)
+    page = open_page(server.url)
+    page.get_by_test_id("prompt").fill("a watercolour harbour")
+    start_live(page)
+    record = only_session(server.service)
+    assert record.session.params.prompt == "a watercolour harbour"
+    page.get_by_test_id("prompt").fill("a neon city at night")
+    eventually(
+        lambda: record.session.params.prompt == "a neon city at night",
+        what="the new prompt to reach the video session",
+    )
+    assert record.session.stats.report()["frames_out"] > 0
+    assert page.evaluate("document.body.dataset.state") == "live"
