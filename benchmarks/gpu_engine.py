@@ -35,26 +35,24 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import av
 import numpy as np
 import torch
+from engine_cases import CaseFailedError, VideoFrames, all_or_first_failure, machine_info
 
 from livediff.config import Settings
 from livediff.engine import Engine, Session
 from livediff.engine.errors import EngineUnavailableError
 from livediff.engine.slot import SlotClosedError
-from livediff.frames import Frame, Image
-from livediff.pixels import to_video_frame
+from livediff.frames import Frame
 from livediff.testing.ip_adapter import style_data_url, write_ip_adapter
 from livediff.testing.models import build_components
 from livediff.testing.reference import diffusers_img2img, diffusers_sdxl_img2img
@@ -63,7 +61,6 @@ from livediff.transforms.diffusion.clock import StageClock
 from livediff.transforms.diffusion.models import ModelChoice
 from livediff.transforms.diffusion.transform import DiffusionTransform
 
-T = TypeVar("T")
 RESULTS = Path(__file__).resolve().parent / "results"
 #: t_index_list for 1, 2 and 4 steps (sd-turbo style: strength 0.5 and below)
 STEP_INDICES = {1: [25], 2: [25, 37], 4: [25, 31, 37, 43]}
@@ -94,15 +91,6 @@ class RandomWeightsTransform(DiffusionTransform):
             bundle.tokenizer_2 = parts["tokenizer_2"]
             bundle.zeros_for_empty_prompt = True
         return bundle
-
-
-class VideoFrames:
-    """The WebRTC face's output adapter, without aiortc: outputs come back as video frames."""
-
-    wants_video_frames = True
-
-    def __call__(self, image: Image) -> av.VideoFrame:
-        return to_video_frame(image)
 
 
 def camera(size: int, count: int = 4) -> list[av.VideoFrame]:
@@ -198,10 +186,6 @@ def engine_settings(args: argparse.Namespace, compiled: bool) -> Settings:
         warmup_frames=8,
         transform_error_limit=ERROR_LIMIT,
     )
-
-
-class CaseFailedError(Exception):
-    """A case that cannot finish; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -319,21 +303,6 @@ async def run_session(
         feeder.cancel()
         session.unsubscribe(slot)
     return [(out.times.received, out.times.finished) for out in outputs]
-
-
-async def all_or_first_failure(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
-    """Every result, or the first failure with the other coroutines cancelled and finished."""
-    tasks = [asyncio.ensure_future(coro) for coro in coros]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    for task in tasks:
-        if not task.cancelled() and (error := task.exception()) is not None:
-            raise error
-    return [task.result() for task in tasks]
 
 
 @dataclass
@@ -517,18 +486,6 @@ def diffusers_frame(pipe: Any, image: torch.Tensor, steps: int) -> None:
         output_type="pt",
     ).images
     (out.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 STAGES = ("upload", "encode", "controlnet", "unet", "decode")

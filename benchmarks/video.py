@@ -45,31 +45,28 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import av
 import numpy as np
 import torch
+from engine_cases import CaseFailedError, VideoFrames, all_or_first_failure, machine_info
 
 from livediff.config import Settings
 from livediff.engine import Engine, Session
 from livediff.engine.errors import EngineUnavailableError
 from livediff.engine.slot import SlotClosedError
-from livediff.frames import Frame, Image
-from livediff.pixels import to_video_frame
+from livediff.frames import Frame
 from livediff.testing import video_models as configs
 from livediff.transforms.video.models import VideoModel
 from livediff.transforms.video.text import WAN_TEXT_TOKENS, PromptEncoder
 from livediff.transforms.video.transform import VideoTransform, _Chunk
 
-T = TypeVar("T")
 RESULTS = Path(__file__).resolve().parent / "results"
 #: ``denoising_step_list`` per step count (at noise_scale 1 every listed step runs).
 STEP_LISTS = {1: [1000], 2: [1000, 500], 3: [1000, 750, 500], 4: [1000, 750, 500, 250]}
@@ -148,15 +145,6 @@ class RandomWeightsVideoTransform(VideoTransform):
         self.chunk_log.append((len(group), first, (time.perf_counter() - started) * 1000))
 
 
-class VideoFrames:
-    """The WebRTC face's output adapter, without aiortc: outputs come back as video frames."""
-
-    wants_video_frames = True
-
-    def __call__(self, image: Image) -> av.VideoFrame:
-        return to_video_frame(image)
-
-
 def camera(height: int, width: int, count: int = 8) -> list[av.VideoFrame]:
     """yuv420p frames like a decoder's (smooth gradients plus noise), distinct from each other."""
     rng = np.random.default_rng(0)
@@ -167,10 +155,6 @@ def camera(height: int, width: int, count: int = 8) -> list[av.VideoFrame]:
         noisy = np.clip(base + rng.normal(0, 20, (height, width, 3)), 0, 255).astype(np.uint8)
         frames.append(av.VideoFrame.from_ndarray(noisy, format="rgb24").reformat(format="yuv420p"))
     return frames
-
-
-class CaseFailedError(Exception):
-    """A case that cannot finish; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -257,21 +241,6 @@ async def play(
         feeder.cancel()
         session.unsubscribe(slot)
     return Played(first_in[0], outputs)
-
-
-async def all_or_first_failure(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
-    """Every result, or the first failure with the other coroutines cancelled and finished."""
-    tasks = [asyncio.ensure_future(coro) for coro in coros]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    for task in tasks:
-        if not task.cancelled() and (error := task.exception()) is not None:
-            raise error
-    return [task.result() for task in tasks]
 
 
 def cuda(engine: Engine) -> bool:
@@ -466,18 +435,6 @@ async def main(args: argparse.Namespace) -> Report:
     finally:
         await engine.stop()
     return report
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def config(args: argparse.Namespace) -> dict[str, Any]:

@@ -34,6 +34,8 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
     """benchmarks/gpu_engine.py as a module (benchmarks/ is no package)."""
+    if str(REPO / "benchmarks") not in sys.path:  # its sibling engine_cases, as when run
+        sys.path.insert(0, str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location("gpu_engine", REPO / "benchmarks/gpu_engine.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -432,7 +432,7 @@ def tls_cert(args: argparse.Namespace) -> int:
 #: Benchmark names that differ from their script's.
 BENCH_ALIASES = {"worker": "diffusion_worker"}
 #: Scripts in benchmarks/ that are not benchmarks.
-BENCH_HELPERS = frozenset({"common", "baseline_server"})
+BENCH_HELPERS = frozenset({"common", "baseline_server", "engine_cases"})
 
 
 def bench_folders() -> list[Path]:

@@ -40,13 +40,13 @@ def tiny_settings(folders: ModelFolders, **overrides: Any) -> Settings:
     return Settings(**{**tiny_options(folders, SIZE), **overrides})
 
 
-@pytest.fixture
-def make_transform(tiny_model: ModelFolders) -> Iterator[Callable[..., DiffusionTransform]]:
-    """Factory: a loaded DiffusionTransform on the tiny model (settings overridable)."""
+def transforms_of(folders: ModelFolders) -> Iterator[Callable[..., DiffusionTransform]]:
+    """Factory of loaded DiffusionTransforms on the model in ``folders`` (settings
+    overridable); closes them when the test ends."""
     made: list[DiffusionTransform] = []
 
     def _make(**overrides: Any) -> DiffusionTransform:
-        transform = DiffusionTransform(tiny_settings(tiny_model, **overrides))
+        transform = DiffusionTransform(tiny_settings(folders, **overrides))
         transform.load()
         made.append(transform)
         return transform
@@ -54,6 +54,18 @@ def make_transform(tiny_model: ModelFolders) -> Iterator[Callable[..., Diffusion
     yield _make
     for transform in made:
         transform.close()
+
+
+@pytest.fixture
+def make_transform(tiny_model: ModelFolders) -> Iterator[Callable[..., DiffusionTransform]]:
+    """Factory: a loaded DiffusionTransform on the tiny model (settings overridable)."""
+    yield from transforms_of(tiny_model)
+
+
+@pytest.fixture
+def make_sdxl(tiny_sdxl: ModelFolders) -> Iterator[Callable[..., DiffusionTransform]]:
+    """Factory: a loaded DiffusionTransform on the tiny SDXL model."""
+    yield from transforms_of(tiny_sdxl)
 
 
 def camera_frames(count: int, seed: int = 0) -> list[np.ndarray]:

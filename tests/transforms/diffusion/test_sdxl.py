@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +35,6 @@ from tests.transforms.diffusion.conftest import (
 )
 
 ATOL = 1e-5
-
-
-@pytest.fixture
-def make_sdxl(tiny_sdxl: ModelFolders) -> Iterator[Callable[..., DiffusionTransform]]:
-    made: list[DiffusionTransform] = []
-
-    def _make(**overrides: Any) -> DiffusionTransform:
-        transform = DiffusionTransform(tiny_settings(tiny_sdxl, **overrides))
-        transform.load()
-        made.append(transform)
-        return transform
-
-    yield _make
-    for transform in made:
-        transform.close()
 
 
 @pytest.mark.parametrize(
