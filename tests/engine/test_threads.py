@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
+from pydantic import ValidationError, model_validator
 
 from livediff.config import Settings
 from livediff.engine import Engine
 from livediff.engine.threads import ThreadOwner, WrongThreadError, _checks_enabled
-from livediff.transforms.passthrough import PassthroughTransform
+from livediff.transforms.passthrough import PassthroughParams, PassthroughTransform
 from tests.server.faulty import ModelSwitchTransform
 
 SIZE = 64
@@ -117,3 +118,36 @@ def test_the_checks_follow_the_environment(
     assert _checks_enabled() is expected
     monkeypatch.delenv("LIVEDIFF_THREAD_CHECKS")
     assert _checks_enabled() is __debug__
+
+
+class RangeParams(PassthroughParams):
+    """Two bounds that must stay ordered (a check across fields)."""
+
+    low: int = 5
+    high: int = 10
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RangeParams:
+        if self.low > self.high:
+            raise ValueError("low must not be above high")
+        return self
+
+
+class RangeTransform(PassthroughTransform):
+    params_model = RangeParams  # type: ignore[assignment]
+
+
+async def test_updates_sent_back_to_back_are_validated_over_the_params_in_force() -> None:
+    """The second update is valid only once the first has landed (low 1, then high 3): the
+    loop must not refuse it over params that are still on their way to the worker."""
+    settings = Settings(width=SIZE, height=SIZE, warmup_frames=1)
+    async with running(Engine(settings, RangeTransform(settings))) as engine:
+        session = await engine.open_session(engine.validate({}))
+        await asyncio.gather(
+            engine.update_params(session.id, {"low": 1}),
+            engine.update_params(session.id, {"high": 3}),
+        )
+        assert (session.params.low, session.params.high) == (1, 3)  # type: ignore[attr-defined]
+        with pytest.raises(ValidationError, match="low must not be above high"):
+            await engine.update_params(session.id, {"low": 4})  # refused by the worker
+        assert session.params.low == 1  # type: ignore[attr-defined]

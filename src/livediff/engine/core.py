@@ -25,6 +25,8 @@ import secrets
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar
 
+from pydantic import ValidationError
+
 from livediff.config import Settings
 from livediff.engine.errors import EngineUnavailableError, UnknownSessionError
 from livediff.engine.params import ParamsRules
@@ -311,9 +313,20 @@ class Engine:
         (``Transform.resolve_params``), so the worker never waits on the network."""
         self.loop_thread.assert_current()
         session = self.get(session_id)
-        await self.transform.resolve_params(self.validate(patch, session.params))
+        await self._resolve_patch(session, patch)
         others = self._others(session_id)
         return await self._to_worker(lambda _: self.worker_side.apply(session, patch, others))
+
+    async def _resolve_patch(self, session: Session, patch: Mapping[str, Any]) -> None:
+        """What ``patch`` over the session's params points at, fetched on the loop. The
+        session's params seen here may still lack an update on its way to the worker, so a
+        patch that does not validate over them is not refused here: the worker validates it
+        over the params in force, in the order the updates came, and its refusal is the one."""
+        try:
+            wanted = self.validate(patch, session.params)
+        except ValidationError:
+            return
+        await self.transform.resolve_params(wanted)
 
     async def load_for(self, params: TransformParams, session_id: str | None = None) -> None:
         """Reload (and warm up) the model ``params`` ask for, if it is not the loaded one; with
