@@ -23,8 +23,7 @@ call), so turning it on or off, or changing ``max_frames``, never compiles anyth
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from livediff.pixels.device import constant
+from livediff.transforms.diffusion.layer_call import LayerSwitch
 
 
 @dataclass
@@ -185,20 +185,12 @@ def _select_steps(bank: torch.Tensor, rows: BankRows, device: torch.device) -> t
     return bank.index_select(0, constant(rows.row_steps, device, torch.long))
 
 
-class BankSwitch:
-    """The one place the UNet's banked layers look for the current call (worker thread)."""
+class BankSwitch(LayerSwitch[BankCall]):
+    """The UNet's banked self-attention layers' switch, and how many there are."""
 
     def __init__(self) -> None:
-        self.call: BankCall | None = None
+        super().__init__()
         self.layers = 0
-
-    @contextmanager
-    def active(self, call: BankCall) -> Iterator[None]:
-        self.call = call
-        try:
-            yield
-        finally:
-            self.call = None
 
 
 class BankedSelfAttention:

@@ -42,8 +42,7 @@ import concurrent.futures
 import importlib
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from livediff.pixels.device import constant
+from livediff.transforms.diffusion.layer_call import LayerSwitch
 from livediff.transforms.diffusion.models import (
     FACEID_FILES,
     IP_ADAPTER_FILES,
@@ -79,25 +79,19 @@ class IPAdapterCall:
 
 
 @dataclass
-class IPAdapterSwitch:
-    """The cross-attention layers' shared switch: the active call (None: plain attention),
-    and each layer's spatial transformer (its name) and block kind (input/middle/output)."""
+class IPAdapterSwitch(LayerSwitch[IPAdapterCall]):
+    """The cross-attention layers' shared switch (its call, None: plain attention), and each
+    layer's spatial transformer (its name) and block kind (input/middle/output)."""
 
-    call: IPAdapterCall | None = None
     transformers: list[str] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__init__()
 
     @property
     def layers(self) -> int:
         return len(self.transformers)
-
-    @contextmanager
-    def active(self, call: IPAdapterCall) -> Iterator[None]:
-        self.call = call
-        try:
-            yield
-        finally:
-            self.call = None
 
 
 class IPCrossAttention:
