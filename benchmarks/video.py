@@ -12,7 +12,9 @@ padded to the model's text length (512 tokens for Wan), so UMT5 does the same wo
 Cases (one row each): 1 and 4 denoising steps (``denoising_step_list`` ``[1000]`` and
 ``[1000, 750, 500, 250]`` at ``noise_scale`` 1, so every listed step runs, plus the pass that
 writes the clean chunk into the KV cache), 1 and 2 sessions, ``chunk_frames`` 1 (4 video frames
-a chunk, the first 5), in two feeding modes:
+a chunk, the first 5), each ``--cache-write`` rule (``clean``: that extra pass; ``last_step``:
+the last step's pass writes, one pass fewer a chunk; ``last_step`` rows are measured saturating
+only, where the pass saved shows as throughput), in two feeding modes:
 
 - ``saturating``: a new frame whenever the worker has taken the last one (the engine's input
   slot never runs dry, so the worker never waits): the pipeline's throughput;
@@ -92,19 +94,24 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any], int]] =
 }
 
 
-def build_video_model(preset: str, device: torch.device, dtype: torch.dtype) -> VideoModel:
+def build_video_model(
+    preset: str, device: torch.device, dtype: torch.dtype, text_device: torch.device | None = None
+) -> VideoModel:
     """Random weights of ``preset``, built on ``device`` (one component at a time, cast to
-    ``dtype`` before the next is built, so UMT5-XXL's float32 build is the peak)."""
+    ``dtype`` before the next is built, so UMT5-XXL's float32 build is the peak); UMT5 on
+    ``text_device`` when given (``--text-device cpu``: host memory)."""
     transformer_config, vae_config, encoder_config, tokens = PRESETS[preset]
+    text_device = device if text_device is None else text_device
 
-    def ready(module: Any) -> Any:
-        module = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    def ready(module: Any, on: torch.device = device) -> Any:
+        module = module.to(device=on, dtype=dtype).eval().requires_grad_(False)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return module
 
+    with torch.device(text_device):
+        text_encoder = ready(configs.build_umt5_encoder(encoder_config, seed=0), text_device)
     with torch.device(device):
-        text_encoder = ready(configs.build_umt5_encoder(encoder_config, seed=0))
         transformer = ready(configs.build_wan_transformer(transformer_config, seed=0))
         vae = ready(configs.build_wan_vae(vae_config, seed=0))
     return VideoModel(
@@ -133,9 +140,15 @@ class RandomWeightsVideoTransform(VideoTransform):
 
     def _load(self, name: str) -> None:
         self.close()
-        self.model = build_video_model(self.preset, self._device, self._dtype)
+        self.model = build_video_model(self.preset, self._device, self._dtype, self._text_device)
         tokens = min(int(self.model.tokenizer.model_max_length), WAN_TEXT_TOKENS)
-        self.prompts = PromptEncoder(self.model.text_encoder, self.model.tokenizer, tokens)
+        self.prompts = PromptEncoder(
+            self.model.text_encoder,
+            self.model.tokenizer,
+            tokens,
+            device=self._device,
+            dtype=self._dtype,
+        )
         self.model_name = name
 
     def _run(self, group: list[_Chunk]) -> None:
@@ -164,6 +177,7 @@ class Case:
     steps: int
     sessions: int
     source_fps: float | None
+    cache_write: str = "clean"
 
     @property
     def mode(self) -> str:
@@ -171,7 +185,8 @@ class Case:
 
     @property
     def name(self) -> str:
-        return f"{self.mode}/steps={self.steps}/sessions={self.sessions}"
+        name = f"{self.mode}/steps={self.steps}/sessions={self.sessions}"
+        return name if self.cache_write == "clean" else f"{name}/cache_write={self.cache_write}"
 
     def params(self, height: int, width: int) -> dict[str, Any]:
         return {
@@ -180,15 +195,24 @@ class Case:
             "denoising_step_list": STEP_LISTS[self.steps],
             "noise_scale": 1.0,
             "chunk_frames": 1,
+            "cache_write": self.cache_write,
         }
 
 
 def cases(args: argparse.Namespace) -> list[Case]:
-    """Saturating first (the throughput), then at the source rate; steps, then sessions."""
+    """Saturating first (the throughput), then at the source rate; cache-write rules (the
+    ``last_step`` ones saturating only), steps, then sessions."""
     modes: list[float | None] = [None] if args.mode == "saturating" else [args.fps]
     if args.mode == "both":
         modes = [None, args.fps]
-    return [Case(s, n, fps) for fps in modes for s in args.steps for n in args.sessions]
+    return [
+        Case(s, n, fps, rule)
+        for fps in modes
+        for rule in args.cache_write
+        if rule == "clean" or fps is None
+        for s in args.steps
+        for n in args.sessions
+    ]
 
 
 @dataclass
@@ -323,6 +347,8 @@ def summarise(
         "source_fps": case.source_fps,
         "size": f"{size[0]}x{size[1]}",
         "steps": case.steps,
+        "cache_write": case.cache_write,
+        "transformer_calls_per_chunk": case.steps + (case.cache_write == "clean"),
         "denoising_step_list": STEP_LISTS[case.steps],
         "sessions": case.sessions,
         "frames": count,
@@ -377,6 +403,7 @@ def engine_settings(args: argparse.Namespace) -> Settings:
         pipeline="video",
         model=model,
         allow_models=[model],
+        video_text_device=args.text_device,
         device=args.device,
         width=width,
         height=height,
@@ -452,7 +479,7 @@ def default_json(args: argparse.Namespace, machine: dict[str, Any]) -> Path:
 def print_table(report: dict[str, Any]) -> None:
     print(f"\n{report['machine']}  load {report['load']}")
     print(
-        f"{'mode':<11} {'size':>8} {'steps':>5} {'sess':>4} {'fps/sess':>8} {'fps':>7}"
+        f"{'mode':<11} {'size':>8} {'write':>9} {'steps':>5} {'sess':>4} {'fps/sess':>8} {'fps':>7}"
         f" {'chunk ms':>9} {'1st chunk':>9} {'1st frame':>9} {'GiB':>7} {'dropped':>7}"
     )
 
@@ -462,7 +489,8 @@ def print_table(report: dict[str, Any]) -> None:
     for row in report["results"]:
         memory = "n/a" if row["gpu_memory_gib"] is None else f"{row['gpu_memory_gib']:.2f}"
         print(
-            f"{row['mode']:<11} {row['size']:>8} {row['steps']:>5} {row['sessions']:>4}"
+            f"{row['mode']:<11} {row['size']:>8} {row['cache_write']:>9} {row['steps']:>5}"
+            f" {row['sessions']:>4}"
             f" {row['fps_per_session']:>8.1f} {row['fps_total']:>7.1f}"
             f" {ms(row['chunk_ms_p50']):>9} {ms(row['first_chunk_ms']):>9}"
             f" {ms(row['first_frame_ms']):>9} {memory:>7} {row['dropped']:>7}"
@@ -486,6 +514,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 4], choices=sorted(STEP_LISTS))
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--text-device",
+        default="auto",
+        choices=["auto", "cpu"],
+        help="where UMT5 runs (cpu: host memory; the load's weights_gib then leaves it out)",
+    )
+    parser.add_argument(
+        "--cache-write",
+        nargs="+",
+        default=["clean"],
+        choices=["clean", "last_step"],
+        help="cache-write rules to measure (last_step rows: saturating only)",
+    )
     parser.add_argument(
         "--mode",
         default="both",

@@ -44,6 +44,15 @@ MODEL_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
         {"help": "Tiny AutoEncoder hub id or folder, or 'full'"},
     ),
     ("--model-dir", "model_dir", {"help": "hub download cache (default: MODEL_DIR or HF cache)"}),
+    (
+        "--video-checkpoint",
+        "video_checkpoint",
+        {
+            "metavar": "FILE_OR_REPO:PATH",
+            "help": "--pipeline video: a causal checkpoint (.pt or .safetensors, original Wan"
+            " names) loaded over the model's transformer, a file or a hub repo_id:path",
+        },
+    ),
 ]
 
 #: serve options: (flag, Settings field, argparse keyword arguments)
@@ -70,6 +79,14 @@ SERVE_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--max-sessions", "max_sessions", {"type": int, "help": "sessions at once"}),
     ("--max-batch", "max_batch", {"type": int, "help": "frames per transform call"}),
     ("--device", "device", {"help": "auto, cpu, cuda or cuda:N"}),
+    (
+        "--video-text-device",
+        "video_text_device",
+        {
+            "choices": choices_of("video_text_device"),
+            "help": "--pipeline video: where UMT5 runs (cpu: host memory, embeddings moved)",
+        },
+    ),
     ("--token", "token", {"help": "require 'Authorization: Bearer TOKEN' on session endpoints"}),
     (
         "--cors-origin",
@@ -377,10 +394,14 @@ def prepare_faceid(repo: str, model_dir: str | None, sdxl: bool) -> None:
 
 def prepare_video_model(settings: Settings) -> int:
     """``prepare-models --pipeline video``: fetch the Wan model (transformer, VAE, UMT5 and
-    tokenizer)."""
+    tokenizer) and the causal checkpoint when one is configured."""
+    from livediff.transforms.video.checkpoint import locate_checkpoint
     from livediff.transforms.video.models import locate, video_model
 
     print(f"video model: {locate(video_model(settings.model), settings.model_dir, download=True)}")
+    if settings.video_checkpoint is not None:
+        path = locate_checkpoint(settings.video_checkpoint, settings.model_dir, download=True)
+        print(f"video checkpoint: {path}")
     return 0
 
 

@@ -20,6 +20,7 @@ DiffusionDtype = Literal["auto", "float16", "bfloat16", "float32"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
+VideoTextDevice = Literal["auto", "cpu"]
 
 #: The diffusion model and VAE a fresh install serves (the one place these names are written).
 DEFAULT_MODEL = "stabilityai/sd-turbo"
@@ -297,6 +298,20 @@ class Settings(BaseSettings):
         if not buckets or any(size < 1 or size > 256 for size in buckets):
             raise ValueError("batch_buckets must be 1 to 256 rows each, and at least one")
         return sorted(set(buckets))
+
+    # -- video (--pipeline video; livediff.transforms.video) --------------------------------
+    video_checkpoint: str | None = Field(
+        None,
+        description="Causal checkpoint (Self-Forcing / StreamDiffusionV2 / CausVid, original Wan"
+        " names) loaded over the video model's transformer: a local .pt or .safetensors file, or"
+        " a hub file as repo_id:path/in/repo (e.g. jerryfeng/StreamDiffusionV2:"
+        "wan_causal_dmd_v2v/model.pt); prepare-models --pipeline video fetches it.",
+    )
+    video_text_device: VideoTextDevice = Field(
+        "auto",
+        description="Where the video pipeline's UMT5 text encoder runs: auto = the model's"
+        " device, cpu = host memory (only the prompt embeddings move to the device).",
+    )
 
     # -- orchestrator runner contract (livediff runner; livediff.livepeer.native) ----------------
     runner_pipeline: str = Field(

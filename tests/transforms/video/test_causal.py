@@ -92,7 +92,8 @@ def test_after_the_cache_rolls_streaming_equals_the_windowed_pass(transformer: A
     # the sink (frames 0-1) stays; the oldest others left; positions stay absolute
     assert cache.chunks == [(0, 2), (5, 1), (6, 1)]
     assert cache.positions() == [0, 1, 5, 6]
-    assert all(k is not None and k.shape[1] == 4 * 4 for k in cache.keys)
+    layers = range(cache.num_layers)
+    assert all(cache.cached_keys(layer)[0].shape[1] == 4 * 4 for layer in layers)
 
 
 def test_the_window_rule_keeps_the_sink_and_evicts_the_oldest() -> None:
@@ -159,19 +160,20 @@ def test_sessions_in_one_call_equal_each_alone(transformer: Any) -> None:
             assert (together[rows] - single).abs().max() < TOLERANCE
     for a, b in zip(alone, batched, strict=True):
         assert a.chunks == b.chunks and a.next_frame == b.next_frame
-        for ka, kb in zip(a.keys, b.keys, strict=True):
-            assert ka is not None and kb is not None
-            assert (ka - kb).abs().max() < TOLERANCE
+        for layer in range(a.num_layers):
+            for ours, theirs in zip(a.cached_keys(layer), b.cached_keys(layer), strict=True):
+                assert (ours - theirs).abs().max() < TOLERANCE
 
 
 def test_a_read_leaves_the_cache_and_a_failed_write_resets_it(transformer: Any) -> None:
     latents, timesteps, text = inputs(frames=2, chunks=2, seed=5)
     cache = new_cache(transformer, HEIGHT, WIDTH, max_frames=4)
     forward_chunk(transformer, latents[:, :, :1], timesteps[:, 0], text, [cache], write=True)
-    before = [k.clone() for k in cache.keys if k is not None]
+    before = [cache.cached_keys(layer) for layer in range(cache.num_layers)]
     forward_chunk(transformer, latents[:, :, 1:], timesteps[:, 1], text, [cache])
     assert cache.chunks == [(0, 1)] and cache.next_frame == 1
-    assert all(torch.equal(a, b) for a, b in zip(before, cache.keys, strict=True))
+    for layer, kept in enumerate(before):
+        assert all(map(torch.equal, kept, cache.cached_keys(layer)))
     too_long = torch.zeros(1, CHANNELS, 4, HEIGHT, WIDTH)
     with pytest.raises(ValueError, match="does not fit"):
         forward_chunk(transformer, too_long, timesteps[:, 1], text, [cache], write=True)

@@ -1,20 +1,33 @@
-"""The original Wan / Self-Forcing key names convert to diffusers' and load strictly."""
+"""The original Wan / Self-Forcing key names convert to diffusers' and load strictly; a causal
+checkpoint (a file, or a hub file from the model cache) loads over a Wan folder through the path
+``serve --pipeline video --video-checkpoint`` takes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from livediff.testing.video_models import TINY_WAN_TRANSFORMER, build_wan_transformer
+from livediff.cli import prepare_video_model
+from livediff.config import Settings
+from livediff.testing.video_models import (
+    TINY_WAN_TRANSFORMER,
+    build_wan_transformer,
+    write_tiny_wan_folder,
+)
+from livediff.transforms import resolve_transform
 from livediff.transforms.video.checkpoint import (
     CheckpointKeyError,
+    CheckpointUnavailableError,
     convert_state_dict,
     load_transformer_weights,
     read_checkpoint,
 )
+from livediff.transforms.video.transform import VideoTransform
 
 
 def original_state_dict(model: Any, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -86,5 +99,111 @@ def test_unknown_keys_are_refused_not_dropped(transformer: Any) -> None:
         convert_state_dict(original)
     missing = original_state_dict(transformer)
     del missing["blocks.1.ffn.2.bias"]
-    with pytest.raises(RuntimeError, match="Missing key"):
+    with pytest.raises(CheckpointKeyError, match=r"missing 1 \(blocks\.1\.ffn\.net\.2\.bias\)"):
         load_transformer_weights(build_wan_transformer(TINY_WAN_TRANSFORMER), missing)
+    deeper = original_state_dict(build_wan_transformer({**TINY_WAN_TRANSFORMER, "num_layers": 3}))
+    with pytest.raises(CheckpointKeyError, match=r"unexpected \d+ \(blocks\.2\.attn1"):
+        load_transformer_weights(build_wan_transformer(TINY_WAN_TRANSFORMER), deeper)
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return Path(write_tiny_wan_folder(tmp_path_factory.mktemp("wan") / "model", seed=0))
+
+
+@pytest.fixture(scope="module")
+def causal() -> Any:
+    """The "trained" causal transformer: other weights than the base folder's."""
+    return build_wan_transformer(TINY_WAN_TRANSFORMER, seed=11)
+
+
+def served_transformer(settings: Settings) -> Any:
+    """The transformer ``serve`` would run with ``settings`` (constructed, checked, loaded)."""
+    transform = resolve_transform("video")(settings)
+    assert isinstance(transform, VideoTransform)
+    transform.load()
+    return transform._model().transformer
+
+
+def write_checkpoint(model: Any, path: Path) -> Path:
+    """``model`` saved as the projects publish it: a training checkpoint in the original names
+    (torch), or a flat original-name state dict (safetensors)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file(original_state_dict(model), str(path))
+    else:
+        torch.save({"generator_ema": original_state_dict(model, "model.")}, path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["model.pt", "causal.safetensors"])
+def test_a_causal_checkpoint_replaces_the_served_transformer(
+    wan_folder: Path, causal: Any, tmp_path: Path, name: str
+) -> None:
+    path = write_checkpoint(causal, tmp_path / name)
+    base = served_transformer(Settings(pipeline="video", model=str(wan_folder), device="cpu"))
+    served = served_transformer(
+        Settings(pipeline="video", model=str(wan_folder), device="cpu", video_checkpoint=str(path))
+    )
+    weights = served.state_dict()
+    assert all(torch.equal(weights[key], value) for key, value in causal.state_dict().items())
+    assert torch.equal(sample_output(served), sample_output(causal))
+    assert not torch.equal(sample_output(base), sample_output(served))  # the base was replaced
+
+
+def hub_cache_file(cache: Path, repo_id: str, filename: str) -> Path:
+    """Where huggingface_hub keeps ``filename`` of ``repo_id`` at main in the cache ``cache``."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit / filename
+
+
+def test_a_hub_checkpoint_comes_from_the_model_cache_offline(
+    wan_folder: Path,
+    causal: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "hub"
+    spec = "jerryfeng/StreamDiffusionV2:wan_causal_dmd_v2v/model.pt"
+    cached = write_checkpoint(causal, hub_cache_file(cache, *spec.split(":")))
+    settings = Settings(
+        pipeline="video",
+        model=str(wan_folder),
+        model_dir=str(cache),
+        device="cpu",
+        video_checkpoint=spec,
+    )
+    assert prepare_video_model(settings) == 0
+    assert f"video checkpoint: {cached}" in capsys.readouterr().out
+    assert torch.equal(sample_output(served_transformer(settings)), sample_output(causal))
+    # the checkpoint is a server setting, not a model id params may name
+    assert VideoTransform.configured_model_ids(settings) == {str(wan_folder)}
+    missing = settings.model_copy(update={"video_checkpoint": "gdhe17/Self-Forcing:none.pt"})
+    with pytest.raises(CheckpointUnavailableError, match="prepare-models --pipeline video"):
+        served_transformer(missing)
+
+
+def test_a_missing_or_bad_checkpoint_is_a_clear_error(wan_folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointUnavailableError, match="no such file"):
+        VideoTransform(
+            Settings(
+                pipeline="video",
+                model=str(wan_folder),
+                device="cpu",
+                video_checkpoint=str(tmp_path / "missing.pt"),
+            )
+        )
+    wrong = tmp_path / "wrong.pt"
+    state = original_state_dict(build_wan_transformer(TINY_WAN_TRANSFORMER))
+    state["blocks.0.self_attn.qq.weight"] = torch.zeros(1)
+    torch.save({"generator": state}, wrong)
+    settings = Settings(
+        pipeline="video", model=str(wan_folder), device="cpu", video_checkpoint=str(wrong)
+    )
+    with pytest.raises(CheckpointKeyError, match=r"blocks\.0\.self_attn\.qq\.weight"):
+        served_transformer(settings)

@@ -1,7 +1,8 @@
 """``VideoTransform`` on a tiny random Wan 2.1 model written in diffusers' layout and loaded
 through the path a user's ``--model <folder>`` takes: latency (a chunk's frames come out once the
 chunk is complete, then one per input frame), sessions batched equal each alone, reset_cache and
-a prompt change mid-stream, params refused on the field, memory and model checks."""
+a prompt change mid-stream, the cache written by the last step, the noise controller's mapping,
+UMT5 on the CPU, params refused on the field, memory and model checks."""
 
 from __future__ import annotations
 
@@ -16,11 +17,17 @@ from pydantic import ValidationError
 
 from livediff.config import Settings
 from livediff.frames import Frame
-from livediff.testing.video_models import WAN21_T2V_1_3B_TRANSFORMER, write_tiny_wan_folder
+from livediff.testing.video_models import (
+    WAN21_T2V_1_3B_TRANSFORMER,
+    WAN21_UMT5_TEXT_ENCODER,
+    write_tiny_wan_folder,
+)
 from livediff.transforms import Job, resolve_transform
 from livediff.transforms.video import models
+from livediff.transforms.video.kv_cache import KVCache
 from livediff.transforms.video.params import NoiseController, VideoParams
 from livediff.transforms.video.session import VideoSession, controlled_noise
+from livediff.transforms.video.text import PromptEncoder
 from livediff.transforms.video.transform import VideoTransform
 
 SIZE = 32
@@ -49,6 +56,11 @@ def params_for(transform: VideoTransform, **values: Any) -> VideoParams:
     return VideoParams.model_validate({**start, **size, **values})
 
 
+def cached_keys(cache: KVCache) -> list[torch.Tensor]:
+    """Every block's cached keys, oldest frame first."""
+    return [cache.cached_keys(layer)[0] for layer in range(cache.num_layers)]
+
+
 def frame(index: int) -> Frame:
     rng = np.random.default_rng(index)
     return Frame(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8), pts=index)
@@ -57,7 +69,9 @@ def frame(index: int) -> Frame:
 def feed(
     transform: VideoTransform, sessions: list[tuple[VideoSession, VideoParams]], index: int
 ) -> list[Any]:
-    jobs = [Job(f"s{row}", frame(index + row), p, s) for row, (s, p) in enumerate(sessions)]
+    jobs: list[Job[VideoParams, VideoSession, None]] = [
+        Job(f"s{row}", frame(index + row), p, s) for row, (s, p) in enumerate(sessions)
+    ]
     return transform.process(jobs)
 
 
@@ -83,8 +97,11 @@ def test_outputs_are_restyled_at_the_session_size(transform: VideoTransform) -> 
     state = transform.open_session(params)
     outs = [feed(transform, [(state, params)], i)[0] for i in range(5)]
     out = outs[-1]
+    assert isinstance(out, np.ndarray)
     assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8
-    assert np.abs(out.astype(int) - frame(0).image.astype(int)).mean() > 5  # not passed through
+    source = frame(0).image
+    assert isinstance(source, np.ndarray)
+    assert np.abs(out.astype(int) - source.astype(int)).mean() > 5  # not passed through
     transform.close_session(state)
 
 
@@ -111,9 +128,9 @@ def test_two_sessions_batched_equal_each_alone(transform: VideoTransform) -> Non
                 continue
             difference = np.abs(out.astype(int) - together[step][row].astype(int)).max()
             assert difference <= 1, f"session {row} frame {step}"
-        batched_keys = pair[row][0].cache.keys[1]
-        torch.testing.assert_close(alone.cache.keys[1], batched_keys, atol=1e-4, rtol=0)
-    assert not torch.allclose(pair[0][0].cache.keys[1], pair[1][0].cache.keys[1])
+        batched_keys = cached_keys(pair[row][0].cache)[1]
+        torch.testing.assert_close(cached_keys(alone.cache)[1], batched_keys, atol=1e-4, rtol=0)
+    assert not torch.allclose(cached_keys(pair[0][0].cache)[1], cached_keys(pair[1][0].cache)[1])
 
 
 def test_reset_cache_mid_stream_starts_a_new_stream_once(transform: VideoTransform) -> None:
@@ -145,7 +162,7 @@ def test_a_prompt_change_recaches_the_kept_chunks(transform: VideoTransform) -> 
     for i in range(9):
         feed(transform, [(state, params)], 300 + i)
     before = state.cache
-    chunks, keys = list(before.chunks), [k.clone() for k in before.keys if k is not None]
+    chunks, keys = list(before.chunks), cached_keys(before)
     assert transform.prompts is not None
     encoded = transform.prompts.encoded
     changed = params.model_copy(update={"prompt": "snowy night"})
@@ -154,8 +171,8 @@ def test_a_prompt_change_recaches_the_kept_chunks(transform: VideoTransform) -> 
     assert state.cache is not before and state.cache.chunks == chunks
     assert state.cache.next_frame == before.next_frame
     # block 0 attends before any cross-attention: its keys cannot depend on the text; block 1's do
-    torch.testing.assert_close(state.cache.keys[0], keys[0])
-    assert not torch.allclose(state.cache.keys[1], keys[1])
+    torch.testing.assert_close(cached_keys(state.cache)[0], keys[0])
+    assert not torch.allclose(cached_keys(state.cache)[1], keys[1])
     feed(transform, [(state, params)], 310)  # back: the embedding is cached, not encoded again
     assert transform.prompts.encoded == encoded + 1 and state.stats.recaches == 2
 
@@ -173,9 +190,11 @@ def test_a_prompt_change_recaches_the_kept_chunks(transform: VideoTransform) -> 
         ({"noise_scale": 0}, ("noise_scale",)),
         ({"prompt": [["a", 0.0]]}, ("prompt",)),
         (
-            {"noise_controller": {"min_scale": 0.9, "max_scale": 0.5}},
-            ("noise_controller", "max_scale"),
+            {"noise_scale": 0.1, "noise_controller": {"enabled": True, "max_drop": 0.1}},
+            ("noise_controller",),
         ),
+        ({"noise_controller": {"max_drop": 1.0}}, ("noise_controller", "max_drop")),
+        ({"cache_write": "first_step"}, ("cache_write",)),
         ({"seed": -1}, ("seed",)),
         ({"steps": 2}, ("steps",)),
     ],
@@ -186,13 +205,95 @@ def test_bad_params_name_the_field(values: dict[str, Any], loc: tuple[Any, ...])
     assert caught.value.errors()[0]["loc"] == loc
 
 
-def test_the_noise_controller_follows_motion_bounded_and_smoothed() -> None:
-    off = NoiseController()
-    assert controlled_noise(off, 0.7, None, 5.0) == 0.7
-    on = NoiseController(enabled=True, min_scale=0.4, max_scale=0.8, smoothing=0.5)
-    assert controlled_noise(on, 0.7, None, 0.0) == pytest.approx(0.8)
-    assert controlled_noise(on, 0.7, None, 10.0) == pytest.approx(0.4)  # bounded
-    assert controlled_noise(on, 0.7, 0.8, 10.0) == pytest.approx(0.6)  # halfway: smoothed
+@pytest.mark.parametrize(
+    ("moved", "previous", "expected"),
+    [
+        # StreamDiffusionV2's compute_noise_scale_and_step at its defaults (noise_scale 0.7):
+        # (0.7 - 0.1 * min(1, moved / 0.2)) * 0.9 + previous * 0.1, previous 0.7 at the start
+        (0.0, None, 0.7),
+        (0.05, None, (0.7 - 0.025) * 0.9 + 0.07),
+        (0.1, None, 0.655),
+        (0.2, None, 0.61),
+        (0.5, None, 0.61),  # capped at full motion
+        (0.1, 0.61, 0.585 + 0.061),
+        (0.0, 0.5, 0.63 + 0.05),
+    ],
+)
+def test_the_noise_controller_maps_motion_as_streamdiffusionv2(
+    moved: float, previous: float | None, expected: float
+) -> None:
+    on = VideoParams.model_validate({"noise_controller": {"enabled": True}}).noise_controller
+    assert controlled_noise(on, 0.7, previous, moved) == pytest.approx(expected)
+    assert controlled_noise(NoiseController(), 0.7, previous, moved) == 0.7  # off: the base
+
+
+def test_the_last_step_writes_the_cache_and_recaches_coherently(
+    transform: VideoTransform,
+) -> None:
+    """``cache_write="last_step"``: one transformer call fewer per chunk; the kept chunks are the
+    last steps' inputs at their timesteps, so a prompt change and back rebuilds the same cache."""
+    calls: list[int] = []
+    hook = transform._model().transformer.patch_embedding.register_forward_hook(
+        lambda _m, args, _o: calls.append(args[0].shape[0])
+    )
+    counts = {}
+    try:
+        for rule in ("clean", "last_step"):
+            params = params_for(transform, prompt="sunny day", cache_write=rule)
+            state = transform.open_session(params)
+            calls.clear()
+            for i in range(9):  # two chunks: 1 + 4 frames, then 4
+                feed(transform, [(state, params)], 400 + i)
+            counts[rule] = len(calls)
+    finally:
+        hook.remove()
+    steps = len(params.denoising_step_list)
+    assert counts == {"clean": 2 * (steps + 1), "last_step": 2 * steps}
+    assert all(kept.timestep.item() > 0 for kept in state.kept.values())
+    keys = cached_keys(state.cache)
+    other = params.model_copy(update={"prompt": "snowy night"})
+    feed(transform, [(state, other)], 409)
+    assert not torch.allclose(cached_keys(state.cache)[1], keys[1])
+    feed(transform, [(state, params)], 410)  # back: the same writes under the same text
+    assert state.stats.recaches == 2
+    for rebuilt, original in zip(cached_keys(state.cache), keys, strict=True):
+        torch.testing.assert_close(rebuilt, original, atol=1e-5, rtol=0)
+
+
+def test_umt5_on_the_cpu_hands_embeddings_to_the_transformer_device(
+    tiny_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``video_text_device=cpu`` with the model on another device (the meta device stands in
+    for a GPU here): UMT5 stays on the CPU, the transformer and VAE move, and a prompt's
+    embedding arrives on the transformer's device in its dtype."""
+    settings = Settings(
+        pipeline="video",
+        model=str(tiny_folder),
+        device="meta",
+        dtype="bfloat16",
+        video_text_device="cpu",
+    )
+    moved = VideoTransform(settings)
+    moved.load()
+    model = moved._model()
+    assert model.text_encoder.device == torch.device("cpu")
+    assert model.text_encoder.dtype == torch.bfloat16
+    assert next(model.transformer.parameters()).device == torch.device("meta")
+    assert next(model.vae.parameters()).device == torch.device("meta")
+    embedding = moved._text((("a red fox", 1.0),))
+    assert embedding.device == torch.device("meta") and embedding.dtype == torch.bfloat16
+    assert moved.prompts is not None and moved.prompts.encoded == 1
+    moved._text((("a red fox", 1.0),))
+    assert moved.prompts.encoded == 1  # once per text
+
+
+def test_the_embedding_is_the_encoders_output_moved_and_cast(transform: VideoTransform) -> None:
+    model = transform._model()
+    prompts = PromptEncoder(model.text_encoder, model.tokenizer, 8, dtype=torch.bfloat16)
+    on_cpu = PromptEncoder(model.text_encoder, model.tokenizer, 8)
+    embedding = prompts.embed((("snow", 1.0),))
+    assert embedding.dtype == torch.bfloat16
+    assert torch.equal(embedding, on_cpu.embed((("snow", 1.0),)).to(torch.bfloat16))
 
 
 def test_a_missing_model_is_a_clear_error(tmp_path: Path) -> None:
@@ -209,10 +310,21 @@ def test_memory_is_estimated_from_the_config_and_checked_before_load(
     tiny_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert 1.3e9 < models.transformer_parameters(WAN21_T2V_1_3B_TRANSFORMER) < 1.45e9
-    estimate = models.memory_estimate(tiny_folder, 832, 480, 21)
+    estimate = models.memory_estimate(tiny_folder, 832, 480, 21, 3)
     dim = 2 * 12  # the tiny transformer: 2 heads of 12
-    assert estimate.cache_per_session == 2 * 2 * 21 * (30 * 52) * dim * 2
+    # the buffers hold 21 cached frames plus a first chunk of 3 + 1
+    assert estimate.cache_per_session == 2 * 2 * (21 + 4) * (30 * 52) * dim * 2
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _device: (estimate.weights, 10**12))
     with pytest.raises(models.VideoMemoryError, match=r"KV cache .* per session x 2"):
         models.check_memory(estimate, 2, torch.device("cuda"))
     models.check_memory(estimate, 0, torch.device("cuda"))  # the weights alone fit
+    # UMT5 on the CPU: its bf16 bytes leave the device's share for host memory
+    umt5 = 2 * models.umt5_parameters(WAN21_UMT5_TEXT_ENCODER)
+    assert 11.0e9 < umt5 < 11.8e9  # UMT5-XXL, the largest part
+    host = models.memory_estimate(tiny_folder, 832, 480, 21, 3, text_on_device=False)
+    text = estimate.weights - host.weights
+    assert text > 0 and host.host_text_encoder == text
+    assert host.cache_per_session == estimate.cache_per_session
+    with pytest.raises(models.VideoMemoryError, match=r"UMT5 \(.* GiB\) stays on the CPU"):
+        models.check_memory(host, 1, torch.device("cuda"))
+    models.check_memory(host, 0, torch.device("cuda"))

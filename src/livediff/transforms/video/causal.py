@@ -14,17 +14,22 @@ Invariants:
 
 * Tokens are frame-major (frame, row, column), as Wan's patch embedding flattens them; the
   temporal patch size is 1, so one latent frame is ``frame_tokens`` tokens.
-* RoPE is applied at each frame's absolute position (``KVCache.next_frame`` onwards); keys are
-  cached after RoPE. Attention logits depend only on position differences, so a chunk's output
-  depends on *which* frames it sees and their positions, never on how they were batched.
+* RoPE is applied at each frame's absolute position (``KVCache.next_frame`` onwards; tables
+  from :mod:`.rope`); keys are cached after RoPE. Attention logits depend only on position
+  differences, so a chunk's output depends on *which* frames it sees and their positions, never
+  on how they were batched, nor on where in the cache's buffers their keys sit.
 * Streaming chunk by chunk equals :func:`forward_block_causal` with the same chunk sizes, cache
   bound and sink rule (``tests/transforms/video/test_causal.py``).
 * Several sessions run in one call when their chunks have the same shape; each reads and writes
-  only its own cache (caches of different lengths are padded and masked).
+  only its own cache: the projections, norms and feed-forward are batched, and each session's
+  attention reads its own cache's buffers in place (no padding, no copy of the context).
+* :func:`rebase_cache` moves a long stream's non-sink frames back to just after the sink before
+  the RoPE table ends, rotating their cached keys by the same offset (:mod:`.rope`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,8 +39,7 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from livediff.transforms.video.kv_cache import KVCache
-
-Rotary = tuple[torch.Tensor, torch.Tensor]
+from livediff.transforms.video.rope import Rotary, apply_rotary, rotary, shift_rotation
 
 
 def frame_tokens(model: Any, height: int, width: int) -> int:
@@ -61,42 +65,36 @@ def new_cache(
 
 
 def rotary_at(model: Any, positions: Sequence[Sequence[int]], height: int, width: int) -> Rotary:
-    """Wan's RoPE (cos, sin) for frames at the given absolute positions, one row per session.
+    """Wan's RoPE (cos, sin) for frames at the given absolute positions, one row per session:
+    float32 ``(sessions, frames * frame_tokens, 1, dim)`` from the model's own ``rope`` table
+    (kept in float32 on the device by :func:`.rope.rotary`; a position past it is refused)."""
+    frame_tokens(model, height, width)  # refuses a size the patches do not divide
+    _, p_h, p_w = model.config.patch_size
+    return rotary(model.rope, positions, height // p_h, width // p_w)
 
-    Calls the model's own ``rope`` module (it reads only the shape of its input, so a meta tensor
-    stands in) and picks the frames; returns float32 ``(sessions, frames * frame_tokens, 1, dim)``.
+
+def rebase_cache(model: Any, cache: KVCache) -> int:
+    """Move ``cache``'s non-sink frames (and its next position) down to just after the sink,
+    rotating their cached keys back by the same offset on Wan's time axis; returns the offset.
+
+    Each moved key then equals the key at its new position, so what later chunks compute from
+    the moved frames is unchanged; only the sink comes nearer (see ``KVCache.rebase``).
     """
-    top = max(max(row) for row in positions) + 1
-    if top > model.rope.max_seq_len:
-        raise ValueError(
-            f"frame position {top - 1} is past the RoPE table ({model.rope.max_seq_len})"
-        )
-    shape = (1, 1, top, height, width)
-    cos, sin = model.rope(torch.empty(shape, device="meta"))
-    tokens = frame_tokens(model, height, width)
-    index = torch.tensor([list(row) for row in positions], device=cos.device)
+    offset = cache.rebase_offset()
 
-    def pick(table: torch.Tensor) -> torch.Tensor:
-        per_frame = table.view(top, tokens, table.shape[-1])[index]
-        return per_frame.flatten(1, 2).unsqueeze(2).float()
+    @functools.cache
+    def rotation() -> Rotary:  # built only if there are keys to move
+        return shift_rotation(model.rope, offset)
 
-    return pick(cos), pick(sin)
-
-
-def apply_rotary(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
-    """Rotate ``x`` ``(batch, tokens, heads, dim)`` by Wan's interleaved-pair RoPE."""
-    cos, sin = rotary[0][..., 0::2], rotary[1][..., 1::2]
-    x1, x2 = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
-    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    cache.rebase(offset, lambda keys: apply_rotary(keys, rotation()))
+    return offset
 
 
 @dataclass(slots=True)
 class _Cached:
-    """Attend to each session's cache plus the chunk; with ``write``, store the chunk's keys."""
+    """Attend to each session's cache plus the chunk (a cache in a write keeps the chunk)."""
 
     caches: Sequence[KVCache]
-    write: bool
 
 
 @dataclass(slots=True)
@@ -150,44 +148,15 @@ class _CausalSelfAttention:
     def _attend_cached(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mode: _Cached
     ) -> torch.Tensor:
-        keys, values, mask = _gather_context(mode.caches, self.layer, key, value)
-        out = self._attend(query, keys, values, mask)
-        if mode.write:
-            for row, cache in enumerate(mode.caches):
-                cache.store(self.layer, key[row : row + 1], value[row : row + 1])
-        return out
-
-
-def _gather_context(
-    caches: Sequence[KVCache], layer: int, key: torch.Tensor, value: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Each session's cached keys/values before the chunk's own; padded and masked when the
-    sessions' caches differ in length (None mask when they all match)."""
-    lengths = [cache.cached_tokens for cache in caches]
-    longest = max(lengths)
-    if longest == 0:
-        return key, value, None
-    batch, tokens, heads, dim = key.shape
-    if min(lengths) == longest:
-        cached_k = torch.cat([_layer_tensor(c.keys, layer) for c in caches])
-        cached_v = torch.cat([_layer_tensor(c.values, layer) for c in caches])
-        return torch.cat((cached_k, key), 1), torch.cat((cached_v, value), 1), None
-    padded_k = key.new_zeros((batch, longest, heads, dim))
-    padded_v = value.new_zeros((batch, longest, heads, dim))
-    valid = torch.ones((batch, 1, 1, longest + tokens), dtype=torch.bool, device=key.device)
-    for row, (cache, length) in enumerate(zip(caches, lengths, strict=True)):
-        valid[row, ..., length:longest] = False
-        if length:
-            padded_k[row, :length] = _layer_tensor(cache.keys, layer)[0]
-            padded_v[row, :length] = _layer_tensor(cache.values, layer)[0]
-    return torch.cat((padded_k, key), 1), torch.cat((padded_v, value), 1), valid
-
-
-def _layer_tensor(tensors: Sequence[torch.Tensor | None], layer: int) -> torch.Tensor:
-    found = tensors[layer]
-    if found is None:
-        raise RuntimeError(f"block {layer} has no cached keys although its cache is not empty")
-    return found
+        """Each session's rows attend to its cache's buffers, where the chunk's own keys/values
+        are staged first (and stay, on a write): no padding across sessions, no copy of the
+        context; a mask only where mixed chunk sizes left scratch slots in the view."""
+        outs = []
+        for row, cache in enumerate(mode.caches):
+            rows = slice(row, row + 1)
+            context = cache.stage(self.layer, key[rows], value[rows])
+            outs.append(self._attend(query[rows], context.keys, context.values, context.mask))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 @contextmanager
@@ -285,14 +254,13 @@ def forward_chunk(
     positions = [range(c.next_frame, c.next_frame + frames) for c in caches]
     rotary = rotary_at(model, positions, height, width)
     if not write:
-        reading = _Cached(caches, write=False)
-        return _run(model, latents, timestep, text, rotary=rotary, mode=reading)
+        return _run(model, latents, timestep, text, rotary=rotary, mode=_Cached(caches))
     for cache in caches:
         cache.plan_write(frames)  # refuses a chunk that does not fit before any cache changes
     for cache in caches:
         cache.begin_write(frames)
     try:
-        out = _run(model, latents, timestep, text, rotary=rotary, mode=_Cached(caches, write=True))
+        out = _run(model, latents, timestep, text, rotary=rotary, mode=_Cached(caches))
     except BaseException:
         for cache in caches:
             cache.abort()

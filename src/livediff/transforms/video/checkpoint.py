@@ -12,6 +12,14 @@ Invariants: the rename is one-to-one (two original keys never land on one name),
 through unchanged (same object, same dtype), and a key no rule knows is refused, never dropped
 (an image-to-video checkpoint's ``img_emb`` / ``k_img`` weights, say, are not silently ignored).
 
+Where a checkpoint comes from (``--video-checkpoint`` / ``LIVEDIFF_VIDEO_CHECKPOINT``,
+:func:`locate_checkpoint`): a local ``.pt`` / ``.safetensors`` file, or a hub file written
+``repo_id:path/in/repo`` and fetched by huggingface_hub into the model cache (so
+``HF_HUB_OFFLINE`` applies), e.g. StreamDiffusionV2's ``jerryfeng/StreamDiffusionV2:
+wan_causal_dmd_v2v/model.pt`` or Self-Forcing's ``gdhe17/Self-Forcing:checkpoints/
+self_forcing_dmd.pt``; both were trained from Wan 2.1 T2V 1.3B, whose diffusers layout
+(``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``, the default model) is the base they load over.
+
 The original names, and diffusers' (original Wan's ``norm3`` is the cross-attention norm, which
 diffusers calls ``norm2``; its ``norm1``/``norm2`` have no weights)::
 
@@ -31,6 +39,7 @@ diffusers calls ``norm2``; its ``norm1``/``norm2`` have no weights)::
 from __future__ import annotations
 
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -77,8 +86,22 @@ _ATTENTION_KEY = re.compile(
 )
 
 
+#: ``owner/name:path/in/repo``: a file of a hub repository.
+HUB_FILE = re.compile(r"^([\w.-]+/[\w.-]+):(.+)$")
+#: The file formats a checkpoint may have.
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+
+
 class CheckpointKeyError(KeyError):
-    """A checkpoint key that no rule maps (or two keys that map to one name)."""
+    """A checkpoint key that no rule maps, two keys that map to one name, or a checkpoint whose
+    keys are not the transformer's (the message names the missing and unexpected ones)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointUnavailableError(LookupError):
+    """The checkpoint file or hub file cannot be found here."""
 
 
 def strip_wrapper_prefix(key: str) -> str:
@@ -138,19 +161,69 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
     return converted
 
 
+def locate_checkpoint(spec: str, model_dir: str | None, download: bool = False) -> Path:
+    """The checkpoint file ``spec`` names: a local file, or ``repo_id:path/in/repo`` from the hub
+    cache (fetched when ``download``); raises :class:`CheckpointUnavailableError` saying how to
+    get it."""
+    local = Path(spec).expanduser()
+    hub = HUB_FILE.match(spec)
+    if local.exists() or hub is None:
+        return _checked_file(local, spec)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id, filename = hub.groups()
+    try:
+        path = hf_hub_download(
+            repo_id, filename, cache_dir=model_dir, local_files_only=not download
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+        raise CheckpointUnavailableError(
+            f"video checkpoint {spec!r} is not available here ({exc}); fetch it with"
+            f" `livediff prepare-models --pipeline video --video-checkpoint {spec}`"
+        ) from exc
+    return _checked_file(Path(path), spec)
+
+
+def _checked_file(path: Path, spec: str) -> Path:
+    if not path.is_file():
+        raise CheckpointUnavailableError(
+            f"video checkpoint {spec!r}: no such file; give a local .pt or .safetensors file or"
+            " a hub file as repo_id:path/in/repo"
+        )
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise CheckpointUnavailableError(
+            f"video checkpoint {spec!r}: {path.suffix or 'no suffix'} is not a checkpoint format"
+            f" ({', '.join(CHECKPOINT_SUFFIXES)})"
+        )
+    return path
+
+
 def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
-    """A checkpoint file's contents: safetensors, or a torch pickle read with weights only."""
+    """A checkpoint file's contents: safetensors, or a torch pickle read with weights only
+    (memory-mapped when it is in torch's zip format, so the tensors are paged in as loaded)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    mmap = zipfile.is_zipfile(path)
+    loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     if not isinstance(loaded, Mapping):
         raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict")
     return loaded
 
 
 def load_transformer_weights(model: torch.nn.Module, checkpoint: Mapping[str, Any]) -> None:
-    """Load an original-format causal checkpoint into a ``WanTransformer3DModel`` (strict)."""
-    model.load_state_dict(convert_state_dict(checkpoint), strict=True)
+    """Load an original-format causal checkpoint into a ``WanTransformer3DModel`` (strict: every
+    parameter replaced, none left over; otherwise :class:`CheckpointKeyError` naming them)."""
+    converted = convert_state_dict(checkpoint)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(converted)), sorted(set(converted) - expected)
+    if missing or unexpected:
+        raise CheckpointKeyError(
+            "the checkpoint does not fit the transformer:"
+            f" missing {len(missing)} ({', '.join(missing[:8])}),"
+            f" unexpected {len(unexpected)} ({', '.join(unexpected[:8])})"
+        )
+    model.load_state_dict(converted, strict=True)

@@ -6,7 +6,10 @@ Validated like the diffusion params (a bad value is a 422 naming the field) and 
   blended by weight;
 * ``denoising_step_list``: the distilled schedule's raw timesteps (1-4, strictly decreasing);
 * ``noise_scale``: the video-to-video strength (the level the input chunk is noised to), moved by
-  the motion-aware ``noise_controller`` when it is on;
+  the motion-aware ``noise_controller`` when it is on (down from it, by at most ``max_drop``);
+* ``cache_write``: how a chunk enters the KV cache: ``clean`` (an extra pass over the denoised
+  chunk at timestep 0, Self-Forcing's) or ``last_step`` (the last denoising step's pass writes,
+  one pass fewer, StreamDiffusionV2's);
 * ``seed``; ``reset_cache``: a one-shot flag (it is not kept in the session's params, so the
   next update does not repeat it);
 * ``chunk_frames`` (latent frames per chunk: 4 video frames each; the first chunk 1 + 4k
@@ -17,7 +20,7 @@ Validated like the diffusion params (a bad value is a 422 naming the field) and 
 from __future__ import annotations
 
 import itertools
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -27,19 +30,23 @@ from livediff.transforms.base import TransformParams
 DEFAULT_VIDEO_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 
 PromptText = Annotated[str, Field(max_length=2000)]
+CacheWrite = Literal["clean", "last_step"]
 WeightedPrompt = tuple[PromptText, Annotated[float, Field(ge=0, le=10)]]
 
 
 class NoiseController(BaseModel):
-    """StreamDiffusionV2's motion-aware noise controller: the noise level follows the input's
-    frame-to-frame motion (more motion, less noise, so fast movement keeps its structure),
-    bounded to ``[min_scale, max_scale]`` and smoothed from chunk to chunk."""
+    """StreamDiffusionV2's motion-aware noise controller (its ``compute_noise_scale_and_step``):
+    the noise level follows the input's frame-to-frame motion, more motion less noise, so fast
+    movement keeps its structure. A still input gets ``noise_scale``, full motion (an RMS
+    difference of ``motion_scale`` or more) ``noise_scale - max_drop``; each chunk's level is
+    ``(1 - smoothing) * target + smoothing * previous``. The defaults are StreamDiffusionV2's."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     enabled: bool = Field(False, description="Let the input's motion set the noise scale.")
-    min_scale: float = Field(0.5, gt=0, le=1, description="Noise scale at full motion.")
-    max_scale: float = Field(0.9, gt=0, le=1, description="Noise scale of a still input.")
+    max_drop: float = Field(
+        0.1, ge=0, lt=1, description="How far full motion lowers the noise below noise_scale."
+    )
     motion_scale: float = Field(
         0.2,
         gt=0,
@@ -47,15 +54,8 @@ class NoiseController(BaseModel):
         description="RMS frame-to-frame difference (pixels in [-1, 1]) that counts as full motion.",
     )
     smoothing: float = Field(
-        0.9, ge=0, lt=1, description="Weight of the previous noise scale (exponential smoothing)."
+        0.1, ge=0, lt=1, description="Weight of the previous chunk's noise scale."
     )
-
-    @field_validator("max_scale")
-    @classmethod
-    def _bounds_ordered(cls, value: float, info: ValidationInfo) -> float:
-        if value < info.data.get("min_scale", 0.0):
-            raise ValueError("max_scale must not be below min_scale")
-        return value
 
 
 class VideoParams(TransformParams):
@@ -76,6 +76,11 @@ class VideoParams(TransformParams):
         0.7, gt=0, le=1, description="Video-to-video strength: how far each input chunk is noised."
     )
     noise_controller: NoiseController = Field(default_factory=NoiseController)
+    cache_write: CacheWrite = Field(
+        "clean",
+        description="How a chunk enters the KV cache: clean (an extra pass over the denoised"
+        " chunk, Self-Forcing's) or last_step (the last step's pass writes: one pass fewer).",
+    )
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Noise seed.")
     reset_cache: bool = Field(
         False,
@@ -98,6 +103,13 @@ class VideoParams(TransformParams):
         if any(a <= b for a, b in itertools.pairwise(steps)):
             raise ValueError("denoising_step_list must be strictly decreasing")
         return steps
+
+    @field_validator("noise_controller")
+    @classmethod
+    def _drop_within_noise(cls, value: NoiseController, info: ValidationInfo) -> NoiseController:
+        if value.enabled and value.max_drop >= info.data.get("noise_scale", 1.0):
+            raise ValueError("noise_controller.max_drop must stay below noise_scale")
+        return value
 
     @field_validator("prompt")
     @classmethod

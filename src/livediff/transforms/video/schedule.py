@@ -10,10 +10,16 @@ Conventions (Wan's rectified flow, timesteps in [0, 1000], sigma = timestep / 10
 * video-to-video: the input chunk's latents are noised to the first step's level (or to
   ``noise_scale``, which then replaces the steps at or above it), then denoised step by step, each
   step predicting ``x0`` and re-noising it with fresh noise to the next level;
-* the cache is written once per chunk, with the chunk's *clean* result at ``context_timestep``
-  (0 by default): Self-Forcing's rule (its ``context_noise``). The model was trained to read clean
-  context; writing the last noisy step instead (StreamDiffusionV2's shortcut) saves a pass but
-  caches keys of a partly noised chunk.
+* the cache is written once per chunk, by one of two rules (``cache_write``):
+  ``"clean"``, the chunk's *clean* result in an extra pass at ``context_timestep`` (0 by default):
+  Self-Forcing's rule (its ``context_noise``), the context the distilled models were trained to
+  read; or ``"last_step"``, the last denoising step's own pass (its input ``x_t`` at its
+  timestep) writes: StreamDiffusionV2's, one transformer pass fewer per chunk, but the cached keys
+  are those of a partly noised chunk.
+
+Invariant: whatever the rule, every pass over a chunk reads the cache as it was before the
+chunk's write, and :class:`GeneratedChunk` records exactly the input and timestep that wrote it
+(so a re-cache under a new prompt rewrites the same thing).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 
 from livediff.transforms.video.causal import forward_chunk
 from livediff.transforms.video.kv_cache import KVCache
+from livediff.transforms.video.params import CacheWrite
 
 #: ``(x_t, timestep (B,)) -> flow``: one model call over a batch of chunks.
 FlowModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -95,23 +102,45 @@ def session_noise(like: torch.Tensor, generators: Sequence[torch.Generator]) -> 
     return torch.stack(rows).to(like.dtype)
 
 
+@dataclass(frozen=True, slots=True)
+class Denoised:
+    """A denoising's clean result, and the last step's input and timestep ``(B,)``."""
+
+    x0: torch.Tensor
+    last_input: torch.Tensor
+    last_timestep: torch.Tensor
+
+
 def denoise(
     model: FlowModel,
     latents: torch.Tensor,
     timesteps: torch.Tensor,
     generators: Sequence[torch.Generator],
-) -> torch.Tensor:
+    last_model: FlowModel | None = None,
+) -> Denoised:
     """Noise ``latents`` to the first level and denoise through ``timesteps`` ``(steps, B)``
-    (descending per row); returns the last step's ``x0``."""
+    (descending per row), the last step calling ``last_model`` when given."""
     if timesteps.ndim != 2 or timesteps.shape[1] != latents.shape[0]:
         raise ValueError("timesteps must be (steps, sessions)")
     x_t = add_noise(latents, session_noise(latents, generators), timesteps[0])
-    x0 = latents
+    last = len(timesteps) - 1
     for index, timestep in enumerate(timesteps):
-        x0 = flow_to_x0(x_t, model(x_t, timestep), timestep)
-        if index + 1 < len(timesteps):
+        step_model = last_model if index == last and last_model is not None else model
+        x0 = flow_to_x0(x_t, step_model(x_t, timestep), timestep)
+        if index < last:
             x_t = add_noise(x0, session_noise(x0, generators), timesteps[index + 1])
-    return x0
+    return Denoised(x0, x_t, timesteps[last])
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedChunk:
+    """A chunk's clean latents, and what was written into the caches: ``cached`` at
+    ``cached_timestep`` ``(B,)`` (the clean latents at the context timestep, or the last
+    step's input at its timestep)."""
+
+    x0: torch.Tensor
+    cached: torch.Tensor
+    cached_timestep: torch.Tensor
 
 
 def generate_chunk(
@@ -123,17 +152,27 @@ def generate_chunk(
     timesteps: torch.Tensor,
     generators: Sequence[torch.Generator],
     context_timestep: float = 0.0,
-) -> torch.Tensor:
-    """Restyle one chunk per session: denoise it reading each session's cache, then write the
-    clean result into the caches at ``context_timestep``. Returns the clean latents."""
+    cache_write: CacheWrite = "clean",
+) -> GeneratedChunk:
+    """Restyle one chunk per session: denoise it reading each session's cache, and write it into
+    the caches by ``cache_write``: ``"clean"``, one more pass over the clean result at
+    ``context_timestep``; ``"last_step"``, the last denoising step's pass itself."""
 
     def flow(x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         return forward_chunk(model, x_t, timestep, text, caches, write=False)
 
-    x0 = denoise(flow, latents, timesteps, generators)
+    def flow_and_write(x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return forward_chunk(model, x_t, timestep, text, caches, write=True)
+
+    if cache_write == "last_step":
+        done = denoise(flow, latents, timesteps, generators, last_model=flow_and_write)
+        return GeneratedChunk(done.x0, done.last_input, done.last_timestep)
+    if cache_write != "clean":
+        raise ValueError(f"cache_write must be 'clean' or 'last_step', not {cache_write!r}")
+    x0 = denoise(flow, latents, timesteps, generators).x0
     context = torch.full((len(caches),), context_timestep, device=x0.device)
     forward_chunk(model, x0, context, text, caches, write=True)
-    return x0
+    return GeneratedChunk(x0, x0, context)
 
 
 def stack_timesteps(per_session: Sequence[Sequence[float]], device: torch.device) -> torch.Tensor:

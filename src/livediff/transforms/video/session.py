@@ -66,6 +66,16 @@ class ChunkStats:
             }
 
 
+@dataclass(frozen=True, slots=True)
+class KeptChunk:
+    """What wrote a chunk into the KV cache: the latents ``(1, C, F, h, w)`` and the timestep
+    ``(1,)`` of that pass (the clean chunk at 0, or the last step's input at its timestep), so
+    that a re-cache under a new prompt rewrites the chunk the same way."""
+
+    latents: torch.Tensor
+    timestep: torch.Tensor
+
+
 @dataclass(slots=True)
 class VideoSession:
     """A session's state (made by ``VideoTransform.open_session``)."""
@@ -73,8 +83,8 @@ class VideoSession:
     cache: KVCache
     vae: VAEStreamState
     generator: torch.Generator
-    #: Clean latents of the chunks the KV cache keeps, by first absolute frame (for re-caching).
-    kept: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: What wrote each chunk the KV cache keeps, by its first absolute frame (for re-caching).
+    kept: dict[int, KeptChunk] = field(default_factory=dict)
     inputs: deque[torch.Tensor] = field(default_factory=deque)
     outputs: deque[RgbArray] = field(default_factory=deque)
     params: VideoParams | None = None
@@ -153,22 +163,24 @@ def motion(previous: torch.Tensor | None, frames: torch.Tensor) -> float:
 def controlled_noise(
     controller: NoiseController, base: float, previous: float | None, moved: float
 ) -> float:
-    """The chunk's noise scale: ``base`` when the controller is off; else the level between
-    ``max_scale`` (still) and ``min_scale`` (``motion_scale`` or more of motion), smoothed with
-    the previous chunk's (StreamDiffusionV2's controller: more motion, less noise)."""
+    """The chunk's noise scale: ``base`` when the controller is off; else StreamDiffusionV2's
+    rule (``compute_noise_scale_and_step``): the target ``base - max_drop * min(1, moved /
+    motion_scale)``, smoothed with the previous chunk's level, ``base`` standing for it on a
+    stream's first chunk."""
     if not controller.enabled:
         return base
     amount = min(1.0, moved / controller.motion_scale)
-    target = controller.max_scale - (controller.max_scale - controller.min_scale) * amount
-    if previous is None:
-        return target
-    return controller.smoothing * previous + (1 - controller.smoothing) * target
+    target = base - controller.max_drop * amount
+    before = base if previous is None else previous
+    return (1 - controller.smoothing) * target + controller.smoothing * before
 
 
 def to_pixels(frames: torch.Tensor) -> list[RgbArray]:
-    """Decoded frames ``(3, T, H, W)`` in [-1, 1] as RGB arrays, one per frame."""
+    """Decoded frames ``(3, T, H, W)`` in [-1, 1] as RGB arrays, one per frame: converted to
+    uint8 on the device and downloaded in one copy (one wait per chunk, not one per frame)."""
     scaled = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [np.ascontiguousarray(f.permute(1, 2, 0).cpu().numpy()) for f in scaled.unbind(1)]
+    host = scaled.permute(1, 2, 3, 0).contiguous().cpu().numpy()  # (T, H, W, 3)
+    return [np.ascontiguousarray(frame) for frame in host]
 
 
 def from_pixels(image: RgbArray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

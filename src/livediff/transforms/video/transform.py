@@ -5,17 +5,20 @@ diffusion pipeline uses (same faces, params channel and metrics). Per session (s
 :mod:`.session`): input frames buffer until one chunk is complete; the chunk is encoded with the
 streaming VAE, noised to the session's noise scale (the motion-aware controller's when on),
 denoised in the distilled steps reading the session's rolling KV cache (:func:`generate_chunk`,
-which then writes the clean chunk into the cache), decoded, and its frames released one per
-input frame. Sessions whose chunks are ready in the same call and match in shape, VAE phase and
-step count share one encode, one transformer call per step and one decode, each with its own
+which writes the chunk into the cache by the session's ``cache_write``: the clean chunk in one
+more pass, or the last step's pass), decoded, and its frames released one per input frame.
+Sessions whose chunks are ready in the same call and match in shape, VAE phase, step count and
+cache write share one encode, one transformer call per step and one decode, each with its own
 caches, noise and prompt.
 
-A prompt change re-caches: the cached keys/values of the chunks the cache keeps (their clean
-latents are kept beside it) are recomputed under the new prompt, at their own positions, so the
-next chunk reads a context consistent with the new text (LongLive's KV re-cache; bounded by
-``max_cache_frames / chunk_frames`` transformer passes). ``reset_cache`` clears the KV and VAE
-caches instead. A stream that reaches the end of Wan's RoPE table (1024 latent frames) restarts
-its KV cache.
+A prompt change re-caches: the cached keys/values of the chunks the cache keeps (the latents and
+timestep that wrote each, clean or last step, are kept beside it) are recomputed under the new
+prompt, at their own positions, so the next chunk reads a context consistent with the new text
+(LongLive's KV re-cache; bounded by ``max_cache_frames / chunk_frames`` transformer passes).
+``reset_cache`` clears the KV and VAE
+caches instead. A stream about to pass the end of Wan's RoPE table (1024 latent frames) is
+re-based instead of restarted: its non-sink cached frames move back to just after the sink, their
+keys rotated by the same offset, so it goes on with its sink and context.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,12 +40,18 @@ from livediff.frames import Image
 from livediff.pixels import resize, to_rgb_array
 from livediff.transforms.base import Job, Transform
 from livediff.transforms.video import models
-from livediff.transforms.video.causal import forward_chunk, new_cache
+from livediff.transforms.video.causal import forward_chunk, new_cache, rebase_cache
+from livediff.transforms.video.checkpoint import (
+    HUB_FILE,
+    CheckpointUnavailableError,
+    locate_checkpoint,
+)
 from livediff.transforms.video.kv_cache import KVCache
 from livediff.transforms.video.models import VideoModel, VideoModelUnavailableError
-from livediff.transforms.video.params import VideoParams
+from livediff.transforms.video.params import CacheWrite, VideoParams
 from livediff.transforms.video.schedule import ChunkSchedule, generate_chunk, stack_timesteps
 from livediff.transforms.video.session import (
+    KeptChunk,
     VideoSession,
     controlled_noise,
     from_pixels,
@@ -76,12 +86,18 @@ class _Chunk:
     frames: torch.Tensor
     timesteps: list[float]
     noise_scale: float
+    cache_write: CacheWrite
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def resolve_text_device(name: str, device: torch.device) -> torch.device:
+    """Where UMT5 runs: 'auto' is the model's device, 'cpu' host memory."""
+    return device if name == "auto" else torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -101,6 +117,7 @@ class VideoTransform(Transform[VideoParams, VideoSession, None]):
         super().__init__(settings)
         self._device = resolve_device(settings.device)
         self._dtype = resolve_dtype(settings.dtype, self._device)
+        self._text_device = resolve_text_device(settings.video_text_device, self._device)
         self.model_name = models.video_model(settings.model)
         self.model: VideoModel | None = None
         self.prompts: PromptEncoder | None = None
@@ -108,7 +125,8 @@ class VideoTransform(Transform[VideoParams, VideoSession, None]):
 
     @classmethod
     def check_available(cls, settings: Settings) -> None:
-        """A folder must exist now; a hub id not yet fetched is fetched while loading."""
+        """A folder or checkpoint file must exist now; a hub id or hub file not yet fetched is
+        fetched while loading."""
         model = models.video_model(settings.model)
         try:
             models.locate(model, settings.model_dir)
@@ -116,6 +134,15 @@ class VideoTransform(Transform[VideoParams, VideoSession, None]):
             if model.startswith((".", "/", "~")):
                 raise
             logger.info("%s is not downloaded yet: it is fetched while loading", model)
+        checkpoint = settings.video_checkpoint
+        if checkpoint is None:
+            return
+        try:
+            locate_checkpoint(checkpoint, settings.model_dir)
+        except CheckpointUnavailableError:
+            if HUB_FILE.match(checkpoint) is None:
+                raise
+            logger.info("%s is not downloaded yet: it is fetched while loading", checkpoint)
 
     @property
     def device(self) -> str:
@@ -146,17 +173,46 @@ class VideoTransform(Transform[VideoParams, VideoSession, None]):
 
     def _load(self, name: str) -> None:
         folder = models.locate(name, self.settings.model_dir, download=True)
-        defaults = VideoParams.model_fields["max_cache_frames"].default
+        checkpoint = self._checkpoint_for(name)
+        fields = VideoParams.model_fields
         estimate = models.memory_estimate(
-            folder, self.settings.width, self.settings.height, defaults
+            folder,
+            self.settings.width,
+            self.settings.height,
+            fields["max_cache_frames"].default,
+            fields["chunk_frames"].default,
+            text_on_device=self._text_device == self._device,
         )
         models.check_memory(estimate, self.settings.max_sessions, self._device)
         self.close()
-        self.model = models.load(folder, self._device, self._dtype)
+        self.model = models.load(
+            folder, self._device, self._dtype, checkpoint=checkpoint, text_device=self._text_device
+        )
         tokens = min(int(self.model.tokenizer.model_max_length), WAN_TEXT_TOKENS)
-        self.prompts = PromptEncoder(self.model.text_encoder, self.model.tokenizer, tokens)
+        self.prompts = PromptEncoder(
+            self.model.text_encoder,
+            self.model.tokenizer,
+            tokens,
+            device=self._device,
+            dtype=self._dtype,
+        )
         self.model_name = name
-        logger.info("video model %s loaded on %s (%s)", name, self._device, self._dtype)
+        logger.info(
+            "video model %s%s loaded on %s (%s; UMT5 on %s)",
+            name,
+            "" if checkpoint is None else f" with {checkpoint}",
+            self._device,
+            self._dtype,
+            self._text_device,
+        )
+
+    def _checkpoint_for(self, name: str) -> Path | None:
+        """The configured causal checkpoint (fetched if needed) when ``name`` is the configured
+        model it was trained over; another model a session names loads without it."""
+        spec = self.settings.video_checkpoint
+        if spec is None or name != models.video_model(self.settings.model):
+            return None
+        return locate_checkpoint(spec, self.settings.model_dir, download=True)
 
     def requires_reload(self, old: VideoParams, new: VideoParams) -> bool:
         return new.model not in (old.model, self.model_name)
@@ -255,11 +311,11 @@ class VideoTransform(Transform[VideoParams, VideoSession, None]):
             return
         fresh = KVCache(old.num_layers, old.frame_tokens, old.max_frames, old.keep_sink)
         text = self._text(prompt)
-        context = torch.zeros(1, device=self._device)
         transformer = self._model().transformer
         for start, _ in old.chunks:
             fresh.next_frame = start
-            forward_chunk(transformer, state.kept[start], context, text, [fresh], write=True)
+            kept = state.kept[start]
+            forward_chunk(transformer, kept.latents, kept.timestep, text, [fresh], write=True)
         fresh.next_frame = old.next_frame
         state.cache = fresh
         with state.stats.lock:
@@ -279,7 +335,7 @@ class VideoTransform(Transform[VideoParams, VideoSession, None]):
         scale = controlled_noise(controller, params.noise_scale, state.noise_scale, moved)
         state.noise_scale, state.last_frame = scale, frames[:, -1]
         steps = ChunkSchedule(tuple(float(s) for s in params.denoising_step_list))
-        return _Chunk(state, frames, steps.timesteps(scale), scale)
+        return _Chunk(state, frames, steps.timesteps(scale), scale, params.cache_write)
 
     def _run(self, group: list[_Chunk]) -> None:
         """Encode, denoise (reading and writing each session's cache), decode and queue one
@@ -294,17 +350,21 @@ class VideoTransform(Transform[VideoParams, VideoSession, None]):
         vae_states = [state.vae for state in states]
         latents = normalize_latents(model.vae, encode_chunk(model.vae, frames, vae_states))
         starts = [state.cache.next_frame for state in states]
-        x0 = generate_chunk(
+        generated = generate_chunk(
             model.transformer,
             latents,
             torch.cat([self._text(state.prompt_key) for state in states]),
             [state.cache for state in states],
             timesteps=stack_timesteps([c.timesteps for c in group], self._device),
             generators=[state.generator for state in states],
+            cache_write=group[0].cache_write,
         )
-        decoded = decode_chunk(model.vae, denormalize_latents(model.vae, x0), vae_states)
+        decoded = decode_chunk(model.vae, denormalize_latents(model.vae, generated.x0), vae_states)
         for row, chunk in enumerate(group):
-            _keep(chunk.state, starts[row], x0[row : row + 1])
+            written = KeptChunk(
+                generated.cached[row : row + 1], generated.cached_timestep[row : row + 1]
+            )
+            _keep(chunk.state, starts[row], written)
             assert chunk.state.params is not None
             chunk.state.release(to_pixels(decoded[row]), chunk.state.params.chunk_frames)
         seconds = time.perf_counter() - started
@@ -312,15 +372,26 @@ class VideoTransform(Transform[VideoParams, VideoSession, None]):
             chunk.state.stats.on_chunk(seconds, chunk.noise_scale)
 
     def _make_room(self, state: VideoSession, latent_frames: int) -> None:
-        """Restart the KV cache of a stream that reached the end of Wan's RoPE table."""
-        if state.cache.next_frame + latent_frames > self._model().transformer.rope.max_seq_len:
-            state.cache.reset()
+        """Re-base the KV cache of a stream whose next chunk would pass the end of Wan's RoPE
+        table: the non-sink frames move down to just after the sink, their keys rotated by the
+        same offset (:func:`rebase_cache`), and the kept chunks follow their new positions. Only
+        a table too short for the cache bound itself restarts the KV cache."""
+        transformer, cache = self._model().transformer, state.cache
+        table = transformer.rope.max_seq_len
+        if cache.next_frame + latent_frames <= table:
+            return
+        starts = [start for start, _ in cache.chunks]
+        rebase_cache(transformer, cache)
+        moved = zip(starts, cache.chunks, strict=True)
+        state.kept = {new: state.kept[old] for old, (new, _) in moved if old in state.kept}
+        if cache.next_frame + latent_frames > table:
+            cache.reset()
             state.kept.clear()
 
 
-def _keep(state: VideoSession, start: int, latents: torch.Tensor) -> None:
-    """Remember a written chunk's clean latents while the cache keeps it (for re-caching)."""
-    state.kept[start] = latents
+def _keep(state: VideoSession, start: int, written: KeptChunk) -> None:
+    """Remember what wrote a chunk while the cache keeps it (for re-caching)."""
+    state.kept[start] = written
     cached = {first for first, _ in state.cache.chunks}
     for first in [s for s in state.kept if s not in cached]:
         del state.kept[first]
@@ -332,10 +403,12 @@ def _layout(params: VideoParams) -> tuple[int, int, int]:
 
 
 def _groups(chunks: list[_Chunk]) -> dict[tuple[Any, ...], list[_Chunk]]:
-    """Chunks that can share a batch: same shape, same VAE phase, same number of steps."""
+    """Chunks that can share a batch: same shape, same VAE phase, same number of steps, same
+    cache write."""
     groups: dict[tuple[Any, ...], list[_Chunk]] = defaultdict(list)
     for chunk in chunks:
-        key = (tuple(chunk.frames.shape), chunk.state.vae.frames_encoded == 0, len(chunk.timesteps))
+        first = chunk.state.vae.frames_encoded == 0
+        key = (tuple(chunk.frames.shape), first, len(chunk.timesteps), chunk.cache_write)
         groups[key].append(chunk)
     return groups
 
