@@ -184,6 +184,14 @@ class Settings(BaseSettings):
     pinned_buffers: int = Field(
         8, ge=1, le=64, description="Pinned host buffers per direction per worker (CUDA copies)."
     )
+    batches_in_flight: int = Field(
+        0,
+        ge=0,
+        le=2,
+        description="Batches the worker launches before it waits for the oldest one's outputs:"
+        " 2 overlaps launching the next batch with the device computing this one; 0 = auto (2"
+        " where the transform computes on CUDA, 1 elsewhere, where process() is synchronous).",
+    )
 
     # -- peers -----------------------------------------------------------------------------
     connect_timeout_s: float = Field(

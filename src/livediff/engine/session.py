@@ -11,11 +11,12 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from livediff.engine.slot import AsyncSlot, Slot
 from livediff.engine.stats import SessionStats
 from livediff.engine.threads import post_to_loop
-from livediff.frames import Frame, Image, now
+from livediff.frames import Frame, Image, ReadyEvent, now
 from livediff.pixels import adopt, fit_within, mark_ready, resize
 from livediff.transforms.base import AnyJob, Job, TransformParams
 
@@ -27,6 +28,15 @@ Adapter = Callable[[Image], Image]
 def unchanged(image: Image) -> Image:
     """The identity output adapter (the consumer takes the transform's images as they are)."""
     return image
+
+
+@dataclass(frozen=True, slots=True)
+class Adapted:
+    """An output as the session's consumers take it (``adapt_output``'s), with the event after
+    the device work that made it (rule 2 of :mod:`livediff.pixels.device`; None off CUDA)."""
+
+    image: Image
+    ready: ReadyEvent | None
 
 
 class FailureBurst:
@@ -119,6 +129,10 @@ class Session:
     def next_job(self) -> AnyJob | None:
         """The waiting frame as a job (worker thread).
 
+        It may be taken while the session's previous job is still in flight (the worker keeps
+        up to ``batches_in_flight`` batches launched): the worker delivers jobs in the order it
+        took them, and the transform orders what one leaves in the session's state for the next.
+
         A CUDA tensor frame (ai-runner's, made on another CUDA stream) is adopted first: the
         worker's CUDA stream waits for its producer before anything reads it, the scaling down
         of a large frame included (rule 1 of :mod:`livediff.pixels.device`)."""
@@ -149,11 +163,22 @@ class Session:
                 self._outputs.remove(slot)
         slot.close()
 
-    def complete(self, job: AnyJob, image: Image | None, finished: float) -> None:
-        """The transform's result for ``job`` (worker thread); None = nothing to show yet."""
+    def adapt(self, image: Image) -> Adapted:
+        """``image`` adapted for the consumers and marked ready (worker thread).
+
+        The worker adapts an output that stays on the device as it launches the batch, before
+        it launches the next one, so that the output's ready event (and its adapter's device
+        work) comes before the next batch's work in the worker's CUDA stream, not after it."""
+        adapted = self.adapt_output(image)
+        return Adapted(adapted, mark_ready(adapted))
+
+    def complete(self, job: AnyJob, output: Image | Adapted | None, finished: float) -> None:
+        """The transform's result for ``job``, adapted already or not (worker thread); None =
+        nothing to show yet."""
         self.failures.succeeded()
-        if image is not None:
-            self._emit(job.frame, image, finished)
+        if output is not None:
+            adapted = output if isinstance(output, Adapted) else self.adapt(output)
+            self._emit(job.frame, adapted, finished)
 
     def fail(self, job: AnyJob, exc: BaseException, finished: float) -> None:
         """The transform raised on ``job``: show the last good frame (or the input) instead."""
@@ -166,13 +191,12 @@ class Session:
         fallback = self._last_output
         if fallback is None:
             fallback = resize(job.frame.image, job.params.width, job.params.height)
-        self._emit(job.frame, fallback, finished)
+        self._emit(job.frame, self.adapt(fallback), finished)
 
-    def _emit(self, frame: Frame, image: Image, finished: float) -> None:
-        adapted = self.adapt_output(image)
-        self._last_output = adapted
-        out = frame.with_image(adapted)
-        out.ready = mark_ready(adapted)
+    def _emit(self, frame: Frame, adapted: Adapted, finished: float) -> None:
+        self._last_output = adapted.image
+        out = frame.with_image(adapted.image)
+        out.ready = adapted.ready
         out.times.finished = finished
         self.stats.on_processed(out)
         with self._outputs_lock:

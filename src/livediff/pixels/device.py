@@ -59,7 +59,8 @@ BT709 = 1
 #: Pinned buffers a thread keeps when no worker configured its pool (tests, tools).
 DEFAULT_PINNED_BUFFERS = 8
 #: Most unleased buffers of one shape with copies still queued (past it, the oldest is waited
-#: for); leased ones (a batch's downloads, at most max_batch) never count.
+#: for); leased ones (the downloads of the batches in flight, at most batches_in_flight x
+#: max_batch) never count.
 MAX_IN_FLIGHT = 8
 
 #: (R from V, G from U, G from V, B from U) for the colour matrices in use.
@@ -174,7 +175,8 @@ class _Ring:
     A free buffer (not leased, its copy complete) is reused; else a new one is made, unless
     ``MAX_IN_FLIGHT`` unleased buffers still have copies queued, and then the oldest of them
     is waited for. Leased buffers never count against that bound and are never waited for:
-    there are at most as many as a batch has outputs of this size (``max_batch``)."""
+    there are at most as many as the batches in flight have outputs of this size
+    (``batches_in_flight x max_batch``)."""
 
     def __init__(
         self, shape: tuple[int, ...], pinned: bool, new_event: Callable[[], CopyEvent]

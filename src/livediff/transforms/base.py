@@ -164,6 +164,12 @@ class Transform(ABC, Generic[ParamsT, StateT, StagedT]):
 
         An output is an image at the job's ``params.width`` x ``params.height``, or None when
         the transform has nothing to show for this frame yet (e.g. a pipeline still filling).
+
+        With two batches in flight (``batches_in_flight``) the engine calls ``process`` again
+        before it has read the previous call's outputs (device tensors still computing), and a
+        session may have a job in both: a session's state must be brought up to date (on the
+        device, in stream order) by the time ``process`` returns, and an output must not be
+        written to again by a later call.
         """
 
     def synchronize(self) -> None:
