@@ -14,10 +14,18 @@ they pick a bucket and never recompile), one row per case:
 - 1, 2 and 4 steps, one session: ms per frame (worker batch time), fps, and the stages inside
   the batch (upload + colour conversion, VAE encode, UNet, VAE decode) from CUDA events;
 - 1, 2, 4 and 8 sessions at 1 step: aggregate fps and each session's fps;
+- ``--in-flight 1 2``: the steps and sessions cases with one batch in flight, then two (the
+  worker launches batch N+1 before it waits for N), side by side; every row says its
+  ``"in_flight"``;
 - diffusers' ``AutoPipelineForImage2Image`` on the same components, same size and steps;
 - the cost of ControlNet per frame (``--controlnets``: none, canny, depth, canny+depth) at one
   step, with random ControlNets of the base UNet's size (``ControlNetModel.from_unet``) and a
-  random Depth Anything V2 Small-sized depth model.
+  random Depth Anything V2 Small-sized depth model; compiled (``--compiled-controlnets``), each
+  ControlNet and the UNet's residual variant are planned in the buckets as they are added;
+- FP8 against bf16 (``--fp8``): each engine twice, its UNet in bfloat16 and in FP8
+  (``unet_quantization fp8``), rows marked ``"unet"``, the layers converted under
+  ``"fp8_layers"``, and under ``"fp8"`` the PSNR of the FP8 engine's output frames against the
+  bf16 engine's on the same frames (one session, same seed and weights, one step, frame by frame).
 
 A case that cannot finish fails alone, with its reason, and the run goes on: a session the
 engine ended (the transform failed ``ERROR_LIMIT`` frames in a row, e.g. a missing package) or
@@ -39,7 +47,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +60,7 @@ from livediff.config import Settings
 from livediff.engine import Engine, Session
 from livediff.engine.errors import EngineUnavailableError
 from livediff.engine.slot import SlotClosedError
+from livediff.engine.worker import batches_in_flight_for
 from livediff.frames import Frame
 from livediff.testing.ip_adapter import style_data_url, write_ip_adapter
 from livediff.testing.models import build_components
@@ -122,7 +131,7 @@ def add_random_controlnets(engine: Engine) -> None:
 
     unet_batch = engine.transform.unet_batch  # type: ignore[attr-defined]
     for kind in ("canny", "depth"):
-        controlnet = ControlNetModel.from_unet(unet_batch.bundle.unet)
+        controlnet = ControlNetModel.from_unet(unet_batch.bundle.uncompiled_unet)
         for name, parameter in controlnet.named_parameters():
             if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
                 torch.nn.init.normal_(parameter, std=0.02)
@@ -159,10 +168,15 @@ def write_depth_model(folder: Path, preset: str) -> str:
 
 #: Frames failed in a row after which the engine ends a measured session (and its case fails).
 ERROR_LIMIT = 3
+#: Frames whose outputs ``--fp8`` compares (bf16 against FP8).
+COMPARED_FRAMES = 8
 
 
-def engine_settings(args: argparse.Namespace, compiled: bool) -> Settings:
+def engine_settings(args: argparse.Namespace, compiled: bool, unet: str | None = None) -> Settings:
+    """The engine's settings; ``unet`` 'bf16' or 'fp8' under ``--fp8`` (both in bfloat16)."""
     return Settings(
+        dtype="bfloat16" if unet else "auto",
+        unet_quantization="fp8" if unet == "fp8" else "none",
         depth_model=args.depth_model,
         allow_models=[
             f"random:{args.preset}",
@@ -196,20 +210,35 @@ class Case:
     params: dict[str, Any]
     sessions: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The worker's ``batches_in_flight`` for the row (0: the setting's auto, 2 on CUDA).
+    in_flight: int = 0
+
+
+def at_each_in_flight(rows: list[Case], args: argparse.Namespace) -> list[Case]:
+    """Each case at each ``--in-flight`` value in turn (one row each, side by side)."""
+    return [replace(case, in_flight=n) for case in rows for n in args.in_flight]
 
 
 def cases(args: argparse.Namespace, compiled: bool) -> list[Case]:
-    """Steps (one session), ControlNets (eager only: they are not compiled), then sessions."""
+    """Steps (one session), ControlNets (--controlnets eager, --compiled-controlnets compiled:
+    each planned in the buckets as it is added), then sessions."""
     steps = [Case(f"steps={n}", {"t_index_list": STEP_INDICES[n]}) for n in args.steps]
     controls = [
         Case(f"controlnets={setting}", control_params(setting), extra={"controlnets": setting})
-        for setting in ([] if compiled else args.controlnets)
+        for setting in controlnet_settings(args, compiled)
     ]
     sessions = [
         Case(f"sessions={n}", {"t_index_list": STEP_INDICES[1]}, n) for n in args.sessions if n > 1
     ]
     styled = [] if compiled or not args.ip_adapter else [ip_adapter_case(args)]
-    return steps + controls + styled + sessions
+    # what a ControlNet or an IP-Adapter costs is measured at the first --in-flight value only
+    extras = [replace(case, in_flight=args.in_flight[0]) for case in controls + styled]
+    return at_each_in_flight(steps, args) + extras + at_each_in_flight(sessions, args)
+
+
+def controlnet_settings(args: argparse.Namespace, compiled: bool) -> list[str]:
+    """The ControlNet settings measured on the compiled or the eager engine."""
+    return list(args.compiled_controlnets if compiled else args.controlnets)
 
 
 def ip_adapter_case(args: argparse.Namespace) -> Case:
@@ -251,6 +280,15 @@ def set_stage_clock(engine: Engine, clock: StageClock | None) -> None:
     half on one clock); run through ``engine.on_worker`` it lands between batches."""
     engine.worker_side.worker_thread.assert_current()
     engine.transform.unet_batch.clock = clock  # type: ignore[attr-defined]
+
+
+def set_batches_in_flight(engine: Engine, setting: int) -> int:
+    """Worker thread only (a call, so none is in flight as it changes): the worker's batches
+    in flight for ``setting`` (0: auto for its device); returns the number now in force."""
+    engine.worker_side.worker_thread.assert_current()
+    worker = engine.worker
+    worker.batches_in_flight = batches_in_flight_for(setting, engine.transform.device)
+    return worker.batches_in_flight
 
 
 async def open_measured(engine: Engine, params: dict[str, Any], seed: int) -> Session:
@@ -322,6 +360,7 @@ async def measure(
     """``case.sessions`` sessions with ``case.params``, ``count`` frames each after a warm-up."""
     steps = len(case.params["t_index_list"])
     clock = StageClock(torch.device(engine.transform.device))
+    in_flight = await engine.on_worker(lambda: set_batches_in_flight(engine, case.in_flight))
     opened: list[Session] = []
     try:
         for k in range(case.sessions):
@@ -336,7 +375,8 @@ async def measure(
         for session in opened:
             await engine.close_session(session.id, "measured")
     failed = sum(session.stats.errors for session in opened)
-    return summarise(case, count, Measured(elapsed, runs, clock.durations(), failed))
+    row = summarise(case, count, Measured(elapsed, runs, clock.durations(), failed))
+    return {**row, "in_flight": in_flight}
 
 
 def summarise(case: Case, count: int, measured: Measured) -> dict[str, Any]:
@@ -369,6 +409,7 @@ class Report:
             "config": config,
             "livediff": [],
             "diffusers": [],
+            "fp8": [],
             "failed": [],
         }
         self.save()
@@ -395,10 +436,15 @@ class Report:
 
 
 async def measure_cases(
-    engine: Engine, args: argparse.Namespace, compiled: bool, report: Report
+    engine: Engine,
+    args: argparse.Namespace,
+    compiled: bool,
+    report: Report,
+    unet: str | None = None,
 ) -> None:
     """Every case in turn; one that fails is reported with its reason and the next one runs."""
     frames = camera(args.size)
+    label = {"unet": unet} if unet else {}
     for case in cases(args, compiled):
         try:
             row = await asyncio.wait_for(
@@ -410,13 +456,15 @@ async def measure_cases(
         except (CaseFailedError, EngineUnavailableError) as exc:
             report.fail(case.name, compiled, str(exc))
             continue
-        report.add("livediff", {**row, "compiled": compiled})
+        report.add("livediff", {**row, "compiled": compiled, **label})
 
 
-async def start_engine(args: argparse.Namespace, compiled: bool, report: Report) -> Engine | None:
+async def start_engine(
+    args: argparse.Namespace, compiled: bool, report: Report, unet: str | None = None
+) -> Engine | None:
     """A loaded (and, when ``compiled``, compiled) engine; None, reported, if it did not load."""
     RandomWeightsTransform.preset = args.preset
-    settings = engine_settings(args, compiled)
+    settings = engine_settings(args, compiled, unet)
     engine = Engine(settings, RandomWeightsTransform(settings))
     loading = time.perf_counter()
     try:
@@ -426,26 +474,75 @@ async def start_engine(args: argparse.Namespace, compiled: bool, report: Report)
         await engine.stop()
         return None
     load_s = round(time.perf_counter() - loading, 1)
-    report.data.setdefault("load_s", {})["compiled" if compiled else "eager"] = load_s
+    kind = ("compiled" if compiled else "eager") + (f"-{unet}" if unet else "")
+    report.data.setdefault("load_s", {})[kind] = load_s
+    if unet == "fp8":
+        layers = engine.transform.unet_batch.bundle.fp8  # type: ignore[attr-defined]
+        report.data["fp8_layers"] = asdict(layers)
     print(json.dumps({"load_s": load_s, "compiled": compiled}), flush=True)
     return engine
 
 
-async def engine_runs(args: argparse.Namespace, compiled: bool, report: Report) -> None:
-    """One engine's rows (and diffusers' beside the eager one)."""
-    engine = await start_engine(args, compiled, report)
+async def engine_runs(
+    args: argparse.Namespace, compiled: bool, report: Report, unet: str | None = None
+) -> np.ndarray | None:
+    """One engine's rows (and diffusers' beside the eager one); under ``--fp8``, the output
+    frames :func:`fp8_runs` compares (None without ``--fp8`` or when it failed)."""
+    engine = await start_engine(args, compiled, report, unet)
     if engine is None:
-        return
+        return None
     try:
-        if not compiled and args.controlnets:
+        if controlnet_settings(args, compiled):  # compiled: planned in the buckets as added
             await engine.on_worker(lambda: add_random_controlnets(engine))
         if not compiled and args.ip_adapter:
             await add_random_ip_adapter(engine, args.ip_adapter_folder)
-        await measure_cases(engine, args, compiled, report)
+        await measure_cases(engine, args, compiled, report, unet)
         if not compiled and not args.no_diffusers:
             await asyncio.to_thread(diffusers_runs, engine, args, report)
+        return await compared_outputs(engine, args, compiled, report) if unet else None
     finally:
         await engine.stop()
+
+
+async def fp8_runs(args: argparse.Namespace, compiled: bool, report: Report) -> None:
+    """The bf16 engine, then the FP8 one, and the PSNR of FP8's output frames against bf16's."""
+    reference = await engine_runs(args, compiled, report, "bf16")
+    outputs = await engine_runs(args, compiled, report, "fp8")
+    if reference is None or outputs is None:
+        report.fail("fp8-psnr", compiled, "an engine gave no output frames to compare")
+        return
+    error = (outputs.astype(np.float64) - reference) ** 2
+    row = {
+        "compiled": compiled,
+        "frames": len(outputs),
+        "psnr_db": round(float(10 * np.log10(255.0**2 / max(float(error.mean()), 1e-12))), 2),
+        "max_abs_diff": int(np.sqrt(error).max()),
+    }
+    report.add("fp8", row)
+
+
+async def compared_outputs(
+    engine: Engine, args: argparse.Namespace, compiled: bool, report: Report
+) -> np.ndarray | None:
+    """One session's RGB output frames for :func:`camera`'s frames (one step, seed 1), one
+    frame in and its output out at a time, so both engines see the same frames; None, with
+    the reason reported, when they did not all come back."""
+    session = await open_measured(engine, {"t_index_list": STEP_INDICES[1]}, 1)
+    slot = session.subscribe(asyncio.get_running_loop())
+    images = []
+    try:
+        for index, frame in enumerate(camera(args.size, COMPARED_FRAMES)):
+            session.submit(Frame(image=frame, pts=index))
+            output = await asyncio.wait_for(slot.get(), args.row_timeout)
+            assert isinstance(output.image, av.VideoFrame)  # the VideoFrames adapter's
+            images.append(output.image.to_ndarray(format="rgb24"))
+    except (TimeoutError, SlotClosedError) as exc:
+        report.fail("fp8-outputs", compiled, f"{type(exc).__name__}: {session.end_reason}")
+        return None
+    finally:
+        session.unsubscribe(slot)
+        await engine.close_session(session.id, "compared")
+    return np.stack(images)
 
 
 def diffusers_runs(engine: Engine, args: argparse.Namespace, report: Report) -> None:
@@ -502,6 +599,9 @@ def print_table(report: dict[str, Any]) -> None:
         kind = "compiled" if row["compiled"] else "eager"
         if "controlnets" in row:
             kind = f"cn:{row['controlnets']}"
+        if "unet" in row:
+            kind = f"{kind}/{row['unet']}"
+        kind = f"{kind} in{row['in_flight']}"  # batches in flight
         print(
             f"{kind:<15} {row['steps']:>5} {row['sessions']:>8} {row['ms_per_frame']:>9.2f}"
             f" {row['fps_total']:>8.1f} {row['fps_per_session']:>9.1f}  {stages}"
@@ -509,6 +609,12 @@ def print_table(report: dict[str, Any]) -> None:
     for row in report["diffusers"]:
         timing = f"{row['ms_per_frame']:>9.2f} {row['fps']:>8.1f}"
         print(f"{'diffusers':<15} {row['steps']:>5} {1:>8} {timing}")
+    for row in report["fp8"]:
+        kind = "compiled" if row["compiled"] else "eager"
+        print(
+            f"fp8 against bf16, {kind}: PSNR {row['psnr_db']:.2f} dB over {row['frames']} frames"
+            f" (largest difference {row['max_abs_diff']} of 255)"
+        )
     for row in report["failed"]:
         kind = "compiled" if row["compiled"] else "eager"
         print(f"FAILED {kind} {row['case']}: {row['error']}")
@@ -526,7 +632,10 @@ async def main(args: argparse.Namespace) -> Report:
     machine = machine_info(args.device)
     report = Report(args.json or default_json(args, machine), machine, vars(args))
     for compiled in args.compile:
-        await engine_runs(args, compiled == "on", report)
+        if args.fp8:
+            await fp8_runs(args, compiled == "on", report)
+        else:
+            await engine_runs(args, compiled == "on", report)
     return report
 
 
@@ -545,7 +654,22 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-cache-dir", default=None)
     parser.add_argument("--buckets", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--frames", type=int, default=40, help="measured frames per session")
+    parser.add_argument(
+        "--in-flight",
+        type=int,
+        nargs="+",
+        default=[0],
+        choices=[0, 1, 2],
+        help="the worker's batches in flight each steps and sessions case is measured at, side"
+        " by side (1 2: one row each); 0 = auto (2 on CUDA, 1 on the CPU)",
+    )
     parser.add_argument("--no-diffusers", action="store_true")
+    parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="each engine twice, its UNet in bfloat16 and in FP8 (unet_quantization fp8), and"
+        " the PSNR of FP8's output frames against bf16's",
+    )
     parser.add_argument(
         "--ip-adapter",
         action="store_true",
@@ -558,6 +682,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=["none", "canny", "depth", "canny+depth"],
         choices=["none", "canny", "depth", "canny+depth"],
         help="ControlNet settings measured at 1 step on the eager engine (none to skip all)",
+    )
+    parser.add_argument(
+        "--compiled-controlnets",
+        nargs="*",
+        default=[],
+        choices=["none", "canny", "depth", "canny+depth"],
+        help="ControlNet settings measured at 1 step on the compiled engine (default none:"
+        " each ControlNet and the UNet's residual variant compile per bucket as it is added)",
     )
     parser.add_argument(
         "--json",

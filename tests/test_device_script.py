@@ -156,7 +156,7 @@ def run_script(out: Path, *options: str, frames: int = 2) -> subprocess.Complete
     )
 
 
-@pytest.mark.parametrize("suite", ["engine", "next", "models", "video"])
+@pytest.mark.parametrize("suite", ["engine", "next", "models", "video", "compiled"])
 def test_each_suite_fits_the_deadline(suite: str, tmp_path: Path) -> None:
     done = run_script(tmp_path, "--plan", "--suite", suite)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -225,12 +225,17 @@ def test_the_next_suites_dry_run_measures_every_temporal_setting(tmp_path: Path)
     assert sorted(path.name for path in tmp_path.iterdir()) == [
         "engine-compiled-2-8.json",
         "engine-compiled-2-8.txt",
+        "fp8.json",
+        "fp8.txt",
         "run.txt",
         "temporal.json",
         "temporal.png",
         "temporal.txt",
     ]
     check_report(tmp_path / "engine-compiled-2-8.json", compiled=True)
+    fp8 = check_report(tmp_path / "fp8.json", compiled=False)
+    assert [row["unet"] for row in fp8["livediff"]] == ["bf16", "fp8"]
+    assert fp8["fp8_layers"]["linears"] > 0 and fp8["fp8"][0]["psnr_db"] > 0
     temporal = json.loads((tmp_path / "temporal.json").read_text())
     rows = {row["setting"]: row for row in temporal["results"]}
     assert {"off", "bank-1", "bank-2", "bank-4", "temporalnet", "motion-noise"} <= rows.keys()
@@ -261,6 +266,29 @@ def test_the_models_suites_dry_run_measures_sdxl(tmp_path: Path) -> None:
     assert large["config"]["size"] == 128 and not large.get("diffusers")
     lora = json.loads((tmp_path / "lora.json").read_text())["results"]
     assert lora["fused_recompiles"] == 0 and lora["fused_unet_ms"] > 0
+
+
+@pytest.mark.slow
+def test_the_compiled_suites_dry_run_measures_compiled_controlnets_and_fp8(
+    tmp_path: Path,
+) -> None:
+    done = run_script(tmp_path, "--dry-run", "--suite", "compiled")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "compiled-controlnets.json",
+        "compiled-controlnets.txt",
+        "fp8-compiled.json",
+        "fp8-compiled.txt",
+        "run.txt",
+    ]
+    controls = check_report(tmp_path / "compiled-controlnets.json", compiled=True)
+    rows = {row["case"]: row for row in controls["livediff"]}
+    assert {"controlnets=none", "controlnets=canny", "sessions=4"} <= rows.keys()
+    assert rows["controlnets=canny"]["stages_ms"]["controlnet"] > 0
+    assert controls["config"]["buckets"] == [1, 4]
+    fp8 = check_report(tmp_path / "fp8-compiled.json", compiled=True)
+    assert [row["unet"] for row in fp8["livediff"]] == ["bf16", "fp8"]
+    assert fp8["fp8"][0]["compiled"] is True and fp8["fp8"][0]["psnr_db"] > 0
 
 
 VIDEO_ROW_KEYS = {

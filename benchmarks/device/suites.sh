@@ -20,12 +20,15 @@
 # or 64x64); GPU_TESTS, the test files that hold gpu-marked tests; PYTEST, pytest with the
 # options of an unattended run; OUT.
 
-# The engine: the CUDA tests, then sd-turbo eager (steps, ControlNets, sessions, diffusers), then
-# compiled with CUDA graphs for buckets 1 and 4 (six cold inductor compiles: UNet, TAESD encoder
-# and decoder, each at two batch sizes).
+# The engine: the CUDA tests, then sd-turbo eager (steps, ControlNets, sessions, diffusers; the
+# steps and sessions cases with one batch in flight and with two, issue 18, side by side: eager
+# is where launching the next batch while the GPU computes pays), then compiled with CUDA graphs
+# for buckets 1 and 4 (six cold inductor compiles: UNet, TAESD encoder and decoder, each at two
+# batch sizes).
 suite_engine() {
     step tests 90 "${PYTEST[@]}" "${GPU_TESTS[@]}"
-    step engine-eager 90 "${BENCH[@]}" --compile off --json "$OUT/engine-eager.json"
+    step engine-eager 90 "${BENCH[@]}" --compile off --in-flight 1 2 \
+        --json "$OUT/engine-eager.json"
     step engine-compiled 240 "${BENCH[@]}" --compile on --no-diffusers --buckets 1 4 \
         --sessions 1 2 4 --json "$OUT/engine-compiled.json"
 }
@@ -43,6 +46,11 @@ suite_next() {
     step temporal 150 "$PYTHON" benchmarks/temporal.py --preset "$PRESET" --size "$SIZE" \
         --frames $((FRAMES > 3 ? FRAMES : 3)) --still $((FRAMES / 2)) --repeats 1 \
         --out "$OUT" --name temporal
+    # issue 18: FP8 against bf16 (sd-turbo eager, one step, one session, half the frames: two
+    # loads in 30 s; the UNet in bfloat16, then FP8): ms per frame of each and the PSNR of FP8's
+    # output frames against bf16's (the bf16 row is written first, whatever the budget leaves)
+    step fp8 30 "${BENCH[@]}" --fp8 --compile off --steps 1 --sessions 1 --controlnets \
+        --no-diffusers --frames $((FRAMES / 2 > 2 ? FRAMES / 2 : 2)) --json "$OUT/fp8.json"
 }
 
 # The third run, of the same shape and deadline: issue 22's models. SDXL-Turbo (random weights of
@@ -71,4 +79,18 @@ suite_video() {
     step video-480x832 240 "${VIDEO[@]}" --size "$VIDEO_WIDE_SIZE" \
         --cache-write clean last_step --json "$OUT/video-480x832.json"
     step video-512 180 "${VIDEO[@]}" --size "$VIDEO_SQUARE_SIZE" --json "$OUT/video-512.json"
+}
+
+# The fifth run, of the same shape and deadline: issue 18's compiled variants that the engine run
+# leaves out. ControlNet batches compiled in the buckets (a canny ControlNet and the UNet's
+# residual variant planned at buckets 1 and 4 as the ControlNet is added: four more cold inductor
+# compiles beside the six of the plain call), and the FP8 UNet compiled against bf16 compiled
+# (bucket 1, one step, one session: the figure that matters for serving; the bf16 row first).
+suite_compiled() {
+    step compiled-controlnets 240 "${BENCH[@]}" --compile on --no-diffusers --buckets 1 4 \
+        --steps 1 --sessions 2 4 --compiled-controlnets none canny \
+        --json "$OUT/compiled-controlnets.json"
+    step fp8-compiled 180 "${BENCH[@]}" --fp8 --compile on --buckets 1 --steps 1 --sessions 1 \
+        --controlnets --no-diffusers --frames $((FRAMES / 2 > 2 ? FRAMES / 2 : 2)) \
+        --json "$OUT/fp8-compiled.json"
 }

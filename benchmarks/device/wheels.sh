@@ -2,7 +2,7 @@
 # Run here (the CPU machine), from anywhere in the checkout: downloads into .whl/ every wheel that
 # the lent GPU machine lacks, for its Python 3.12 (see /work/.library/device/KINDS.md: it has
 # torch 2.11, transformers, huggingface-hub 1.33, safetensors, numpy, pillow, pytest, zipp; not
-# PyAV, diffusers, pydantic, kornia or pytest-asyncio, and a typing-extensions of its own).
+# PyAV, diffusers, pydantic, kornia, pytest-asyncio or torchao, and a typing-extensions of its own).
 # .whl/ is ignored by git and travels with `carry: [".whl"]`; run.sh installs it into /tmp/site.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -10,6 +10,7 @@ cd "$(dirname "$0")/../.."
 # One version of each (two stop the whole install there). Requirements, from each wheel's
 # METADATA: diffusers needs importlib-metadata (zipp is there), huggingface-hub>=1.32 and
 # safetensors>=0.8 (there); pydantic 2.14 needs typing-extensions>=4.16; kornia needs kornia-rs.
+# torchao (unet_quantization fp8, 3.3 MiB) needs nothing but torch>=2.11 (there).
 WHEELS=(
     av==18.1.0
     diffusers==0.42.1
@@ -24,6 +25,7 @@ WHEELS=(
     kornia==0.9.0
     kornia-rs==0.2.0
     pytest-asyncio==1.5.0
+    torchao==0.18.0
 )
 #: The most the wheels may weigh, in MiB...
 LIMIT_MIB=60

@@ -9,7 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 H264Preset = Literal[
@@ -18,6 +25,7 @@ H264Preset = Literal[
 VideoCodecName = Literal["vp8", "h264"]
 DiffusionDtype = Literal["auto", "float16", "bfloat16", "float32"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+UnetQuantization = Literal["none", "fp8"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 VideoTextDevice = Literal["auto", "cpu"]
@@ -242,6 +250,23 @@ class Settings(BaseSettings):
     compile_mode: CompileMode = Field(
         "max-autotune", description="torch.compile mode (max-autotune uses CUDA graphs)."
     )
+    unet_quantization: UnetQuantization = Field(
+        "none",
+        description="fp8: the UNet's linear layers and 1x1 convolutions run as FP8 products"
+        " (torchao, per-channel weight and per-row input scales; CUDA capability 8.9+, e.g."
+        " Hopper, or the CPU's reference kernel; needs dtype bfloat16). See docs/diffusion.md.",
+    )
+
+    @field_validator("unet_quantization")
+    @classmethod
+    def _check_quantization_dtype(cls, value: str, info: ValidationInfo) -> str:
+        if value == "fp8" and info.data.get("dtype") != "bfloat16":
+            raise ValueError(
+                "unet_quantization 'fp8' needs dtype 'bfloat16' (rowwise-scaled FP8 products"
+                " write bfloat16)"
+            )
+        return value
+
     depth_model: str = Field(
         "depth-anything/Depth-Anything-V2-Small-hf",
         description="Depth model of the 'depth' ControlNet preprocessor (hub id or folder).",

@@ -303,21 +303,14 @@ def test_a_steady_batch_with_controlnets_makes_no_constants(
     assert constants.misses == misses
 
 
-def test_controlnets_are_neither_padded_nor_compiled_under_compile(
-    make_transform: Callable[..., DiffusionTransform],
-    controlnets: list[str],
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_controlnet_loaded_inside_a_batch_runs_eager_until_params_name_it(
+    make_transform: Callable[..., DiffusionTransform], controlnets: list[str]
 ) -> None:
-    """With --compile the UNet and the VAE are planned in buckets; a ControlNet and the UNet
-    with its residuals run eager on the real rows: nothing compiles while serving."""
-    rows: list[int] = []
-    forward = ControlNetModel.forward
+    """Under --compile, a ControlNet that loads while serving (no params check before it, as
+    after an idle release) runs eager on the real rows: nothing compiles inside a batch. The
+    next check of params naming it plans it, and it runs padded to the bucket from then on."""
+    from tests.transforms.diffusion.test_compiled_controlnets import planned_call, rows_run
 
-    def counting(self: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        rows.append(sample.shape[0])
-        return forward(self, sample, *args, **kwargs)
-
-    monkeypatch.setattr(ControlNetModel, "forward", counting)
     torch._dynamo.reset()
     try:
         transform = make_transform(compile=True, compile_backend="eager", batch_buckets=[1, 2, 4])
@@ -326,10 +319,16 @@ def test_controlnets_are_neither_padded_nor_compiled_under_compile(
         stream.feed(frames[0])
         ready(transform, controlnets[0])
         graphs = int(counters["stats"]["unique_graphs"])
-        rows.clear()
-        outputs = [stream.feed(frame) for frame in frames[1:]]
+        with controlnet_rows(transform, controlnets[0]) as rows:
+            outputs = [stream.feed(frame) for frame in frames[1:]]
         assert rows == [3, 3, 3]  # 3 steps: not padded to the bucket of 4
         assert int(counters["stats"]["unique_graphs"]) == graphs, "compiled while serving"
         assert all(isinstance(output, torch.Tensor) for output in outputs[1:])
+        transform.validate_params(stream.params)  # the engine's check, between batches
+        graphs = int(counters["stats"]["unique_graphs"])
+        with rows_run(planned_call(transform, controlnets[0])) as padded:
+            stream.feed(frames[0])
+        assert padded == [4]
+        assert int(counters["stats"]["unique_graphs"]) == graphs, "compiled while serving"
     finally:
         torch._dynamo.reset()

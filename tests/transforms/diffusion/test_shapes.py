@@ -68,6 +68,45 @@ def test_padding_never_changes_the_real_rows(make_transform: Callable[..., Any])
     )
 
 
+@pytest.mark.parametrize("static_buffers", [True, False], ids=["static", "passed"])
+def test_a_memory_format_gives_the_forward_one_layout_whatever_the_rows_come_in(
+    static_buffers: bool,
+) -> None:
+    """Rows gathered from a batch keep their source's layout; compiled code guards on strides,
+    so a call with a memory format hands its forward every image input in that one layout
+    (and keeps one static buffer per input and bucket)."""
+    layouts: list[tuple[bool, bool]] = []
+
+    def forward(x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        channels_last = torch.channels_last
+        layouts.append(
+            (
+                x.is_contiguous(memory_format=channels_last),
+                cond.is_contiguous(memory_format=channels_last),
+            )
+        )
+        return x * t.view(-1, 1, 1, 1)
+
+    call = PaddedCall(
+        forward,
+        [2, 4],
+        static_buffers=static_buffers,
+        name="controlnet",
+        memory_format=torch.channels_last,
+    )
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 4, 8, 8, generator=generator)
+    cond = torch.rand(4, 3, 16, 16, generator=generator)
+    t = torch.arange(1.0, 5.0)
+    for rows in (x, x.contiguous(memory_format=torch.channels_last), x[:3]):
+        count = rows.shape[0]
+        got = call(rows, cond[:count], t[:count])
+        torch.testing.assert_close(got, rows * t[:count].view(-1, 1, 1, 1))
+    assert layouts == [(True, True)] * 3
+    if static_buffers:
+        assert len(call._buffers) == 3  # x, cond and t at bucket 4, one layout each
+
+
 @pytest.mark.parametrize("module", ["unet", "vae.encoder", "vae.decoder"])
 def test_no_graph_breaks_in_the_compiled_modules(
     make_transform: Callable[..., DiffusionTransform], module: str

@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
+from livediff.transforms.diffusion import fp8
 from livediff.transforms.diffusion.feature_bank import BankSwitch, install_feature_bank
+from livediff.transforms.diffusion.fp8 import Fp8Report
 from livediff.transforms.diffusion.ip_adapter import IPAdapterSwitch, install_ip_adapter
 from livediff.transforms.diffusion.models import ModelChoice, ModelPaths, UnsupportedModelError
 from livediff.transforms.diffusion.prompts import TextEncoder
@@ -43,6 +45,8 @@ class ModelBundle:
     bank: BankSwitch | None = None
     #: The switch of the IP-Adapter's cross-attention layers (installed before compiling).
     ip_switch: IPAdapterSwitch | None = None
+    #: What ``unet_quantization: fp8`` converted (None: the UNet is as loaded; see fp8.py).
+    fp8: Fp8Report | None = None
 
     @property
     def uncompiled_unet(self) -> Any:
@@ -187,10 +191,12 @@ def prepare(
     compile_options: CompileOptions | None = None,
     vae_dtype: torch.dtype | None = None,
     channels_last: bool = True,
+    unet_quantization: str = "none",
 ) -> ModelBundle:
     """Move to ``device`` for inference: eval, no grads, SDPA attention, channels_last weights
-    (faster convolutions with cuDNN and with oneDNN on the CPU alike),
-    and ``torch.compile`` of the UNet and the VAE halves with ``compile_options``.
+    (faster convolutions with cuDNN and with oneDNN on the CPU alike), FP8 layers in the UNet
+    when ``unet_quantization`` is 'fp8' (:mod:`.fp8`, before compiling, so the compiled plans
+    hold them), and ``torch.compile`` of the UNet and the VAE halves with ``compile_options``.
     The UNet and text encoder take ``dtype``; the VAE takes ``vae_dtype`` (default: see
     :func:`choose_vae_dtype`)."""
     vae_target = vae_dtype or choose_vae_dtype(bundle.vae, dtype, device)
@@ -213,6 +219,9 @@ def prepare(
         # off while serving: each new shape would be timed again (a stall); the planned ones
         # are tuned at load (shapes.cudnn_autotuning) and their choices cached
         torch.backends.cudnn.benchmark = False
+    if unet_quantization == "fp8":
+        fp8.check_available(device)
+        bundle.fp8 = fp8.convert_unet(bundle.unet)
     if compile_options is not None:
         compile_modules(bundle, compile_options)
     return bundle
@@ -253,13 +262,20 @@ def compile_modules(bundle: ModelBundle, options: CompileOptions) -> None:
         options.mode,
         options.backend,
     )
+    bundle.eager_unet = bundle.unet
+    bundle.unet = compiled(bundle.unet, options)
+    bundle.vae.encoder = compiled(bundle.vae.encoder, options)
+    bundle.vae.decoder = compiled(bundle.vae.decoder, options)
+
+
+def compiled(module: torch.nn.Module, options: CompileOptions) -> Any:
+    """``torch.compile(module)`` the way every planned module compiles (the UNet, the VAE
+    halves, a ControlNet): ``options``' backend (and mode, for inductor) and static shapes
+    (``dynamic=False``: every call comes padded to a bucket)."""
     settings: dict[str, Any] = {"dynamic": False, "backend": options.backend}
     if options.backend == "inductor":
         settings["mode"] = options.mode
-    bundle.eager_unet = bundle.unet
-    bundle.unet = torch.compile(bundle.unet, **settings)
-    bundle.vae.encoder = torch.compile(bundle.vae.encoder, **settings)
-    bundle.vae.decoder = torch.compile(bundle.vae.decoder, **settings)
+    return torch.compile(module, **settings)
 
 
 def use_cache_dir(folder: Path | None) -> None:

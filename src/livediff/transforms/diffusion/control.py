@@ -17,8 +17,16 @@ control image (a frame's rows, its guidance rows too, share one), are scaled by 
 diffusers' multi-ControlNet does). The rows' indices and scales are device constants made once
 per value (:func:`livediff.pixels.device.constant`), so a batch never waits for the host.
 
-ControlNets run eager, on the real rows only, under ``--compile`` too: none is compiled, so
-none is padded to the shape buckets or copied into static buffers (see docs/diffusion.md).
+Under ``--compile`` the pool *plans* its ControlNets (a planner the UNet batch hands it at load,
+:meth:`ControlNetPool.plan_with`): each is compiled and run at every shape bucket, twice (the
+compile, the autotuning and the CUDA graph recording happen then), and served as that padded
+call. Planning runs on the worker thread between batches, never inside a served batch: when a
+session's params name a ControlNet (:meth:`ControlNetPool.check`, which then waits for its
+weights and plans it; the session's params apply once it is planned) and when one is added
+(:meth:`ControlNetPool.add`). CUDA graph trees are per thread, so the worker, which replays the
+graphs, records them too. The invariant: a ControlNet served in a batch is either planned, or
+runs eager on its real rows (one that loaded while serving, e.g. again after an idle release,
+until a session's params name it again); a batch never compiles or records.
 """
 
 from __future__ import annotations
@@ -45,6 +53,9 @@ logger = logging.getLogger(__name__)
 Locate = Callable[[str, bool], Path]
 #: A loaded ControlNet: (x_t, timesteps, embeddings, control images) -> (down blocks..., mid).
 ControlNetForward = Callable[..., tuple[torch.Tensor, ...]]
+#: Compiles and plans a ControlNetModel (on the device) taking control images of the given
+#: channels, in the shape buckets; returns its padded call (worker thread).
+Planner = Callable[[Any, int], ControlNetForward]
 #: Channels of the control images each preprocessor makes (diffusers' default is 3).
 PREPROCESSOR_CHANNELS = {"temporal_net_tensorrt": 6}
 DEFAULT_CHANNELS = 3
@@ -70,6 +81,11 @@ class ControlNetPool:
         self._dtype = dtype
         self._locate = locate
         self._ready: dict[str, ControlNetForward] = {}
+        #: The ready ControlNets' models (what a planner compiles).
+        self._models: dict[str, Any] = {}
+        #: The ready ControlNets served as their planned (compiled, padded) call.
+        self._planned: set[str] = set()
+        self._planner: Planner | None = None
         #: ``conditioning_channels`` of the ready ControlNets.
         self._channels: dict[str, int] = {}
         self._last_used: dict[str, float] = {}
@@ -81,7 +97,9 @@ class ControlNetPool:
     # -- params (worker thread) ---------------------------------------------------------------
     def check(self, specs: Sequence[ControlNetSpec]) -> None:
         """Refuse (422 on the entry's model_id) a ControlNet that cannot serve this model, and
-        (422 on its preprocessor) one its preprocessor cannot feed."""
+        (422 on its preprocessor) one its preprocessor cannot feed. A planning pool then loads
+        (waiting for the weights) and plans each accepted one not planned yet: a load that
+        fails is a 422 on its model_id."""
         for index, spec in enumerate(specs):
             reason = self._refusal(spec.model_id)
             if reason is not None:
@@ -89,6 +107,9 @@ class ControlNetPool:
             reason = self._channel_misfit(spec)
             if reason is not None:
                 raise _field_error(index, "preprocessor", spec.preprocessor, reason)
+        if self._planner is not None:
+            for index, spec in enumerate(specs):
+                self._prepare(index, spec.model_id)
 
     def channels(self, model_id: str) -> int | None:
         """``conditioning_channels`` of the ControlNet, if it is loaded or on disk."""
@@ -175,19 +196,71 @@ class ControlNetPool:
             self._failed[model_id] = f"could not load it: {exc}"
             logger.error("ControlNet %s could not be loaded: %s", model_id, exc)
             return None
-        self.add(model_id, model)
-        logger.info("ControlNet %s joined", model_id)
+        self._keep(model_id, model)  # inside a served batch: eager, planned when named again
+        if self._planner is None:
+            logger.info("ControlNet %s joined", model_id)
+        else:
+            logger.warning(
+                "ControlNet %s joined eager: planned when params name it again", model_id
+            )
         return self._ready[model_id]
 
     def add(self, model_id: str, model: Any) -> None:
         """Serve ``model`` (a ControlNetModel already on the device) as ``model_id`` (worker
-        thread): a ControlNet built or loaded elsewhere, as the benchmarks do."""
+        thread, between batches): a ControlNet built or loaded elsewhere, as the benchmarks do;
+        a planning pool plans it now."""
         if misfit := self._misfit_config(model.config):
             raise ValueError(misfit)
-        self._ready[model_id] = _controlnet_forward(model)
+        self._keep(model_id, model)
+        if self._planner is not None:
+            self._plan(model_id)
+
+    def plan_with(self, planner: Planner) -> None:
+        """Plan every ControlNet from now on with ``planner`` (worker thread, at load), and
+        the ready ones now."""
+        self._planner = planner
+        for model_id in list(self._ready):
+            self._plan(model_id)
+
+    def _keep(self, model_id: str, model: Any) -> None:
+        """Serve ``model`` eager, on the real rows, until it is planned."""
+        self._models[model_id] = model
+        self._ready[model_id] = controlnet_forward(model)
+        self._planned.discard(model_id)
         channels = getattr(model.config, "conditioning_channels", None)
         self._channels[model_id] = int(channels or DEFAULT_CHANNELS)
         self._last_used[model_id] = time.monotonic()
+
+    def _plan(self, model_id: str) -> None:
+        """Serve the ready ControlNet as its planned call (compiled, padded to the buckets)."""
+        assert self._planner is not None
+        planned = self._planner(self._models[model_id], self._channels[model_id])
+        self._ready[model_id] = planned
+        self._planned.add(model_id)
+        self._last_used[model_id] = time.monotonic()
+        logger.info("ControlNet %s planned in the shape buckets", model_id)
+
+    def _prepare(self, index: int, model_id: str) -> None:
+        """Load (waiting for the loader thread) and plan ``model_id`` unless it is planned."""
+        if model_id in self._planned:
+            self._last_used[model_id] = time.monotonic()
+            return
+        if model_id not in self._models:
+            self._keep(model_id, self._load_now(index, model_id))
+        self._plan(model_id)
+
+    def _load_now(self, index: int, model_id: str) -> Any:
+        """The ControlNet's model, loaded on the loader thread (this thread waits); a failed
+        load is a 422 on entry ``index``'s model_id (and remembered, as in :meth:`get`)."""
+        with self._lock:
+            future = self._loading.pop(model_id, None)
+            if future is None:
+                future = self._loader.submit(self._load, model_id)
+        try:
+            return future.result()
+        except Exception as exc:
+            reason = self._failed[model_id] = f"could not load it: {exc}"
+            raise _model_id_error(index, model_id, reason) from exc
 
     def _load(self, model_id: str) -> Any:
         """Loader thread: read, check, move to the device, and wait for the copies there."""
@@ -208,6 +281,8 @@ class ControlNetPool:
         cutoff = time.monotonic() - idle_s
         for model_id in [known for known in self._ready if self._last_used[known] < cutoff]:
             del self._ready[model_id]
+            del self._models[model_id]
+            self._planned.discard(model_id)
             self._channels.pop(model_id, None)
             self._failed.pop(model_id, None)
             logger.info("ControlNet %s freed (unused for %g s)", model_id, idle_s)
@@ -215,9 +290,14 @@ class ControlNetPool:
     def close(self) -> None:
         self._loader.shutdown(wait=True, cancel_futures=True)
         self._ready.clear()
+        self._models.clear()
+        self._planned.clear()
 
 
-def _controlnet_forward(model: Any) -> ControlNetForward:
+def controlnet_forward(model: Any) -> ControlNetForward:
+    """``model``'s call on a batch's rows: (x_t, timesteps, embeddings, control images, SDXL's
+    pooled text embeddings and time ids if any) -> (down blocks..., mid)."""
+
     def forward(
         x_t: torch.Tensor,
         timesteps: torch.Tensor,

@@ -22,7 +22,11 @@ The padded inputs are kept in static buffers, one per bucket and input: CUDA gra
 fixed addresses, so the rows are copied into the same tensors call after call (and marked as
 static addresses for the graph), instead of fresh tensors that the graph would copy again.
 Padding rows are independent samples (no op mixes rows: group norm and attention work per
-sample), so they never change the real rows; their results are dropped.
+sample), so they never change the real rows; their results are dropped. Padding rows hold zeros
+(a new buffer) or the rows of an earlier call, never read back.
+
+A module planned after load (a ControlNet a session adds) is compiled as the UNet was
+(:func:`compiled`: the same backend and mode, static shapes) and planned in the same buckets.
 """
 
 from __future__ import annotations
@@ -55,14 +59,22 @@ class PaddedCall:
     """``forward(*inputs)`` on inputs whose first dimension is padded to a planned bucket."""
 
     def __init__(
-        self, forward: Forward, buckets: Sequence[int] | None, *, static_buffers: bool, name: str
+        self,
+        forward: Forward,
+        buckets: Sequence[int] | None,
+        *,
+        static_buffers: bool,
+        name: str,
+        memory_format: torch.memory_format | None = None,
     ) -> None:
         """``buckets`` None: no plan (eager code runs any shape as well as another), calls
-        pass straight through."""
+        pass straight through. ``memory_format``: the 4-D inputs are put in it first (compiled
+        code guards on strides, and rows gathered from a batch keep their source's layout)."""
         self.forward = forward
         self.buckets = sorted(set(buckets or ()))
         self.static_buffers = static_buffers
         self.name = name
+        self.memory_format = memory_format
         self._buffers: dict[tuple[object, ...], torch.Tensor] = {}
 
     def bucket(self, rows: int) -> int:
@@ -77,6 +89,8 @@ class PaddedCall:
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
         """The forward's output (a tensor, or a tuple of tensors) for the real rows only."""
+        if self.memory_format is not None:
+            inputs = tuple(self._in_format(tensor) for tensor in inputs)
         if not self.buckets:
             return self.forward(*inputs)
         rows = inputs[0].shape[0]
@@ -90,6 +104,11 @@ class PaddedCall:
         if isinstance(pieces[0], tuple):
             return tuple(torch.cat(parts) for parts in zip(*pieces, strict=True))
         return torch.cat(pieces)
+
+    def _in_format(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() != 4 or self.memory_format is None:
+            return tensor
+        return tensor.contiguous(memory_format=self.memory_format)
 
     def _ours(self, result: Any, count: int) -> Any:
         """The first ``count`` rows of ``result``; copied when a graph's outputs are reused

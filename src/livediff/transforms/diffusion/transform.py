@@ -23,6 +23,7 @@ from livediff.config import Settings
 from livediff.frames import Image
 from livediff.pixels.device import StagedUpload
 from livediff.transforms.base import Transform
+from livediff.transforms.diffusion import fp8
 from livediff.transforms.diffusion.bundle import (
     CompileOptions,
     ModelBundle,
@@ -121,7 +122,10 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
 
     @classmethod
     def check_available(cls, settings: Settings) -> None:
-        """Fail now (at start, with the fetch command) when the model cannot be had later."""
+        """Fail now (at start, with the fetch command) when the model cannot be had later, or
+        FP8 (``unet_quantization``) cannot run on the device."""
+        if settings.unet_quantization == "fp8":
+            fp8.check_available(resolve_device(settings.device))
         choice = ModelChoice(settings.model, settings.vae, settings.model_dir)
         try:
             locate(choice)
@@ -196,6 +200,7 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
             self._dtype,
             compile_options=self._compile,
             vae_dtype=self._vae_dtype,
+            unet_quantization=self.settings.unet_quantization,
         )
         compile_mode = (
             self._compile.mode if self._compile and self._compile.backend == "inductor" else None
@@ -211,6 +216,7 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
             max_skip=self.settings.similarity_max_skip,
             cuda_graphs=cuda_graphs,
             buckets=buckets,
+            compile_options=self._compile,
             controlnets=ControlNetPool(
                 bundle.unet.config, self._device, self._dtype, self._locate_controlnet
             ),
@@ -278,6 +284,8 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
             pool = self._unet_batch().controlnets
             if pool is not None:
                 pool.check(params.controlnets)
+        if self.settings.unet_quantization == "fp8" and params.loras():
+            raise _fp8_lora_error(params)
         self.lora_pool().check(params)
         if params.use_safety_checker:
             self._check_safety_model()
@@ -389,6 +397,18 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
 def _wanted(params: DiffusionParams) -> tuple[str, str]:
     """The (model, vae) ``params`` ask for."""
     return params.model, params.vae
+
+
+def _fp8_lora_error(params: DiffusionParams) -> ValidationError:
+    """The 422 for a LoRA asked of an FP8 UNet (its weights are FP8 values: nothing fuses)."""
+    lora_id = params.loras()[0][0]
+    named = lora_id in (params.lora_dict or {})
+    loc = ("lora_dict", lora_id) if named else ("use_lcm_lora",)
+    message = (
+        "LoRAs do not apply to an FP8 UNet (unet_quantization 'fp8': its weights are FP8"
+        " values); serve with unet_quantization 'none' to use them"
+    )
+    return _field_error(loc, lora_id if named else True, message)
 
 
 def _names_a_folder(choice: ModelChoice) -> bool:

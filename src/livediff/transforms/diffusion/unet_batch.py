@@ -23,6 +23,11 @@ technique. One call of :meth:`UNetBatch.process` takes the newest frame of sever
 
 A session with N steps shows frame k when frame k + N - 1 arrives; until its stream batch has
 filled, it has no output (None).
+
+Under ``--compile`` the UNet runs in the shape buckets (:mod:`.shapes`) in two planned variants:
+its plain call, planned at load, and its call with ControlNet residuals, planned with the first
+ControlNet a session names (:meth:`UNetBatch._plan_controlnet`, which plans that ControlNet in
+the same buckets). Batches with a feature bank or an IP-Adapter run the UNet eager, unpadded.
 """
 
 from __future__ import annotations
@@ -39,9 +44,15 @@ import torch
 from livediff.frames import Image
 from livediff.pixels.device import FrameUploader, StagedUpload, constant, to_output_images
 from livediff.transforms.base import Job
-from livediff.transforms.diffusion.bundle import TIME_IDS, ModelBundle
+from livediff.transforms.diffusion.bundle import TIME_IDS, CompileOptions, ModelBundle, compiled
 from livediff.transforms.diffusion.clock import StageClock
-from livediff.transforms.diffusion.control import ControlNetPool, RowControl, residuals
+from livediff.transforms.diffusion.control import (
+    ControlNetForward,
+    ControlNetPool,
+    RowControl,
+    controlnet_forward,
+    residuals,
+)
 from livediff.transforms.diffusion.control_params import ControlNetSpec
 from livediff.transforms.diffusion.feature_bank import (
     BankCall,
@@ -76,6 +87,21 @@ DiffusionJob = Job[DiffusionParams, SessionCache, StagedUpload]
 def control_key(spec: ControlNetSpec) -> tuple[Any, ...]:
     """What a control image depends on: the preprocessor and its params (not the model)."""
     return (spec.preprocessor, tuple(sorted(spec.preprocessor_params.items())))
+
+
+@dataclass(frozen=True)
+class _PlanningInputs:
+    """One row of each input the planned calls take, for one frame size (inference tensors,
+    like the ones served: dynamo guards on the difference)."""
+
+    #: (1, C, h, w) in the model's dtype, in the UNet's memory format.
+    latent: torch.Tensor
+    #: (1, 3, H, W) in the VAE's dtype, in its memory format.
+    pixels: torch.Tensor
+    timestep: torch.Tensor
+    hidden: torch.Tensor
+    #: SDXL's pooled text embeddings and time ids; empty for the SD family.
+    added: tuple[torch.Tensor, ...]
 
 
 @dataclass
@@ -117,10 +143,12 @@ class UNetBatch:
         preprocess: Preprocess | None = None,
         safety: SafetyFilter | None = None,
         ip_adapters: IPAdapterPool | None = None,
+        compile_options: CompileOptions | None = None,
     ) -> None:
         """``controlnets`` and ``preprocess`` (frames -> control images) serve sessions whose
         params name ControlNets, ``ip_adapters`` those with an IP-Adapter; without them such
-        entries are ignored."""
+        entries are ignored. ``compile_options``: how the UNet was compiled (None: it was not),
+        how :meth:`precompile` has the ControlNets compiled too."""
         self.bundle = bundle
         self.device = device
         self.dtype = dtype
@@ -162,6 +190,16 @@ class UNetBatch:
         self._decode_call = PaddedCall(
             self._decode_forward, buckets, static_buffers=cuda_graphs, name="vae-decode"
         )
+        self.compile_options = compile_options
+        #: The UNet with ControlNet residuals as extra inputs (after SDXL's added ones).
+        self._control_unet_call = PaddedCall(
+            self._control_unet_forward, buckets, static_buffers=cuda_graphs, name="unet+controlnet"
+        )
+        self._added_inputs = 2 if bundle.sdxl else 0
+        #: Whether ``_control_unet_call`` is planned (with the first planned ControlNet).
+        self._residuals_planned = False
+        #: The frame size (width, height) :meth:`precompile` planned for.
+        self._planned_size: tuple[int, int] | None = None
 
     # -- sessions ---------------------------------------------------------------------------------
     def open_session(self) -> SessionCache:
@@ -493,13 +531,18 @@ class UNetBatch:
     ) -> torch.Tensor:
         """The UNet's noise estimate (in the model's dtype; ``x_t`` is cast to it).
 
-        With ``residuals`` (ControlNets' down blocks..., mid), a feature ``bank`` or an
-        IP-Adapter call (``ip``) the UNet runs uncompiled and unpadded: the compiled one is
-        planned for its plain call only, and a variant would compile (and record graphs) while
+        With ``residuals`` (ControlNets' down blocks..., mid) alone, it runs its variant with
+        residuals: padded and compiled once planned (:meth:`_plan_controlnet`), eager before.
+        With a feature ``bank`` or an IP-Adapter call (``ip``) it runs uncompiled and unpadded:
+        no variant of those is planned, and one would compile (and record graphs) while
         serving. ``added``: SDXL's pooled text embeddings and time ids, row by row."""
         x_t = x_t.to(self.dtype).contiguous(memory_format=self.memory_format)
-        if residuals is None and bank is None and ip is None:
-            return cast(torch.Tensor, self._unet_call(x_t, timesteps, embeddings, *(added or ())))
+        inputs = (x_t, timesteps, embeddings, *(added or ()))
+        if bank is None and ip is None:
+            if residuals is None:
+                return cast(torch.Tensor, self._unet_call(*inputs))
+            if self._residuals_planned or not self._control_unet_call.buckets:
+                return cast(torch.Tensor, self._control_unet_call(*inputs, *residuals))
         unet = self.bundle.uncompiled_unet
         with ExitStack() as switches:
             if bank is not None:
@@ -513,7 +556,19 @@ class UNetBatch:
     def precompile(self, width: int, height: int) -> None:
         """Run the UNet and both VAE halves at every bucket for ``width`` x ``height`` frames,
         each twice (see :meth:`PaddedCall.precompile`), with cuDNN's autotuner on only here:
-        compiling, autotuning and CUDA graph recording happen at load, never while serving."""
+        compiling, autotuning and CUDA graph recording happen at load, never while serving.
+        From then on the ControlNet pool plans its ControlNets for this size too (see
+        :meth:`_plan_controlnet`)."""
+        inputs = self._planning_inputs(width, height)
+        with cudnn_autotuning():
+            self._unet_call.precompile(inputs.latent, inputs.timestep, inputs.hidden, *inputs.added)
+            self._encode_call.precompile(inputs.pixels)
+            self._decode_call.precompile(inputs.latent.to(self.bundle.vae_dtype))
+        self._planned_size = (width, height)
+        if self.controlnets is not None and self.compile_options is not None:
+            self.controlnets.plan_with(self._plan_controlnet)
+
+    def _planning_inputs(self, width: int, height: int) -> _PlanningInputs:
         factor = self.bundle.vae_scale_factor
         latent = torch.zeros(
             (1, self.bundle.latent_channels, height // factor, width // factor),
@@ -526,11 +581,43 @@ class UNetBatch:
         added: tuple[torch.Tensor, ...] = ()
         if prompt.pooled is not None:
             added = (prompt.pooled, self._time_ids(DiffusionParams(width=width, height=height)))
-        # inference tensors, like the ones served (dynamo guards on the difference)
+        pixels = pixels.contiguous(memory_format=self.memory_format)
+        return _PlanningInputs(latent, pixels, timestep, prompt.hidden, added)
+
+    @torch.inference_mode()
+    def _plan_controlnet(self, model: Any, channels: int) -> ControlNetForward:
+        """``model`` (a ControlNetModel on the device, taking ``channels``-channel control
+        images) compiled as the UNet is and run at every bucket twice for the planned frame
+        size, as :meth:`precompile` does; the first one also plans the UNet's variant with
+        residuals. The pool's planner: worker thread, between batches, so that a served batch
+        only replays what was compiled and recorded here."""
+        assert self.compile_options is not None and self._planned_size is not None
+        width, height = self._planned_size
+        model.to(memory_format=self.memory_format)  # as the UNet's weights
+        call = PaddedCall(
+            controlnet_forward(compiled(model, self.compile_options)),
+            self._unet_call.buckets,
+            static_buffers=self.cuda_graphs,
+            name="controlnet",
+            memory_format=self.memory_format,
+        )
+        inputs = self._planning_inputs(width, height)
+        rows = (inputs.latent, inputs.timestep, inputs.hidden)
+        cond = torch.zeros((1, channels, height, width), device=self.device, dtype=self.dtype)
         with cudnn_autotuning():
-            self._unet_call.precompile(latent, timestep, prompt.hidden, *added)
-            self._encode_call.precompile(pixels.contiguous(memory_format=self.memory_format))
-            self._decode_call.precompile(latent.to(self.bundle.vae_dtype))
+            call.precompile(*rows, cond, *inputs.added)
+            if not self._residuals_planned:
+                self._plan_residuals(controlnet_forward(model)(*rows, cond, *inputs.added), inputs)
+        return call
+
+    def _plan_residuals(self, example: tuple[torch.Tensor, ...], inputs: _PlanningInputs) -> None:
+        """Plan the UNet's variant with residuals shaped like ``example`` (one row of a
+        ControlNet's down blocks..., mid): zeros, contiguous, as :func:`residuals` makes them."""
+        zeros = [torch.zeros(part.shape, dtype=part.dtype, device=part.device) for part in example]
+        self._control_unet_call.precompile(
+            inputs.latent, inputs.timestep, inputs.hidden, *inputs.added, *zeros
+        )
+        self._residuals_planned = True
 
     def _encode_forward(self, pixels: torch.Tensor) -> torch.Tensor:
         encoded = self.bundle.vae.encode(pixels)
@@ -551,6 +638,19 @@ class UNetBatch:
     ) -> torch.Tensor:
         pair = (added[0], added[1]) if added else None
         return _run_unet(self.bundle.unet, x_t, timesteps, embeddings, added=pair)
+
+    def _control_unet_forward(
+        self,
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeddings: torch.Tensor,
+        *extra: torch.Tensor,
+    ) -> torch.Tensor:
+        """The UNet with SDXL's added conditioning (if any) and ControlNet residuals, in that
+        order, in ``extra``."""
+        added, residual_parts = extra[: self._added_inputs], extra[self._added_inputs :]
+        pair = (added[0], added[1]) if added else None
+        return _run_unet(self.bundle.unet, x_t, timesteps, embeddings, *residual_parts, added=pair)
 
     # -- ControlNets ------------------------------------------------------------------------------
     def _control_residuals(
