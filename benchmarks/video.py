@@ -66,7 +66,6 @@ from livediff.engine.slot import SlotClosedError
 from livediff.frames import Frame
 from livediff.testing import video_models as configs
 from livediff.transforms.video.models import VideoModel
-from livediff.transforms.video.text import WAN_TEXT_TOKENS, PromptEncoder
 from livediff.transforms.video.transform import VideoTransform, _Chunk
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -140,16 +139,8 @@ class RandomWeightsVideoTransform(VideoTransform):
 
     def _load(self, name: str) -> None:
         self.close()
-        self.model = build_video_model(self.preset, self._device, self._dtype, self._text_device)
-        tokens = min(int(self.model.tokenizer.model_max_length), WAN_TEXT_TOKENS)
-        self.prompts = PromptEncoder(
-            self.model.text_encoder,
-            self.model.tokenizer,
-            tokens,
-            device=self._device,
-            dtype=self._dtype,
-        )
-        self.model_name = name
+        built = build_video_model(self.preset, self._device, self._dtype, self._text_device)
+        self._serve_model(built, name)
 
     def _run(self, group: list[_Chunk]) -> None:
         first = group[0].state.vae.frames_encoded == 0

@@ -200,14 +200,22 @@ class Recorder:
         return image
 
 
-def attach(worker: Worker, tag: int, width: int = SIZE, height: int = SIZE) -> Session:
+def attach(
+    worker: Worker,
+    tag: int,
+    width: int = SIZE,
+    height: int = SIZE,
+    adapt_output: Callable[[Image], Image] | None = None,
+) -> Session:
+    """A session of ``width`` x ``height`` frames attached to ``worker``; its outputs go to
+    ``adapt_output`` (default: a new :class:`Recorder`)."""
     session = Session(
         f"s{tag}",
         FlightParams(width=width, height=height),
         SessionStats(Metrics(), 5.0),
         error_limit=5,
         on_input=worker.notify,
-        adapt_output=Recorder(),
+        adapt_output=adapt_output or Recorder(),
     )
     worker.attach(session).result(10)
     return session
@@ -312,15 +320,7 @@ def test_an_output_handed_on_as_a_tensor_is_adapted_before_the_next_batch_launch
         landings.append(("adapt", [decoded(image)[:2]]))
         return image
 
-    session = Session(
-        "s1",
-        FlightParams(width=SIZE, height=SIZE),
-        SessionStats(Metrics(), 5.0),
-        error_limit=5,
-        on_input=worker.notify,
-        adapt_output=adapt,
-    )
-    worker.attach(session).result(10)
+    session = attach(worker, 1, adapt_output=adapt)
     feeder.add(session, 1)
     feeder.start()
     wait_for(lambda: session.stats.frames_processed == 3)
@@ -548,15 +548,7 @@ def test_download_buffers_of_a_batch_in_flight_are_never_lent_to_the_next(
     monkeypatch.setattr(worker_module, "finish_downloads", finish)
     feeder = Feeder(6)
     worker = running(CountingTransform(feeder=feeder), 2)
-    session = Session(
-        "s1",
-        FlightParams(width=SIZE, height=SIZE),
-        SessionStats(Metrics(), 5.0),
-        error_limit=5,
-        on_input=worker.notify,
-        adapt_output=VideoRecorder(),
-    )
-    worker.attach(session).result(10)
+    session = attach(worker, 1, adapt_output=VideoRecorder())
     feeder.add(session, 1)
     feeder.start()
     recorder = session.adapt_output

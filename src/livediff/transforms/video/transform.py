@@ -185,18 +185,10 @@ class VideoTransform(Transform[VideoParams, VideoSession, None]):
         )
         models.check_memory(estimate, self.settings.max_sessions, self._device)
         self.close()
-        self.model = models.load(
+        loaded = models.load(
             folder, self._device, self._dtype, checkpoint=checkpoint, text_device=self._text_device
         )
-        tokens = min(int(self.model.tokenizer.model_max_length), WAN_TEXT_TOKENS)
-        self.prompts = PromptEncoder(
-            self.model.text_encoder,
-            self.model.tokenizer,
-            tokens,
-            device=self._device,
-            dtype=self._dtype,
-        )
-        self.model_name = name
+        self._serve_model(loaded, name)
         logger.info(
             "video model %s%s loaded on %s (%s; UMT5 on %s)",
             name,
@@ -205,6 +197,16 @@ class VideoTransform(Transform[VideoParams, VideoSession, None]):
             self._dtype,
             self._text_device,
         )
+
+    def _serve_model(self, model: VideoModel, name: str) -> None:
+        """Serve ``model`` (loaded on this transform's device) under ``name``, with a prompt
+        encoder over its UMT5 and tokenizer."""
+        tokens = min(int(model.tokenizer.model_max_length), WAN_TEXT_TOKENS)
+        self.prompts = PromptEncoder(
+            model.text_encoder, model.tokenizer, tokens, device=self._device, dtype=self._dtype
+        )
+        self.model = model
+        self.model_name = name
 
     def _checkpoint_for(self, name: str) -> Path | None:
         """The configured causal checkpoint (fetched if needed) when ``name`` is the configured
