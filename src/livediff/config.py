@@ -33,6 +33,8 @@ VideoTextDevice = Literal["auto", "cpu"]
 #: The diffusion model and VAE a fresh install serves (the one place these names are written).
 DEFAULT_MODEL = "stabilityai/sd-turbo"
 DEFAULT_VAE = "madebyollin/taesd"
+#: Most denoising steps one frame may take (each one is a row of the UNet batch).
+MAX_STEPS = 4
 #: The safety filter's NSFW classifier: Livepeer's StreamDiffusion default (an EVA-02 at 448 px
 #: with the levels neutral, low, medium, high; transformers loads it through timm).
 DEFAULT_SAFETY_MODEL = "Freepik/nsfw_image_detector"
@@ -313,6 +315,18 @@ class Settings(BaseSettings):
         description="Batch sizes (UNet rows, VAE frames) every call is padded to: each compiles"
         " once at load, and sessions joining or leaving pick one instead of recompiling.",
     )
+    frame_graph: bool = Field(
+        True,
+        description="Run a batch that needs no ControlNet, feature bank or IP-Adapter as one"
+        " function (encode, stream-batch steps, UNet, decode): under --compile, one compiled"
+        " graph (one CUDA graph) per bucket of frames. Off: every batch runs in stages.",
+    )
+    frame_graph_steps: list[int] = Field(
+        default_factory=lambda: [1],
+        description="Under --compile, the step counts (len(t_index_list)) whose frame graphs are"
+        " planned at load, at every bucket (with self guidance or none; initialize and full"
+        " guidance, and other step counts, run in stages, compiled too).",
+    )
     vae_dtype: DiffusionDtype = Field(
         "auto",
         description="VAE dtype; auto = the model dtype, but bfloat16 (or float32 where the device"
@@ -324,6 +338,13 @@ class Settings(BaseSettings):
     similarity_max_skip: int = Field(
         10, ge=1, description="Most frames in a row the similarity filter may skip."
     )
+
+    @field_validator("frame_graph_steps")
+    @classmethod
+    def _check_frame_graph_steps(cls, steps: list[int]) -> list[int]:
+        if any(count < 1 or count > MAX_STEPS for count in steps):
+            raise ValueError(f"frame_graph_steps must be 1 to {MAX_STEPS} steps each")
+        return sorted(set(steps))
 
     @field_validator("batch_buckets")
     @classmethod

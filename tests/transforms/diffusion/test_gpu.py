@@ -97,8 +97,9 @@ def cuda_graph_work() -> Iterator[dict[str, int]]:
     """Count the CUDA graph trees' recordings and warm-up (eager) runs inside the block."""
     from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
 
-    seen = {"recorded": 0, "warm-up": 0}
+    seen = {"recorded": 0, "warm-up": 0, "replayed": 0}
     record, warm_up = CUDAGraphTreeManager.record_function, CUDAGraphTreeManager.run_eager
+    replay = CUDAGraphTreeManager.execute_node
 
     def recording(self: Any, *args: Any) -> Any:
         seen["recorded"] += 1
@@ -108,9 +109,14 @@ def cuda_graph_work() -> Iterator[dict[str, int]]:
         seen["warm-up"] += 1
         return warm_up(self, *args)
 
+    def replaying(self: Any, *args: Any) -> Any:
+        seen["replayed"] += 1
+        return replay(self, *args)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(CUDAGraphTreeManager, "record_function", recording)
         patch.setattr(CUDAGraphTreeManager, "run_eager", warming_up)
+        patch.setattr(CUDAGraphTreeManager, "execute_node", replaying)
         yield seen
 
 
@@ -139,5 +145,38 @@ def test_cuda_graphs_are_recorded_at_load_never_while_serving(
             for frame in frames:
                 transform.process([s.job(frame) for s in streams])
     assert int(counters["stats"]["unique_graphs"]) == graphs
-    assert seen == {"recorded": 0, "warm-up": 0}
+    assert seen["recorded"] == 0 and seen["warm-up"] == 0
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_a_frame_graph_batch_replays_one_cuda_graph(
+    make_transform: Callable[..., DiffusionTransform],
+) -> None:
+    """1 to 4 one-step sessions (buckets 1, 2, 4), with temporal tools and guidance on and
+    off: each batch is ONE graph replay (encode, steps, UNet and decode inside), nothing is
+    compiled, warmed up or recorded while serving."""
+    torch._dynamo.reset()
+    transform = make_transform(
+        device="cuda", compile=True, compile_mode="reduce-overhead", batch_buckets=[1, 2, 4]
+    )
+    graphs = int(counters["stats"]["unique_graphs"])
+    frames = [yuv(frame) for frame in camera_frames(3)]
+    looks: list[dict[str, Any]] = [
+        {},
+        {"guidance_scale": 1.5, "do_add_noise": False},
+        {"motion_noise": {"enabled": True}},
+        {"seed": 5, "prompt": "ink"},
+    ]
+    streams: list[Stream] = []
+    batches = 0
+    with cuda_graph_work() as seen:
+        for look in looks:
+            streams.append(Stream(transform, t_index_list=[30], **look))
+            for frame in frames:
+                transform.process([s.job(frame) for s in streams])
+                batches += 1
+    assert int(counters["stats"]["unique_graphs"]) == graphs
+    assert seen == {"recorded": 0, "warm-up": 0, "replayed": batches}
+    assert transform._unet_batch().paths == {"frame": batches}
     torch._dynamo.reset()

@@ -1,6 +1,8 @@
 """Temporal tools on the tiny model: feedback processors (image and latent, pre and post),
 ``do_add_noise`` and the motion-aware noise controller; each equals its formula, each session
-keeps its own history, and with every tool off the output is today's."""
+keeps its own history, and with every tool off the output is today's. The formulas are checked
+on the staged path (``frame_graph`` off: its stages can be recorded); test_frame_graph proves
+the frame graph equal to it."""
 
 from __future__ import annotations
 
@@ -97,7 +99,7 @@ def test_every_tool_off_is_todays_output_exactly(
 def test_image_feedback_pre_and_post_equal_their_formulas(
     make_transform: Callable[..., DiffusionTransform],
 ) -> None:
-    transform = make_transform()
+    transform = make_transform(frame_graph=False)
     unet_batch = transform._unet_batch()
     frames = camera_frames(4)
     plain = Stream(transform, seed=3)
@@ -130,7 +132,7 @@ def test_image_feedback_pre_and_post_equal_their_formulas(
 def test_latent_feedback_pre_and_post_equal_their_formulas(
     make_transform: Callable[..., DiffusionTransform],
 ) -> None:
-    transform = make_transform()
+    transform = make_transform(frame_graph=False)
     unet_batch = transform._unet_batch()
     frames = camera_frames(4)
     plain = Stream(transform, seed=3)
@@ -169,7 +171,7 @@ def test_do_add_noise_off_carries_alpha_x0_alone_to_the_next_step(
 ) -> None:
     """StreamDiffusion's rule: the newest frame is always noised; between steps, a frame goes
     on as ``alpha_next x0_hat (+ beta_next noise_next only with do_add_noise)``."""
-    transform = make_transform()
+    transform = make_transform(frame_graph=False)
     unet_batch = transform._unet_batch()
     stream = Stream(transform, seed=3, t_index_list=[20, 35], do_add_noise=do_add_noise)
     with recorded(unet_batch) as calls:
@@ -209,7 +211,7 @@ def motion_timesteps(
 def test_motion_noise_maps_the_inputs_motion_to_the_first_steps_timestep(
     make_transform: Callable[..., DiffusionTransform],
 ) -> None:
-    transform = make_transform()
+    transform = make_transform(frame_graph=False)
     unet_batch = transform._unet_batch()
     motion = {"enabled": True, "min_strength": 0.2, "max_strength": 0.9, "sensitivity": 4.0}
     motion["smoothing"] = 0.5
@@ -238,7 +240,7 @@ def test_motion_noise_maps_the_inputs_motion_to_the_first_steps_timestep(
 def test_motion_noise_with_several_steps_keeps_the_later_steps_and_the_shapes(
     make_transform: Callable[..., DiffusionTransform],
 ) -> None:
-    transform = make_transform()
+    transform = make_transform(frame_graph=False)
     unet_batch = transform._unet_batch()
     motion = {"enabled": True, "min_strength": 0.1, "max_strength": 0.9}
     stream = Stream(transform, seed=3, t_index_list=[20, 35], motion_noise=motion)

@@ -5,9 +5,9 @@ torch, because the ai-runner loader imports the params class under a time limit.
 itself lives in :mod:`livediff.transforms.diffusion.transform` and is imported when selected.
 """
 
+from livediff.config import MAX_STEPS
 from livediff.transforms.diffusion.params import (
     FULL_VAE,
-    MAX_STEPS,
     TIMESTEP_GRID,
     DiffusionParams,
 )

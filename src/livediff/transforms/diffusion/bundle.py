@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,10 +269,10 @@ def compile_modules(bundle: ModelBundle, options: CompileOptions) -> None:
     bundle.vae.decoder = compiled(bundle.vae.decoder, options)
 
 
-def compiled(module: torch.nn.Module, options: CompileOptions) -> Any:
-    """``torch.compile(module)`` the way every planned module compiles (the UNet, the VAE
-    halves, a ControlNet): ``options``' backend (and mode, for inductor) and static shapes
-    (``dynamic=False``: every call comes padded to a bucket)."""
+def compiled(module: torch.nn.Module | Callable[..., Any], options: CompileOptions) -> Any:
+    """``torch.compile(module)`` the way every planned module or function compiles (the UNet,
+    the VAE halves, a ControlNet, a frame graph): ``options``' backend (and mode, for
+    inductor) and static shapes (``dynamic=False``: every call comes padded to a bucket)."""
     settings: dict[str, Any] = {"dynamic": False, "backend": options.backend}
     if options.backend == "inductor":
         settings["mode"] = options.mode

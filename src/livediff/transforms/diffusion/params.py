@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from livediff.config import DEFAULT_MODEL, DEFAULT_VAE
+from livediff.config import DEFAULT_MODEL, DEFAULT_VAE, MAX_STEPS
 from livediff.transforms.base import TransformParams
 from livediff.transforms.diffusion.control_params import (
     MAX_CONTROLNETS,
@@ -32,8 +32,6 @@ from livediff.transforms.diffusion.temporal_params import (
 #: The timestep grid ``t_index_list`` indexes: this many steps, 'trailing' spacing over the
 #: model's training timesteps (index 0 = the noisiest step, t = 999 for 1000 train steps).
 TIMESTEP_GRID = 50
-#: Most denoising steps one frame may take (each one is a row of the UNet batch).
-MAX_STEPS = 4
 #: Most entries in a weighted prompt or seed list.
 MAX_BLEND = 8
 

@@ -18,6 +18,7 @@ UNet's and the ControlNets' inputs are cast to the model's dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -41,6 +42,13 @@ class StepTable:
     @property
     def steps(self) -> int:
         return int(self.timesteps.shape[0])
+
+    @cached_property
+    def packed(self) -> torch.Tensor:
+        """alpha, beta, c_skip, c_out as one (4, steps) tensor (made once per table): the
+        frame graph's per-frame coefficients."""
+        columns = (self.alpha, self.beta, self.c_skip, self.c_out)
+        return torch.cat([column.view(1, -1) for column in columns])
 
 
 class Schedule:

@@ -217,6 +217,8 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
             cuda_graphs=cuda_graphs,
             buckets=buckets,
             compile_options=self._compile,
+            frame_graph=self.settings.frame_graph,
+            frame_graph_steps=self.settings.frame_graph_steps,
             controlnets=ControlNetPool(
                 bundle.unet.config, self._device, self._dtype, self._locate_controlnet
             ),

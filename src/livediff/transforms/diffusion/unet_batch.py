@@ -60,6 +60,12 @@ from livediff.transforms.diffusion.feature_bank import (
     FeatureBankHistory,
     install_feature_bank,
 )
+from livediff.transforms.diffusion.frame_graph import (
+    FrameForward,
+    FrameGraphs,
+    FrameRow,
+    FrameVariant,
+)
 from livediff.transforms.diffusion.ip_adapter import (
     IPAdapterCall,
     IPAdapterPool,
@@ -144,11 +150,15 @@ class UNetBatch:
         safety: SafetyFilter | None = None,
         ip_adapters: IPAdapterPool | None = None,
         compile_options: CompileOptions | None = None,
+        frame_graph: bool = True,
+        frame_graph_steps: Sequence[int] = (1,),
     ) -> None:
         """``controlnets`` and ``preprocess`` (frames -> control images) serve sessions whose
         params name ControlNets, ``ip_adapters`` those with an IP-Adapter; without them such
         entries are ignored. ``compile_options``: how the UNet was compiled (None: it was not),
-        how :meth:`precompile` has the ControlNets compiled too."""
+        how :meth:`precompile` has the ControlNets and the frame graphs compiled too.
+        ``frame_graph``: plain batches run as one function (:mod:`.frame_graph`); under a plan
+        (``buckets``), the variants of ``frame_graph_steps`` steps are planned at load."""
         self.bundle = bundle
         self.device = device
         self.dtype = dtype
@@ -200,6 +210,15 @@ class UNetBatch:
         self._residuals_planned = False
         #: The frame size (width, height) :meth:`precompile` planned for.
         self._planned_size: tuple[int, int] | None = None
+        #: The whole-frame calls of plain batches, by variant (None: every batch runs staged).
+        self.frames = (
+            FrameGraphs(self._frame_forward, buckets, static_buffers=cuda_graphs, device=device)
+            if frame_graph
+            else None
+        )
+        self.frame_graph_steps = sorted(set(frame_graph_steps))
+        #: Same-size groups run so far, by path ("frame", "staged"): what took the frame graph.
+        self.paths: dict[str, int] = defaultdict(int)
 
     # -- sessions ---------------------------------------------------------------------------------
     def open_session(self) -> SessionCache:
@@ -280,7 +299,17 @@ class UNetBatch:
         return _Entry(index, state, params, image)
 
     def _run(self, group: list[_Entry]) -> list[tuple[_Entry, torch.Tensor]]:
-        """Encode, denoise and decode one batch of same-size frames."""
+        """Encode, denoise and decode one batch of same-size frames: as one frame graph when
+        it is plain and its variant has one (:meth:`_frame_variant`), else in stages."""
+        _drop_unused_history(group)
+        variant = self._frame_variant(group)
+        self.paths["staged" if variant is None else "frame"] += 1
+        if variant is not None:
+            return self._run_frames(group, variant)
+        return self._run_staged(group)
+
+    def _run_staged(self, group: list[_Entry]) -> list[tuple[_Entry, torch.Tensor]]:
+        """Encode, denoise and decode in planned calls, each session's step math between."""
         sources = self.encode(torch.cat([_image_feedback(entry) for entry in group]))
         self._mark("encode")
         for entry, source in zip(group, sources.tensor_split(len(group)), strict=True):
@@ -315,6 +344,101 @@ class UNetBatch:
         images = self.safety.apply(finished, images)
         self._mark("decode")
         return list(zip(finished, to_output_images(images), strict=True))
+
+    # -- the frame graph --------------------------------------------------------------------------
+    def _frame_variant(self, group: list[_Entry]) -> FrameVariant | None:
+        """The group's frame-graph variant: None when a session of it needs the staged path (a
+        ControlNet, the feature bank, an IP-Adapter), the sessions' variants differ, or the
+        variant is not planned."""
+        if self.frames is None:
+            return None
+        for entry in group:
+            params = entry.params
+            if params.controlnets or params.cached_attention.enabled:
+                return None
+            if params.ip_adapter_active():
+                return None
+        variants = set()
+        for entry in group:
+            assert entry.state.table is not None
+            variants.add(FrameVariant.of(entry.params, entry.state.table.steps))
+        if len(variants) != 1:
+            return None
+        variant = variants.pop()
+        return variant if self.frames.call(variant) is not None else None
+
+    def _run_frames(
+        self, group: list[_Entry], variant: FrameVariant
+    ) -> list[tuple[_Entry, torch.Tensor]]:
+        """The group through its variant's frame graph; the finished frames' images."""
+        assert self.frames is not None
+        rows = [self._frame_row(entry) for entry in group]
+        results = self.frames.run(variant, rows)
+        finished = [entry for entry, result in zip(group, results, strict=True) if result.finished]
+        done = [result for result in results if result.finished]
+        for entry, result in zip(finished, done, strict=True):
+            entry.state.previous_latent = result.latent
+            entry.state.previous_image = result.image
+        if not finished:
+            self._mark("frame")
+            return []
+        images = self.safety.apply(finished, torch.cat([result.image for result in done]))
+        self._mark("frame")
+        return list(zip(finished, to_output_images(images), strict=True))
+
+    def _frame_row(self, entry: _Entry) -> FrameRow:
+        entry.table = self._frame_table(entry)
+        time_ids = self._time_ids(entry.params) if self.bundle.sdxl else None
+        return FrameRow(entry.state, entry.params, entry.table, entry.image, time_ids)
+
+    def _frame_forward(self, variant: FrameVariant) -> Callable[..., Any]:
+        """``variant``'s frame graph: compiled as the UNet is under ``--compile``."""
+        forward = FrameForward(
+            variant,
+            unet=self._frame_unet,
+            encode=self._frame_encode,
+            decode=self._frame_decode,
+            schedule=self.schedule,
+            dtype=self.dtype,
+            vae_dtype=self.bundle.vae_dtype,
+            sdxl=self.bundle.sdxl,
+        )
+        if self.compile_options is None:
+            return forward
+        return cast(Callable[..., Any], compiled(forward.__call__, self.compile_options))
+
+    def _frame_unet(
+        self,
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeddings: torch.Tensor,
+        added: Added | None,
+    ) -> torch.Tensor:
+        x_t = x_t.contiguous(memory_format=self.memory_format)
+        return _run_unet(self.bundle.uncompiled_unet, x_t, timesteps, embeddings, added=added)
+
+    def _frame_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._encode_forward(pixels.contiguous(memory_format=self.memory_format))
+
+    def _frame_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        scaled = (latents / self.bundle.vae_scaling).to(self.bundle.vae_dtype)
+        return self._decode_forward(scaled.contiguous(memory_format=self.memory_format))
+
+    def _plan_frames(self, width: int, height: int) -> None:
+        """Compile (and record) the frame graph of every planned step count (``self``
+        guidance or none) at every bucket, with inputs made as served ones are."""
+        assert self.frames is not None
+        for steps in self.frame_graph_steps:
+            params = DiffusionParams(
+                width=width, height=height, t_index_list=list(range(20, 20 + steps))
+            )
+            state = self.open_session()
+            self._follow(state, params)
+            image = torch.zeros((1, 3, height, width), device=self.device, dtype=self.dtype)
+            row = self._frame_row(_Entry(0, state, params, image))
+            variant = FrameVariant.of(params, steps)
+            self.frames.plan(variant, self.frames.inputs(variant, [row]))
+            state.release()
 
     def _mark(self, stage: str | None) -> None:
         if self.clock is None:
@@ -365,9 +489,6 @@ class UNetBatch:
     def _bank_call(self, group: list[_Entry]) -> BankCall | None:
         """The group's feature-bank call, None when no session of it uses the bank (a session
         that turned it off drops its bank here)."""
-        for entry in group:
-            if not entry.params.cached_attention.enabled:
-                entry.state.bank = None
         if not any(entry.params.cached_attention.enabled for entry in group):
             return None
         return BankCall([_bank_rows(entry) for entry in group], self.device)
@@ -379,9 +500,6 @@ class UNetBatch:
         session naming another runs without it meanwhile (one per model family in practice)."""
         pool = self.ip_adapters
         active = [entry for entry in group if entry.params.ip_adapter_active()]
-        for entry in group:
-            if not entry.params.ip_adapter_active():
-                entry.state.ip_tokens = entry.state.ip_key = None
         if pool is None or not active:
             return None
         repo = active[0].params.ip_adapter.ipadapter_model_path
@@ -565,6 +683,8 @@ class UNetBatch:
             self._encode_call.precompile(inputs.pixels)
             self._decode_call.precompile(inputs.latent.to(self.bundle.vae_dtype))
         self._planned_size = (width, height)
+        if self.frames is not None and self.compile_options is not None:
+            self._plan_frames(width, height)
         if self.controlnets is not None and self.compile_options is not None:
             self.controlnets.plan_with(self._plan_controlnet)
 
@@ -694,6 +814,16 @@ class UNetBatch:
             for entry, image in zip(entries, images.tensor_split(len(entries)), strict=True):
                 entry.state.push_control(key, image)
         _remember_flow_inputs(group)
+
+
+def _drop_unused_history(group: list[_Entry]) -> None:
+    """A session that turned the feature bank off drops its bank, one without an IP-Adapter
+    its style image's tokens."""
+    for entry in group:
+        if not entry.params.cached_attention.enabled:
+            entry.state.bank = None
+        if not entry.params.ip_adapter_active():
+            entry.state.ip_tokens = entry.state.ip_key = None
 
 
 def _remember_flow_inputs(group: list[_Entry]) -> None:
