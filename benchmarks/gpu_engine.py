@@ -22,6 +22,10 @@ they pick a bucket and never recompile), one row per case:
   step, with random ControlNets of the base UNet's size (``ControlNetModel.from_unet``) and a
   random Depth Anything V2 Small-sized depth model; compiled (``--compiled-controlnets``), each
   ControlNet and the UNet's residual variant are planned in the buckets as they are added;
+- the frame graph (``--frame-graph off on``): each engine without it (every batch in stages:
+  encode, UNet, decode, each session's step math between) and with it (a plain batch as one
+  function; compiled, one CUDA graph per bucket; ``--frame-graph-steps`` are planned), rows
+  marked ``"frame_graph"``, side by side;
 - FP8 against bf16 (``--fp8``): each engine twice, its UNet in bfloat16 and in FP8
   (``unet_quantization fp8``), rows marked ``"unet"``, the layers converted under
   ``"fp8_layers"``, and under ``"fp8"`` the PSNR of the FP8 engine's output frames against the
@@ -64,7 +68,6 @@ from livediff.engine.worker import batches_in_flight_for
 from livediff.frames import Frame
 from livediff.testing.ip_adapter import style_data_url, write_ip_adapter
 from livediff.testing.models import build_components
-from livediff.testing.reference import diffusers_img2img, diffusers_sdxl_img2img
 from livediff.transforms.diffusion.bundle import ModelBundle
 from livediff.transforms.diffusion.clock import StageClock
 from livediff.transforms.diffusion.models import ModelChoice
@@ -172,7 +175,9 @@ ERROR_LIMIT = 3
 COMPARED_FRAMES = 8
 
 
-def engine_settings(args: argparse.Namespace, compiled: bool, unet: str | None = None) -> Settings:
+def engine_settings(
+    args: argparse.Namespace, compiled: bool, unet: str | None = None, frame_graph: bool = True
+) -> Settings:
     """The engine's settings; ``unet`` 'bf16' or 'fp8' under ``--fp8`` (both in bfloat16)."""
     return Settings(
         dtype="bfloat16" if unet else "auto",
@@ -197,6 +202,8 @@ def engine_settings(args: argparse.Namespace, compiled: bool, unet: str | None =
         compile_backend=args.compile_backend,
         compile_cache_dir=args.compile_cache_dir,
         batch_buckets=args.buckets,
+        frame_graph=frame_graph,
+        frame_graph_steps=args.frame_graph_steps,
         warmup_frames=8,
         transform_error_limit=ERROR_LIMIT,
     )
@@ -444,7 +451,8 @@ async def measure_cases(
 ) -> None:
     """Every case in turn; one that fails is reported with its reason and the next one runs."""
     frames = camera(args.size)
-    label = {"unet": unet} if unet else {}
+    label: dict[str, Any] = {"unet": unet} if unet else {}
+    label["frame_graph"] = engine.settings.frame_graph
     for case in cases(args, compiled):
         try:
             row = await asyncio.wait_for(
@@ -460,11 +468,15 @@ async def measure_cases(
 
 
 async def start_engine(
-    args: argparse.Namespace, compiled: bool, report: Report, unet: str | None = None
+    args: argparse.Namespace,
+    compiled: bool,
+    report: Report,
+    unet: str | None = None,
+    frame_graph: bool = True,
 ) -> Engine | None:
     """A loaded (and, when ``compiled``, compiled) engine; None, reported, if it did not load."""
     RandomWeightsTransform.preset = args.preset
-    settings = engine_settings(args, compiled, unet)
+    settings = engine_settings(args, compiled, unet, frame_graph)
     engine = Engine(settings, RandomWeightsTransform(settings))
     loading = time.perf_counter()
     try:
@@ -475,6 +487,7 @@ async def start_engine(
         return None
     load_s = round(time.perf_counter() - loading, 1)
     kind = ("compiled" if compiled else "eager") + (f"-{unet}" if unet else "")
+    kind += "" if frame_graph else "-staged"
     report.data.setdefault("load_s", {})[kind] = load_s
     if unet == "fp8":
         layers = engine.transform.unet_batch.bundle.fp8  # type: ignore[attr-defined]
@@ -484,11 +497,16 @@ async def start_engine(
 
 
 async def engine_runs(
-    args: argparse.Namespace, compiled: bool, report: Report, unet: str | None = None
+    args: argparse.Namespace,
+    compiled: bool,
+    report: Report,
+    unet: str | None = None,
+    frame_graph: bool = True,
 ) -> np.ndarray | None:
-    """One engine's rows (and diffusers' beside the eager one); under ``--fp8``, the output
-    frames :func:`fp8_runs` compares (None without ``--fp8`` or when it failed)."""
-    engine = await start_engine(args, compiled, report, unet)
+    """One engine's rows (and diffusers' beside the eager one with the frame graph); under
+    ``--fp8``, the output frames :func:`fp8_runs` compares (None without ``--fp8`` or when it
+    failed)."""
+    engine = await start_engine(args, compiled, report, unet, frame_graph)
     if engine is None:
         return None
     try:
@@ -497,7 +515,7 @@ async def engine_runs(
         if not compiled and args.ip_adapter:
             await add_random_ip_adapter(engine, args.ip_adapter_folder)
         await measure_cases(engine, args, compiled, report, unet)
-        if not compiled and not args.no_diffusers:
+        if not compiled and frame_graph and not args.no_diffusers:
             await asyncio.to_thread(diffusers_runs, engine, args, report)
         return await compared_outputs(engine, args, compiled, report) if unet else None
     finally:
@@ -548,6 +566,10 @@ async def compared_outputs(
 def diffusers_runs(engine: Engine, args: argparse.Namespace, report: Report) -> None:
     """diffusers' img2img on the eager engine's components (worker idle), batch 1; a failure
     (diffusers' own code) is reported as the row's and ends the comparison."""
+    # imported here: diffusers' pipelines take a second or two to import, which every run
+    # with --no-diffusers would pay for nothing
+    from livediff.testing.reference import diffusers_img2img, diffusers_sdxl_img2img
+
     bundle = engine.transform.unet_batch.bundle  # type: ignore[attr-defined]
     device = torch.device(engine.transform.device)
     try:
@@ -585,7 +607,7 @@ def diffusers_frame(pipe: Any, image: torch.Tensor, steps: int) -> None:
     (out.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
-STAGES = ("upload", "encode", "controlnet", "unet", "decode")
+STAGES = ("upload", "encode", "controlnet", "unet", "decode", "frame")
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -602,6 +624,8 @@ def print_table(report: dict[str, Any]) -> None:
         if "unet" in row:
             kind = f"{kind}/{row['unet']}"
         kind = f"{kind} in{row['in_flight']}"  # batches in flight
+        if not row.get("frame_graph", True):
+            kind = f"{kind} st"  # staged: the frame graph off
         print(
             f"{kind:<15} {row['steps']:>5} {row['sessions']:>8} {row['ms_per_frame']:>9.2f}"
             f" {row['fps_total']:>8.1f} {row['fps_per_session']:>9.1f}  {stages}"
@@ -634,8 +658,9 @@ async def main(args: argparse.Namespace) -> Report:
     for compiled in args.compile:
         if args.fp8:
             await fp8_runs(args, compiled == "on", report)
-        else:
-            await engine_runs(args, compiled == "on", report)
+            continue
+        for frame_graph in args.frame_graph:
+            await engine_runs(args, compiled == "on", report, frame_graph=frame_graph == "on")
     return report
 
 
@@ -662,6 +687,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         choices=[0, 1, 2],
         help="the worker's batches in flight each steps and sessions case is measured at, side"
         " by side (1 2: one row each); 0 = auto (2 on CUDA, 1 on the CPU)",
+    )
+    parser.add_argument(
+        "--frame-graph",
+        nargs="+",
+        default=["on"],
+        choices=["off", "on"],
+        help="engines with the frame graph off (every batch in stages) and/or on, side by side",
+    )
+    parser.add_argument(
+        "--frame-graph-steps",
+        type=int,
+        nargs="+",
+        default=[1],
+        choices=[1, 2, 3, 4],
+        help="step counts whose frame graphs a compiled engine plans at load (others: staged)",
     )
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument(

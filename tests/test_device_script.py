@@ -16,7 +16,8 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -88,7 +89,7 @@ async def test_the_stage_clock_is_swapped_on_the_worker_thread(
     row = await bench.measure(engine, one_step(bench, 2), bench.camera(SIZE), 3)
     assert swapped_on == ["livediff-worker", "livediff-worker"]  # on, then off
     assert unet_batch.clock is None
-    assert {"upload", "encode", "unet", "decode"} <= row["stages_ms"].keys()
+    assert {"upload", "frame"} <= row["stages_ms"].keys()  # two plain sessions: a frame graph
     assert row["sessions"] == 2 and row["failed_frames"] == 0 and row["fps_total"] > 0
 
 
@@ -145,8 +146,12 @@ async def test_a_case_without_a_result_in_time_fails_and_the_next_one_runs(
     assert [row["case"] for row in report.data["livediff"]] == ["sessions=2"]
 
 
-def run_script(out: Path, *options: str, frames: int = 2) -> subprocess.CompletedProcess[str]:
+def run_script(
+    out: Path, *options: str, frames: int = 2, threads: int | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "FRAMES": str(frames)}
+    if threads is not None:  # torch's threads in each step, unless the caller chose
+        env.setdefault("OMP_NUM_THREADS", str(threads))
     return subprocess.run(
         ["bash", str(RUN_SH), *options],
         check=False,
@@ -157,7 +162,7 @@ def run_script(out: Path, *options: str, frames: int = 2) -> subprocess.Complete
     )
 
 
-@pytest.mark.parametrize("suite", ["engine", "next", "models", "video", "compiled"])
+@pytest.mark.parametrize("suite", ["engine", "next", "models", "video", "compiled", "frame"])
 def test_each_suite_fits_the_deadline(suite: str, tmp_path: Path) -> None:
     done = run_script(tmp_path, "--plan", "--suite", suite)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -185,15 +190,104 @@ def check_report(path: Path, compiled: bool) -> dict[str, Any]:
         assert row.keys() >= ROW_KEYS
         assert row["compiled"] is compiled
         assert row["fps_total"] > 0 and row["ms_per_frame"] > 0 and row["failed_frames"] == 0
-        assert {"encode", "unet", "decode"} <= row["stages_ms"].keys()
+        check_stages(row, report["config"]["frame_graph_steps"] if compiled else None)
     return report
 
 
-@pytest.mark.slow
-def test_the_dry_run_writes_every_file_with_well_formed_rows(tmp_path: Path) -> None:
-    done = run_script(tmp_path, "--dry-run")
+def check_stages(row: dict[str, Any], planned_steps: list[int] | None) -> None:
+    """A row's stages are the staged path's (encode, UNet, decode) or a frame graph's: the
+    frame graph's when it is on, the case is plain and its step count has a frame graph
+    (``planned_steps``; None: every one, as eager)."""
+    stages = row["stages_ms"].keys()
+    staged, framed = {"encode", "unet", "decode"} <= stages, "frame" in stages
+    assert staged != framed, f"{row['case']}: stages {sorted(stages)}"
+    plain = row.get("controlnets", "none") == "none" and not row["case"].startswith("ip")
+    planned = planned_steps is None or row["steps"] in planned_steps
+    assert framed == (row["frame_graph"] and plain and planned), row
+
+
+#: The suites whose dry runs the tests below check, in their order (a suite missing here that a
+#: test names runs after these).
+DRY_RUN_ORDER = ("engine", "next", "models", "compiled", "video", "frame")
+#: The longest dry run (the video suite's: a third of the five's time, one after the other):
+#: started first when runs go side by side, so that the others fill the other core meanwhile.
+LONGEST_DRY_RUN = "video"
+
+
+def dry_run_options(suite: str) -> tuple[str, ...]:
+    """The engine suite's dry run as a person runs it (the default suite), the others by name."""
+    return ("--dry-run",) if suite == "engine" else ("--dry-run", "--suite", suite)
+
+
+def checks_dry_run(suite: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Marks a test as one that checks SUITE's dry run (the ``dry_runs`` fixture runs it)."""
+
+    def mark(test: Callable[..., None]) -> Callable[..., None]:
+        test.dry_run_suite = suite  # type: ignore[attr-defined]
+        return test
+
+    return mark
+
+
+class DryRuns:
+    """The dry runs of the suites whose tests were selected, all started at once and run
+    ``workers`` at a time, each in its own folder.
+
+    A dry run keeps about one core busy (python start-up and tiny models: user time is its wall
+    time), so on 2 cores two side by side take about half the time of one after the other, each
+    with one torch thread (not two each: four threads would share the 2 cores)."""
+
+    def __init__(self, suites: list[str], folders: dict[str, Path]) -> None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        self.workers = max(1, min(len(suites), cores))
+        if self.workers > 1:  # the longest first (one at a time: in the tests' order, so that
+            # each test waits for its own run only)
+            suites = sorted(suites, key=lambda suite: suite != LONGEST_DRY_RUN)
+        self.folders = folders
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dry-run")
+        threads = max(1, cores // self.workers)
+        self.runs: dict[str, Future[subprocess.CompletedProcess[str]]] = {
+            suite: self.pool.submit(
+                run_script, folders[suite], *dry_run_options(suite), threads=threads
+            )
+            for suite in suites
+        }
+
+    def result(self, suite: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+        """The finished run of SUITE and its folder: the test's own wait."""
+        return self.runs[suite].result(), self.folders[suite]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="module")
+def dry_runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DryRuns]:
+    """At the first dry-run test: the dry runs of every suite a selected test checks."""
+    wanted = {getattr(item, "function", None) for item in request.session.items}
+    checked = {getattr(test, "dry_run_suite", "") for test in wanted} - {""}
+    suites = [suite for suite in DRY_RUN_ORDER if suite in checked]
+    suites += sorted(checked - set(suites))
+    folders = {suite: tmp_path_factory.mktemp(f"dry-run-{suite}") for suite in suites}
+    runs = DryRuns(suites, folders)
+    yield runs
+    runs.close()
+
+
+def finished(dry_runs: DryRuns, suite: str) -> Path:
+    """The folder of SUITE's dry run, once it ended well."""
+    done, out = dry_runs.result(suite)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert sorted(path.name for path in tmp_path.iterdir()) == [
+    return out
+
+
+@pytest.mark.slow
+@checks_dry_run("engine")
+def test_the_dry_run_writes_every_file_with_well_formed_rows(dry_runs: DryRuns) -> None:
+    out = finished(dry_runs, "engine")
+    assert sorted(path.name for path in out.iterdir()) == [
         "engine-compiled.json",
         "engine-compiled.txt",
         "engine-eager.json",
@@ -201,14 +295,14 @@ def test_the_dry_run_writes_every_file_with_well_formed_rows(tmp_path: Path) -> 
         "run.txt",
         "tests.txt",
     ]
-    steps = (tmp_path / "run.txt").read_text()
+    steps = (out / "run.txt").read_text()
     for name in ("tests", "engine-eager", "engine-compiled"):
         assert any(line.startswith(name) and line.endswith(" ok") for line in steps.splitlines())
-    eager = check_report(tmp_path / "engine-eager.json", compiled=False)
+    eager = check_report(out / "engine-eager.json", compiled=False)
     cases = [row["case"] for row in eager["livediff"]]
     assert "controlnets=canny+depth" in cases and "sessions=8" in cases
     assert [row["steps"] for row in eager["diffusers"]] == [1, 2, 4]
-    compiled = check_report(tmp_path / "engine-compiled.json", compiled=True)
+    compiled = check_report(out / "engine-compiled.json", compiled=True)
     assert [row["case"] for row in compiled["livediff"]] == [
         "steps=1",
         "steps=2",
@@ -220,10 +314,10 @@ def test_the_dry_run_writes_every_file_with_well_formed_rows(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_the_next_suites_dry_run_measures_every_temporal_setting(tmp_path: Path) -> None:
-    done = run_script(tmp_path, "--dry-run", "--suite", "next")
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert sorted(path.name for path in tmp_path.iterdir()) == [
+@checks_dry_run("next")
+def test_the_next_suites_dry_run_measures_every_temporal_setting(dry_runs: DryRuns) -> None:
+    out = finished(dry_runs, "next")
+    assert sorted(path.name for path in out.iterdir()) == [
         "engine-compiled-2-8.json",
         "engine-compiled-2-8.txt",
         "fp8.json",
@@ -233,11 +327,11 @@ def test_the_next_suites_dry_run_measures_every_temporal_setting(tmp_path: Path)
         "temporal.png",
         "temporal.txt",
     ]
-    check_report(tmp_path / "engine-compiled-2-8.json", compiled=True)
-    fp8 = check_report(tmp_path / "fp8.json", compiled=False)
+    check_report(out / "engine-compiled-2-8.json", compiled=True)
+    fp8 = check_report(out / "fp8.json", compiled=False)
     assert [row["unet"] for row in fp8["livediff"]] == ["bf16", "fp8"]
     assert fp8["fp8_layers"]["linears"] > 0 and fp8["fp8"][0]["psnr_db"] > 0
-    temporal = json.loads((tmp_path / "temporal.json").read_text())
+    temporal = json.loads((out / "temporal.json").read_text())
     rows = {row["setting"]: row for row in temporal["results"]}
     assert {"off", "bank-1", "bank-2", "bank-4", "temporalnet", "motion-noise"} <= rows.keys()
     for name, row in rows.items():
@@ -246,10 +340,10 @@ def test_the_next_suites_dry_run_measures_every_temporal_setting(tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_the_models_suites_dry_run_measures_sdxl(tmp_path: Path) -> None:
-    done = run_script(tmp_path, "--dry-run", "--suite", "models")
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert sorted(path.name for path in tmp_path.iterdir()) == [
+@checks_dry_run("models")
+def test_the_models_suites_dry_run_measures_sdxl(dry_runs: DryRuns) -> None:
+    out = finished(dry_runs, "models")
+    assert sorted(path.name for path in out.iterdir()) == [
         "lora.json",
         "lora.txt",
         "run.txt",
@@ -258,36 +352,36 @@ def test_the_models_suites_dry_run_measures_sdxl(tmp_path: Path) -> None:
         "sdxl-512.json",
         "sdxl-512.txt",
     ]
-    small = check_report(tmp_path / "sdxl-512.json", compiled=False)
+    small = check_report(out / "sdxl-512.json", compiled=False)
     assert small["config"]["preset"] == "tiny-sdxl"
     cases = [row["case"] for row in small["livediff"]]
     assert {"controlnets=canny", "ip_adapter=on", "sessions=4"} <= set(cases)
     assert [row["steps"] for row in small["diffusers"]] == [1]
-    large = check_report(tmp_path / "sdxl-1024.json", compiled=False)
+    large = check_report(out / "sdxl-1024.json", compiled=False)
     assert large["config"]["size"] == 128 and not large.get("diffusers")
-    lora = json.loads((tmp_path / "lora.json").read_text())["results"]
+    lora = json.loads((out / "lora.json").read_text())["results"]
     assert lora["fused_recompiles"] == 0 and lora["fused_unet_ms"] > 0
 
 
 @pytest.mark.slow
+@checks_dry_run("compiled")
 def test_the_compiled_suites_dry_run_measures_compiled_controlnets_and_fp8(
-    tmp_path: Path,
+    dry_runs: DryRuns,
 ) -> None:
-    done = run_script(tmp_path, "--dry-run", "--suite", "compiled")
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert sorted(path.name for path in tmp_path.iterdir()) == [
+    out = finished(dry_runs, "compiled")
+    assert sorted(path.name for path in out.iterdir()) == [
         "compiled-controlnets.json",
         "compiled-controlnets.txt",
         "fp8-compiled.json",
         "fp8-compiled.txt",
         "run.txt",
     ]
-    controls = check_report(tmp_path / "compiled-controlnets.json", compiled=True)
+    controls = check_report(out / "compiled-controlnets.json", compiled=True)
     rows = {row["case"]: row for row in controls["livediff"]}
     assert {"controlnets=none", "controlnets=canny", "sessions=4"} <= rows.keys()
     assert rows["controlnets=canny"]["stages_ms"]["controlnet"] > 0
     assert controls["config"]["buckets"] == [1, 4]
-    fp8 = check_report(tmp_path / "fp8-compiled.json", compiled=True)
+    fp8 = check_report(out / "fp8-compiled.json", compiled=True)
     assert [row["unet"] for row in fp8["livediff"]] == ["bf16", "fp8"]
     assert fp8["fp8"][0]["compiled"] is True and fp8["fp8"][0]["psnr_db"] > 0
 
@@ -310,10 +404,10 @@ VIDEO_ROW_KEYS = {
 
 
 @pytest.mark.slow
-def test_the_video_suites_dry_run_measures_every_case(tmp_path: Path) -> None:
-    done = run_script(tmp_path, "--dry-run", "--suite", "video")
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert sorted(path.name for path in tmp_path.iterdir()) == [
+@checks_dry_run("video")
+def test_the_video_suites_dry_run_measures_every_case(dry_runs: DryRuns) -> None:
+    out = finished(dry_runs, "video")
+    assert sorted(path.name for path in out.iterdir()) == [
         "run.txt",
         "video-480x832.json",
         "video-480x832.txt",
@@ -321,7 +415,7 @@ def test_the_video_suites_dry_run_measures_every_case(tmp_path: Path) -> None:
         "video-512.txt",
     ]
     for name, size in (("video-480x832", "64x112"), ("video-512", "64x64")):
-        report = json.loads((tmp_path / f"{name}.json").read_text())
+        report = json.loads((out / f"{name}.json").read_text())
         assert report["failed"] == [] and report["config"]["preset"] == "tiny"
         assert report["load"]["load_s"] > 0
         rows = report["results"]
@@ -342,3 +436,29 @@ def test_the_video_suites_dry_run_measures_every_case(tmp_path: Path) -> None:
             assert 0 < row["first_chunk_ms"] < row["first_frame_ms"]
             assert row["gpu_memory_gib"] is None  # the CPU
             assert row["source_fps"] == (24.0 if row["mode"] == "source" else None)
+
+
+@pytest.mark.slow
+@checks_dry_run("frame")
+def test_the_frame_suites_dry_run_measures_each_engine_with_the_frame_graph_off_and_on(
+    dry_runs: DryRuns,
+) -> None:
+    out = finished(dry_runs, "frame")
+    assert sorted(path.name for path in out.iterdir()) == [
+        "frame-compiled.json",
+        "frame-compiled.txt",
+        "frame-eager.json",
+        "frame-eager.txt",
+        "run.txt",
+    ]
+    for name, compiled in (("frame-eager", False), ("frame-compiled", True)):
+        report = check_report(out / f"{name}.json", compiled=compiled)
+        rows = report["livediff"]
+        assert [row["frame_graph"] for row in rows] == [False] * (len(rows) // 2) + [True] * (
+            len(rows) // 2
+        )
+        assert all("frame" in row["stages_ms"] for row in rows if row["frame_graph"])
+        assert set(report["load_s"]) == {
+            f"{'compiled' if compiled else 'eager'}-staged",
+            "compiled" if compiled else "eager",
+        }

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one call on the lent GPU machine (README.md beside this file), from the repository root:
 #
-#   bash benchmarks/device/run.sh [--suite engine|next|models|video|compiled]   # there, carry: [".whl"]
-#   OUT=DIR bash benchmarks/device/run.sh --dry-run [--suite engine|next|models|video|compiled]   # here
+#   bash benchmarks/device/run.sh [--suite engine|next|models|video|compiled|frame]   # there, carry: [".whl"]
+#   OUT=DIR bash benchmarks/device/run.sh --dry-run [--suite engine|next|models|video|compiled|frame]   # here
 #
 # Runs one suite's steps (suites.sh) in order, each under its own timeout, the whole within
 # DEADLINE_S, and writes to $OUT (default /tmp/out) as it goes: run.txt (the machine, the plan,
@@ -23,7 +23,7 @@ DEADLINE_S=450
 SETUP_BUDGET_S=30
 
 usage() {
-    echo "usage: [OUT=DIR] $0 [--suite engine|next|models|video|compiled] [--dry-run] [--plan]" >&2
+    echo "usage: [OUT=DIR] $0 [--suite engine|next|models|video|compiled|frame] [--dry-run] [--plan]" >&2
     exit 2
 }
 

@@ -94,3 +94,16 @@ suite_compiled() {
         --controlnets --no-diffusers --frames $((FRAMES / 2 > 2 ? FRAMES / 2 : 2)) \
         --json "$OUT/fp8-compiled.json"
 }
+
+# The sixth run, of the same shape and deadline: issue 18's frame graph (a plain batch as one
+# function: encode, the stream batch's steps, UNet and decode; compiled, ONE CUDA graph per
+# bucket), each engine with it off (staged: three graphs and the step math between them in
+# eager code) and on, side by side. Eager first (1, 2 and 4 steps; 1 and 4 sessions), then
+# compiled at buckets 1 and 4 (the staged engine's six cold compiles, then the frame engine's
+# six again from the FX graph cache and its two frame graphs cold).
+suite_frame() {
+    step frame-eager 50 "${BENCH[@]}" --compile off --frame-graph off on --steps 1 2 4 \
+        --sessions 1 4 --controlnets --no-diffusers --json "$OUT/frame-eager.json"
+    step frame-compiled 360 "${BENCH[@]}" --compile on --frame-graph off on --buckets 1 4 \
+        --steps 1 --sessions 2 4 --controlnets --no-diffusers --json "$OUT/frame-compiled.json"
+}
