@@ -24,6 +24,15 @@ H264Preset = Literal[
 ]
 VideoCodecName = Literal["vp8", "h264"]
 DiffusionDtype = Literal["auto", "float16", "bfloat16", "float32"]
+#: Guidance whose frame graphs may be planned: ``self`` (or none: no extra UNet rows), and the
+#: kinds that add rows of the negative prompt.
+FrameGraphGuidance = Literal["self", "initialize", "full"]
+
+
+def _self_guidance() -> list[FrameGraphGuidance]:
+    return ["self"]
+
+
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 UnetQuantization = Literal["none", "fp8"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -324,8 +333,14 @@ class Settings(BaseSettings):
     frame_graph_steps: list[int] = Field(
         default_factory=lambda: [1],
         description="Under --compile, the step counts (len(t_index_list)) whose frame graphs are"
-        " planned at load, at every bucket (with self guidance or none; initialize and full"
-        " guidance, and other step counts, run in stages, compiled too).",
+        " planned at load, at every bucket, for each of frame_graph_guidance; a batch of another"
+        " step count or guidance runs in stages, compiled too.",
+    )
+    frame_graph_guidance: list[FrameGraphGuidance] = Field(
+        default_factory=_self_guidance,
+        description="Under --compile, the guidance whose frame graphs are planned (with each of"
+        " frame_graph_steps): self (also no guidance), initialize, full. Each planned pair costs"
+        " one compile per bucket at load.",
     )
     vae_dtype: DiffusionDtype = Field(
         "auto",

@@ -23,7 +23,8 @@ from livediff.transforms.diffusion.frame_graph import FrameForward, FrameVariant
 from livediff.transforms.diffusion.params import DiffusionParams
 from livediff.transforms.diffusion.shapes import PaddedCall
 from livediff.transforms.diffusion.transform import DiffusionTransform
-from tests.transforms.diffusion.conftest import Stream, camera_frames, params_for, ready, spec
+from livediff.transforms.diffusion.unet_batch import _Entry
+from tests.transforms.diffusion.conftest import SIZE, Stream, camera_frames, params_for, ready, spec
 from tests.transforms.diffusion.test_shapes import compiled_graphs
 
 
@@ -186,6 +187,40 @@ def test_variants_follow_the_guidance_rows() -> None:
 
 
 # -- under --compile ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("variant", "look"),
+    [
+        (FrameVariant(1, "residual"), {"t_index_list": [30], **FEEDBACK}),
+        (FrameVariant(2, "full"), {"t_index_list": [10, 30], "cfg_type": "full", **MOTION}),
+    ],
+    ids=["1-step-self", "2-step-full"],
+)
+def test_a_frame_graph_is_one_graph_with_no_breaks(
+    make_transform: Callable[..., DiffusionTransform],
+    variant: FrameVariant,
+    look: dict[str, Any],
+) -> None:
+    """ONE CUDA graph per bucket needs dynamo to capture the whole frame in one graph: a
+    break would split it (and run the code between in eager Python)."""
+    transform = make_transform()
+    unet_batch = transform._unet_batch()
+    assert unet_batch.frames is not None
+    stream = Stream(transform, guidance_scale=2.0, **look)
+    stream.feed(camera_frames(1)[0])  # a history for the feedback and the motion controller
+    unet_batch._follow(stream.state, stream.params)
+    image = torch.zeros((1, 3, SIZE, SIZE))
+    row = unet_batch._frame_row(_Entry(0, stream.state, stream.params, image))
+    inputs = unet_batch.frames.inputs(variant, [row])
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode():
+            explained = torch._dynamo.explain(unet_batch._frame_forward(variant))(*inputs)
+    finally:
+        torch._dynamo.reset()
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
 @pytest.fixture
 def fresh_dynamo() -> Iterator[None]:
     torch._dynamo.reset()
@@ -251,9 +286,10 @@ def test_planned_frame_graphs_compile_at_load_and_serving_compiles_nothing(
 def test_every_planned_bucket_runs_twice_at_load_with_cudnn_tuning_on_only_then(
     make_transform: Callable[..., DiffusionTransform], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """As the staged calls (test_shapes): each planned variant's frame graph runs twice per
-    bucket at load (CUDA graph trees warm up, then record), cuDNN's autotuner on only then; a
-    served batch of a planned variant runs ONE frame graph call."""
+    """As the staged calls (test_shapes): each planned variant's frame graph (1 step, with
+    self and with full guidance) runs twice per bucket at load (CUDA graph trees warm up, then
+    record), cuDNN's autotuner on only then; a served batch of a planned variant runs ONE frame
+    graph call."""
     made: list[tuple[FrameVariant, int, bool]] = []
     forward = FrameForward.__call__
 
@@ -263,16 +299,21 @@ def test_every_planned_bucket_runs_twice_at_load_with_cudnn_tuning_on_only_then(
 
     monkeypatch.setattr(FrameForward, "__call__", counting)
     transform = make_transform(
-        compile=True, compile_backend="eager", batch_buckets=[1, 4], frame_graph_steps=[1, 3]
+        compile=True,
+        compile_backend="eager",
+        batch_buckets=[1, 4],
+        frame_graph_steps=[1],
+        frame_graph_guidance=["self", "full"],
     )
-    planned = Counter((variant.steps, frames) for variant, frames, _ in made)
-    assert planned == {(steps, frames): 2 for steps in (1, 3) for frames in (1, 4)}
+    planned = Counter((variant.negatives, frames) for variant, frames, _ in made)
+    assert planned == {(kind, frames): 2 for kind in ("residual", "full") for frames in (1, 4)}
     assert all(tuning for *_, tuning in made)
     assert not torch.backends.cudnn.benchmark
     made.clear()
-    streams = [Stream(transform, t_index_list=[10, 25, 40], seed=seed) for seed in range(3)]
+    guided = {"cfg_type": "full", "guidance_scale": 1.8}
+    streams = [Stream(transform, t_index_list=[25], seed=seed, **guided) for seed in range(3)]
     transform.process([stream.job(camera_frames(1)[0]) for stream in streams])
-    assert made == [(FrameVariant(3, "residual"), 4, False)]
+    assert made == [(FrameVariant(1, "full"), 4, False)]
 
 
 @pytest.mark.usefixtures("fresh_dynamo")

@@ -217,7 +217,7 @@ def test_scale_weight_type_and_image_change_live_encoding_once_and_never_compili
 ) -> None:
     from livediff.transforms.diffusion import ip_adapter
 
-    transform = make_transform(**COMPILED, frame_graph=False)  # IP-Adapter batches: staged
+    transform = make_transform(**COMPILED)
     graphs = compiled_graphs()
     encodes: list[int] = []
     encode = ip_adapter.IPAdapterWeights.encode

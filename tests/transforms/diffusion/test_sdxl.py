@@ -142,7 +142,8 @@ def test_compiled_buckets_carry_the_added_conditioning_without_recompiling(
 
     torch._dynamo.reset()
     try:
-        transform = make_sdxl(**COMPILED)
+        # the frame graph with SDXL's added conditioning, compiled at the one bucket served
+        transform = make_sdxl(**{**COMPILED, "frame_graph": True, "batch_buckets": [2]})
         after_load = compiled_graphs()
         eager = make_sdxl()
         frames = camera_frames(3, seed=2)
@@ -154,6 +155,7 @@ def test_compiled_buckets_carry_the_added_conditioning_without_recompiling(
             for output, wanted in zip(outputs, expected, strict=True):
                 torch.testing.assert_close(output, wanted, atol=ATOL, rtol=0)
         assert compiled_graphs() == after_load, "an SDXL batch recompiled"
+        assert transform._unet_batch().paths == {"frame": len(frames)}
     finally:
         torch._dynamo.reset()
 

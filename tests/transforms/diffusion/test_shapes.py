@@ -27,7 +27,13 @@ from tests.server.streaming import publish
 from tests.transforms.diffusion.conftest import SIZE, Stream, camera_frames
 
 BUCKETS = [1, 2, 4, 8]
-COMPILED = {"compile": True, "compile_backend": "eager", "batch_buckets": BUCKETS}
+#: The staged calls compiled in BUCKETS (test_frame_graph compiles the frame graph).
+COMPILED = {
+    "compile": True,
+    "compile_backend": "eager",
+    "batch_buckets": BUCKETS,
+    "frame_graph": False,
+}
 
 
 def compiled_graphs() -> int:
@@ -158,7 +164,7 @@ def test_every_bucket_runs_twice_at_load_with_cudnn_tuning_on_only_then(
         monkeypatch.setattr(UNetBatch, name, counting)
     torch._dynamo.reset()
     try:
-        transform = make_transform(**COMPILED, frame_graph=False)
+        transform = make_transform(**COMPILED)
         assert sorted(calls) == ["_decode_forward", "_encode_forward", "_unet_forward"]
         for name, made in calls.items():
             assert Counter(rows for rows, _ in made) == dict.fromkeys(BUCKETS, 2), name

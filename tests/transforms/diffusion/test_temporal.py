@@ -448,7 +448,7 @@ def test_tools_on_and_off_under_compile_never_recompile(
     torch._dynamo.reset()
     try:
         # the staged path (test_frame_graph compiles the frame graph with the tools toggled)
-        transform = make_transform(**COMPILED, frame_graph=False)
+        transform = make_transform(**COMPILED)
         after_load = compiled_graphs()
         frames = camera_frames(4, seed=5)
         streams = [Stream(transform, t_index_list=[20, 35]), Stream(transform)]

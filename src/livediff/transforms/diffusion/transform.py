@@ -219,6 +219,7 @@ class DiffusionTransform(Transform[DiffusionParams, SessionCache, StagedUpload])
             compile_options=self._compile,
             frame_graph=self.settings.frame_graph,
             frame_graph_steps=self.settings.frame_graph_steps,
+            frame_graph_guidance=self.settings.frame_graph_guidance,
             controlnets=ControlNetPool(
                 bundle.unet.config, self._device, self._dtype, self._locate_controlnet
             ),

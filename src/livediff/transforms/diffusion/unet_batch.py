@@ -41,6 +41,7 @@ from typing import Any, cast
 
 import torch
 
+from livediff.config import FrameGraphGuidance
 from livediff.frames import Image
 from livediff.pixels.device import FrameUploader, StagedUpload, constant, to_output_images
 from livediff.transforms.base import Job
@@ -152,13 +153,15 @@ class UNetBatch:
         compile_options: CompileOptions | None = None,
         frame_graph: bool = True,
         frame_graph_steps: Sequence[int] = (1,),
+        frame_graph_guidance: Sequence[FrameGraphGuidance] = ("self",),
     ) -> None:
         """``controlnets`` and ``preprocess`` (frames -> control images) serve sessions whose
         params name ControlNets, ``ip_adapters`` those with an IP-Adapter; without them such
         entries are ignored. ``compile_options``: how the UNet was compiled (None: it was not),
         how :meth:`precompile` has the ControlNets and the frame graphs compiled too.
         ``frame_graph``: plain batches run as one function (:mod:`.frame_graph`); under a plan
-        (``buckets``), the variants of ``frame_graph_steps`` steps are planned at load."""
+        (``buckets``), the variants of ``frame_graph_steps`` steps with each of
+        ``frame_graph_guidance`` (``cfg_type`` values) are planned at load."""
         self.bundle = bundle
         self.device = device
         self.dtype = dtype
@@ -217,6 +220,7 @@ class UNetBatch:
             else None
         )
         self.frame_graph_steps = sorted(set(frame_graph_steps))
+        self.frame_graph_guidance = list(dict.fromkeys(frame_graph_guidance))
         #: Same-size groups run so far, by path ("frame", "staged"): what took the frame graph.
         self.paths: dict[str, int] = defaultdict(int)
 
@@ -425,20 +429,32 @@ class UNetBatch:
         return self._decode_forward(scaled.contiguous(memory_format=self.memory_format))
 
     def _plan_frames(self, width: int, height: int) -> None:
-        """Compile (and record) the frame graph of every planned step count (``self``
-        guidance or none) at every bucket, with inputs made as served ones are."""
+        """Compile (and record) the frame graph of every planned step count and guidance at
+        every bucket, with inputs made as served ones are."""
         assert self.frames is not None
         for steps in self.frame_graph_steps:
-            params = DiffusionParams(
-                width=width, height=height, t_index_list=list(range(20, 20 + steps))
-            )
-            state = self.open_session()
-            self._follow(state, params)
-            image = torch.zeros((1, 3, height, width), device=self.device, dtype=self.dtype)
-            row = self._frame_row(_Entry(0, state, params, image))
-            variant = FrameVariant.of(params, steps)
-            self.frames.plan(variant, self.frames.inputs(variant, [row]))
-            state.release()
+            for guidance in self.frame_graph_guidance:
+                self._plan_frame_variant(
+                    DiffusionParams(
+                        width=width,
+                        height=height,
+                        t_index_list=list(range(20, 20 + steps)),
+                        cfg_type=guidance,
+                        guidance_scale=1.0 if guidance == "self" else 1.5,
+                    )
+                )
+
+    def _plan_frame_variant(self, params: DiffusionParams) -> None:
+        """Plan the variant of ``params`` with a session of its own, released after."""
+        assert self.frames is not None
+        width, height, steps = params.width, params.height, len(params.steps())
+        state = self.open_session()
+        self._follow(state, params)
+        image = torch.zeros((1, 3, height, width), device=self.device, dtype=self.dtype)
+        row = self._frame_row(_Entry(0, state, params, image))
+        variant = FrameVariant.of(params, steps)
+        self.frames.plan(variant, self.frames.inputs(variant, [row]))
+        state.release()
 
     def _mark(self, stage: str | None) -> None:
         if self.clock is None:
