@@ -272,7 +272,8 @@ def test_the_depth_scan_agrees_with_the_parser(value: Any) -> None:
 
     text = json.dumps(value)
     assert json_depth(text) == depth_of(value)
-    assert load_json(text.encode("utf-16"), max_depth=64) == json.loads(text)
+    parsed = load_json(text.encode("utf-16"), max_depth=64)
+    assert json.dumps(parsed) == json.dumps(json.loads(text))  # as text: NaN != NaN as values
 
 
 @settings(FUZZ, max_examples=50)
