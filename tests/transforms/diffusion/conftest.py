@@ -201,3 +201,11 @@ def classifier(tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = tmp_path_factory.mktemp("nsfw-classifier")
     model.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    """Dynamo's caches and counters empty before and after the test (compile tests count)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -43,13 +43,6 @@ def compiled_transform(
     )
 
 
-@pytest.fixture
-def fresh_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def pool_of(transform: DiffusionTransform) -> ControlNetPool:
     pool = transform._unet_batch().controlnets
     assert pool is not None

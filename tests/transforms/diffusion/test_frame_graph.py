@@ -12,8 +12,7 @@ variants compile at load and serving compiles nothing.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,10 +20,10 @@ import torch
 
 from livediff.transforms.diffusion.frame_graph import FrameForward, FrameVariant, chained_weight
 from livediff.transforms.diffusion.params import DiffusionParams
-from livediff.transforms.diffusion.shapes import PaddedCall
 from livediff.transforms.diffusion.transform import DiffusionTransform
 from livediff.transforms.diffusion.unet_batch import _Entry
 from tests.transforms.diffusion.conftest import SIZE, Stream, camera_frames, params_for, ready, spec
+from tests.transforms.diffusion.test_compiled_controlnets import rows_run
 from tests.transforms.diffusion.test_shapes import compiled_graphs
 
 
@@ -221,30 +220,6 @@ def test_a_frame_graph_is_one_graph_with_no_breaks(
     assert explained.graph_count == 1
 
 
-@pytest.fixture
-def fresh_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-@contextmanager
-def frames_run(call: PaddedCall) -> Iterator[list[int]]:
-    """The frames (padded: a bucket) of every run of ``call``'s forward inside the block."""
-    forward = call.forward
-    sizes: list[int] = []
-
-    def counting(*inputs: torch.Tensor) -> Any:
-        sizes.append(inputs[0].shape[0])
-        return forward(*inputs)
-
-    call.forward = counting
-    try:
-        yield sizes
-    finally:
-        call.forward = forward
-
-
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_planned_frame_graphs_compile_at_load_and_serving_compiles_nothing(
     make_transform: Callable[..., DiffusionTransform],
@@ -263,7 +238,7 @@ def test_planned_frame_graphs_compile_at_load_and_serving_compiles_nothing(
     two = frames.call(FrameVariant(2, "residual"))
     assert one is not None and two is not None
     pictures = camera_frames(3, seed=8)
-    with frames_run(one) as one_sizes, frames_run(two) as two_sizes:
+    with rows_run(one) as one_sizes, rows_run(two) as two_sizes:  # rows: frames here
         streams = [Stream(transform, t_index_list=[30])]
         for count in range(2, 6):  # 1 to 5 frames a batch: buckets 1, 4 and pieces of 4 + 1
             for picture in pictures:
