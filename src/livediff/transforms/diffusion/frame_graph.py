@@ -84,14 +84,15 @@ class FrameRow:
 
 
 @dataclass
-class FrameResult:
-    """What the frame graph gives one frame: its decoded image (1, 3, H, W) in [-1, 1] after
-    ``image_postprocessing`` and its latent (1, C, h, w) after ``latent_postprocessing``; both
-    mean something only once the session's stream batch has filled (``finished``)."""
+class FrameOutputs:
+    """What the frame graph gives a batch, a row per frame: decoded images (F, 3, H, W) in
+    [-1, 1] after ``image_postprocessing`` and latents (F, C, h, w) after
+    ``latent_postprocessing``; a row means something only once its session's stream batch has
+    filled (``finished``)."""
 
-    image: torch.Tensor
-    latent: torch.Tensor
-    finished: bool
+    images: torch.Tensor
+    latents: torch.Tensor
+    finished: list[bool]
 
 
 class FrameForward:
@@ -321,33 +322,34 @@ class FrameGraphs:
             memory_format=torch.channels_last,
         )
 
-    def run(self, variant: FrameVariant, rows: Sequence[FrameRow]) -> list[FrameResult]:
+    def run(self, variant: FrameVariant, rows: Sequence[FrameRow]) -> FrameOutputs:
         """Every row through ``variant``'s graph; each session's stream batch moves on."""
         call = self.call(variant)
         if call is None:
             raise LookupError(f"no frame graph is planned for {variant}")
         outputs = call(*self.inputs(variant, rows))
-        images, latents = outputs[0], outputs[1]
-        results = []
         for index, row in enumerate(rows):
-            state = row.state
             if variant.steps > 1:
-                state.latents, state.sources = outputs[2][index], outputs[3][index]
-            state.filled += 1
-            image, latent = images[index : index + 1], latents[index : index + 1]
-            results.append(FrameResult(image, latent, state.filled >= variant.steps))
-        return results
+                row.state.latents, row.state.sources = outputs[2][index], outputs[3][index]
+            row.state.filled += 1
+        finished = [row.state.filled >= variant.steps for row in rows]
+        return FrameOutputs(outputs[0], outputs[1], finished)
 
     def inputs(self, variant: FrameVariant, rows: Sequence[FrameRow]) -> list[torch.Tensor]:
         """The graph's inputs, frames first (see :meth:`FrameForward.__call__`)."""
         first = rows[0]
         images = torch.cat([row.image for row in rows])
-        latent_shape = first.state.noise.shape[1:] if first.state.noise is not None else None
-        assert latent_shape is not None
-        previous_image = self._stack([row.state.previous_image for row in rows], first.image)
-        zero_latent = self._zero((1, *latent_shape), STEP_DTYPE)
-        previous_latent = self._stack([row.state.previous_latent for row in rows], zero_latent)
-        scalars = torch.stack([self._scalars(row) for row in rows])
+        latent_shape = (1, *_noise_of(first.state).shape[1:])
+        image_history = [_usable(row.state.previous_image, first.image.shape) for row in rows]
+        latent_history = [_usable(row.state.previous_latent, latent_shape) for row in rows]
+        previous_image = self._stack(image_history, first.image)
+        previous_latent = self._stack(latent_history, self._zero(latent_shape, STEP_DTYPE))
+        scalars = torch.stack(
+            [
+                self._scalars(row, image is not None, latent is not None)
+                for row, image, latent in zip(rows, image_history, latent_history, strict=True)
+            ]
+        )
         table = torch.stack([row.table.packed for row in rows])
         timesteps = torch.stack([row.table.timesteps for row in rows])
         noise = torch.stack([_noise_of(row.state) for row in rows])
@@ -362,7 +364,7 @@ class FrameGraphs:
     def _stack(self, tensors: list[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
         """Each history tensor, or zeros like ``like`` where a session has none."""
         zero = self._zero(tuple(like.shape), like.dtype)
-        return torch.cat([zero if t is None or t.shape != like.shape else t for t in tensors])
+        return torch.cat([zero if tensor is None else tensor for tensor in tensors])
 
     def _zero(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         key = (shape, dtype)
@@ -371,24 +373,29 @@ class FrameGraphs:
             found = self._zeros[key] = torch.zeros(shape, dtype=dtype, device=self.device)
         return found
 
-    def _scalars(self, row: FrameRow) -> torch.Tensor:
-        """The frame's settings as one row of values (a cached device constant: no copy)."""
-        params, state = row.params, row.state
-        same_image = state.previous_image is not None
-        same_image = same_image and state.previous_image.shape == row.image.shape  # type: ignore[union-attr]
-        has_latent = state.previous_latent is not None
+    @staticmethod
+    def _scalars(row: FrameRow, image_history: bool, latent_history: bool) -> torch.Tensor:
+        """The frame's settings as one row of values (a cached device constant: no copy); a
+        feedback weight is 0 where the session has no history of that kind."""
+        params = row.params
         values = [0.0] * SCALARS
         values[GUIDANCE] = params.guidance_scale
         values[DELTA] = params.delta
         values[GUIDED] = float(params.guided())
         values[ADD_NOISE] = float(params.do_add_noise)
-        if same_image:
+        if image_history:
             values[IMAGE_PRE] = chained_weight(params.image_preprocessing.strengths())
             values[IMAGE_POST] = chained_weight(params.image_postprocessing.strengths())
-        if has_latent:
+        if latent_history:
             values[LATENT_PRE] = chained_weight(params.latent_preprocessing.strengths())
             values[LATENT_POST] = chained_weight(params.latent_postprocessing.strengths())
-        return constant(tuple(values), self.device, STEP_DTYPE)
+        return constant(tuple(values), row.image.device, STEP_DTYPE)
+
+
+def _usable(history: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """A session's history tensor when it can blend with this frame (same shape), else None:
+    as the staged path's feedback, which leaves a frame alone after a size change."""
+    return history if history is not None and tuple(history.shape) == tuple(shape) else None
 
 
 def _noise_of(state: SessionCache) -> torch.Tensor:

@@ -376,17 +376,20 @@ class UNetBatch:
     ) -> list[tuple[_Entry, torch.Tensor]]:
         """The group through its variant's frame graph; the finished frames' images."""
         assert self.frames is not None
-        rows = [self._frame_row(entry) for entry in group]
-        results = self.frames.run(variant, rows)
-        finished = [entry for entry, result in zip(group, results, strict=True) if result.finished]
-        done = [result for result in results if result.finished]
-        for entry, result in zip(finished, done, strict=True):
-            entry.state.previous_latent = result.latent
-            entry.state.previous_image = result.image
+        outputs = self.frames.run(variant, [self._frame_row(entry) for entry in group])
+        done = [index for index, finished in enumerate(outputs.finished) if finished]
+        finished = [group[index] for index in done]
         if not finished:
             self._mark("frame")
             return []
-        images = self.safety.apply(finished, torch.cat([result.image for result in done]))
+        images, latents = outputs.images, outputs.latents
+        if len(done) < len(group):  # sessions still filling their stream batch: no output
+            images = torch.cat([images[index : index + 1] for index in done])
+            latents = torch.cat([latents[index : index + 1] for index in done])
+        for index, entry in enumerate(finished):
+            entry.state.previous_image = images[index : index + 1]
+            entry.state.previous_latent = latents[index : index + 1]
+        images = self.safety.apply(finished, images)
         self._mark("frame")
         return list(zip(finished, to_output_images(images), strict=True))
 
